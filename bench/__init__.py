@@ -1,0 +1,1 @@
+"""Benchmarks: the microbenchmark harness, per-op cases, the main-job runner."""

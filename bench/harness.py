@@ -1,0 +1,178 @@
+"""Microbenchmark harness: time a kernel and its peers in one process, on one device.
+
+On a GPU: device-side timing with ``triton.testing.do_bench`` (warm-up first,
+L2 flushed between calls, median with p20/p80), bandwidth as a fraction of the
+copy bandwidth measured in the same run, speed as a ratio to the named peer.
+
+On the CPU: the same cases at small shapes, timed by the wall clock.  The
+kernels run under Triton's interpreter there, so those numbers measure numpy,
+not kernels; every CPU report says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+CPU_NOTE = (
+    "CPU run: the Triton kernels ran under the interpreter (numpy) and peers on "
+    "the CPU. These timings are not kernel timings and say nothing about GPU speed."
+)
+
+
+@dataclasses.dataclass
+class Case:
+    """One shape of one op in one mode, and everything that computes it."""
+
+    op: str
+    shape: str                       # e.g. "16384x768"
+    dtype: torch.dtype
+    mode: str                        # "fwd", "bwd" or "fwd+bwd"
+    bytes: int                       # minimal bytes moved (read + written) in this mode
+    providers: dict[str, Callable[[], object]]
+    baseline: str                    # the peer the ratio is taken against
+    flops: int = 0                   # for compute-bound ops; 0 for memory-bound ones
+    grad_to_none: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    mode: str
+    provider: str
+    ms: float
+    ms_p20: float
+    ms_p80: float
+    gbps: float
+    fraction_of_copy_bw: float
+    tflops: float
+    speedup_vs_baseline: float | None
+    baseline: str
+    error: str | None = None
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, *, rep_ms: int = 100) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds per call of ``fn``."""
+    if device.type == "cuda":
+        import triton.testing
+
+        p50, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, grad_to_none=grad_to_none,
+                                                quantiles=[0.5, 0.2, 0.8])
+        return p50, p20, p80
+    fn()  # warm-up: first-call work (interpreter rewrite, allocator) is not timed
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1000
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
+    return statistics.median(times), q[0], q[3]
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None) -> float:
+    """Device-to-device copy bandwidth, GB/s (bytes read + bytes written)."""
+    if nbytes is None:
+        nbytes = 1 << 30 if device.type == "cuda" else 1 << 24
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms, _, _ = time_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def run_case(case: Case, device: torch.device, copy_gbps: float) -> list[Row]:
+    timings: dict[str, tuple[float, float, float] | str] = {}
+    for name, fn in case.providers.items():
+        try:
+            timings[name] = time_ms(fn, device, case.grad_to_none)
+        except Exception as e:  # a peer that fails at a shape is reported, not fatal
+            timings[name] = f"{type(e).__name__}: {e}"[:200]
+    base = timings.get(case.baseline)
+    rows = []
+    for name, t in timings.items():
+        if isinstance(t, str):
+            rows.append(Row(case.op, case.shape, _dtype(case.dtype), case.mode, name, float("nan"), float("nan"),
+                            float("nan"), float("nan"), float("nan"), float("nan"), None, case.baseline, t))
+            continue
+        ms, p20, p80 = t
+        gbps = case.bytes / (ms * 1e-3) / 1e9
+        speedup = base[0] / ms if isinstance(base, tuple) else None
+        rows.append(Row(case.op, case.shape, _dtype(case.dtype), case.mode, name, ms, p20, p80, gbps,
+                        gbps / copy_gbps, case.flops / (ms * 1e-3) / 1e12, speedup, case.baseline))
+    return rows
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def environment(device: torch.device, copy_gbps: float) -> dict:
+    import triton
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "copy_bandwidth_gbps": round(copy_gbps, 1),
+        "timing": "triton.testing.do_bench median (p20/p80), warm-up 25 ms, rep 100 ms, L2 flushed"
+        if device.type == "cuda" else "wall clock median on the CPU",
+    }
+    if device.type != "cuda":
+        env["note"] = CPU_NOTE
+    return env
+
+
+def markdown(env: dict, rows: list[Row]) -> str:
+    lines = [f"# opt-core microbenchmarks: {env['device']}", ""]
+    lines += [f"- {k}: {v}" for k, v in env.items() if k != "note"]
+    if "note" in env:
+        lines += ["", f"**{env['note']}**"]
+    lines += ["", "GB/s counts the minimal bytes each mode must move; `% copy` is that over the copy "
+              "bandwidth measured in the same run; `x base` is the baseline's time over this provider's.", ""]
+    header = "| op | shape | dtype | mode | provider | ms (p20-p80) | GB/s | % copy | TFLOP/s | x base |"
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.op} | {r.shape} | {r.dtype} | {r.mode} | {r.provider} | failed: {r.error} | | | | |")
+            continue
+        speed = f"{r.speedup_vs_baseline:.2f} vs {r.baseline}" if r.speedup_vs_baseline is not None else ""
+        tflops = f"{r.tflops:.1f}" if r.tflops else ""
+        lines.append(
+            f"| {r.op} | {r.shape} | {r.dtype} | {r.mode} | {r.provider} | {r.ms:.4f} ({r.ms_p20:.4f}-{r.ms_p80:.4f}) "
+            f"| {r.gbps:.0f} | {100 * r.fraction_of_copy_bw:.0f}% | {tflops} | {speed} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: Path, env: dict, rows: list[Row]) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
+    stem = out_dir / f"{env['date'][:10]}-{slug}"
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path.write_text(json.dumps({"environment": env, "rows": [dataclasses.asdict(r) for r in rows]},
+                                    indent=1, allow_nan=True))
+    md_path.write_text(markdown(env, rows))
+    return json_path, md_path

@@ -1,0 +1,10 @@
+"""Triton kernels for OPT-style training: one module per op family.
+
+Each op is a plain function backed by a ``torch.library`` custom op with its
+autograd registered; ``kernels.dispatch`` decides whether a call runs the
+Triton kernel (CUDA, or the CPU interpreter) or ``kernels.reference``.
+"""
+
+from kernels.layer_norm import layer_norm
+
+__all__ = ["layer_norm"]

@@ -1,0 +1,195 @@
+"""Ahead-of-time compile check: every kernel, every autotune config, sm_80 and sm_90.
+
+No GPU is needed.  Each kernel module registers a function that lists its
+cases (the kernel, the argument values it runs with at production shapes, and
+one autotune config); this module compiles them with ``triton.compile`` for an
+explicit ``GPUTarget`` and reads off what matters:
+
+- spills: ``cuobjdump --dump-resource-usage`` (bundled with Triton) prints REG
+  and STACK per kernel; a non-zero STACK means local memory, i.e. spills;
+- shared memory: ``metadata.shared`` against the target's per-block limit;
+- tensor cores: ``wgmma`` (sm_90) or ``mma`` (sm_80) in the PTX of kernels that
+  do matrix products.
+
+Arguments are specialised the way Triton's launcher specialises them at run
+time (integers equal to 1 become constants, pointers and integers divisible by
+16 get the divisibility hint), so the compiled code is the code a launch gets.
+
+The compile must run with the interpreter off: ``python -m kernels.compile_check``
+(the test suite starts it in a subprocess without ``TRITON_INTERPRET``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import re
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable
+
+import torch
+
+ARCHS = (80, 90)
+# Largest dynamic shared memory a block may opt into, bytes (CUDA C guide, table of limits).
+MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
+
+_TYPES = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+    torch.int8: "i8", torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One kernel at one production shape and one autotune config."""
+
+    name: str
+    module: str               # where the @triton.jit function lives
+    kernel: str               # its attribute name
+    signature: dict           # argument -> Triton type, or "constexpr"
+    constexprs: dict          # argument -> value
+    divisible_by_16: tuple    # arguments given the divisibility hint
+    num_warps: int
+    num_stages: int = 1
+    tensor_cores: bool = False
+
+
+def case(name: str, fn: Any, args: dict, constexprs: dict, *, num_warps: int, num_stages: int = 1,
+         tensor_cores: bool = False) -> Case:
+    """Build a case from the values a launch passes.
+
+    ``args`` maps each runtime argument to what would be passed: a torch dtype
+    for a tensor of that dtype, None for an absent tensor, an int or a float.
+    """
+    signature, consts, div16 = {}, dict(constexprs), []
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+            continue
+        if arg not in args:
+            raise ValueError(f"AOT case {name}: no value for argument {arg!r} of {fn.__name__}")
+        value = args[arg]
+        if value is None:
+            signature[arg], consts[arg] = "constexpr", None
+        elif isinstance(value, torch.dtype):
+            signature[arg] = "*" + _TYPES[value]
+            div16.append(arg)
+        elif isinstance(value, bool):
+            raise TypeError(f"AOT case {name}: pass the bool {arg!r} as a constexpr")
+        elif isinstance(value, int):
+            if value == 1:
+                signature[arg], consts[arg] = "constexpr", 1
+            else:
+                signature[arg] = "i32" if -2**31 <= value < 2**31 else "i64"
+                if value % 16 == 0:
+                    div16.append(arg)
+        elif isinstance(value, float):
+            signature[arg] = "fp32"
+        else:
+            raise TypeError(f"AOT case {name}: cannot specialise {arg!r}={value!r}")
+    return Case(name, fn.__module__, fn.__name__, signature, consts, tuple(div16), num_warps, num_stages,
+                tensor_cores)
+
+
+_PROVIDERS: list[Callable[[], list[Case]]] = []
+
+
+def register(provider: Callable[[], list[Case]]) -> Callable[[], list[Case]]:
+    """Decorator for a kernel module's function that lists its AOT cases."""
+    _PROVIDERS.append(provider)
+    return provider
+
+
+def all_cases() -> list[Case]:
+    import kernels  # noqa: F401  (importing the package registers every kernel module)
+
+    cases = [c for provider in _PROVIDERS for c in provider()]
+    names = [c.name for c in cases]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise ValueError(f"duplicate AOT case names: {sorted(duplicates)}")
+    return cases
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    match = re.search(r"REG:(\d+)\s+STACK:(\d+)", out)
+    if match is None:
+        raise RuntimeError(f"cuobjdump printed no REG/STACK line:\n{out}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def compile_case(c: Case, arch: int) -> dict:
+    """Compile ``c`` for sm_``arch``; the facts the checks need, or the error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    result = {"case": c.name, "arch": arch, "tensor_cores_required": c.tensor_cores}
+    start = time.perf_counter()
+    try:
+        fn = getattr(importlib.import_module(c.module), c.kernel)
+        constexprs = {(fn.arg_names.index(k),): v for k, v in c.constexprs.items()}
+        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in c.divisible_by_16}
+        src = ASTSource(fn, dict(c.signature), constexprs, attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+        ptx = compiled.asm["ptx"]
+        registers, stack = _resource_usage(compiled.asm["cubin"])
+        result.update(
+            registers=registers,
+            stack=stack,
+            shared=compiled.metadata.shared,
+            max_shared=MAX_SHARED[arch],
+            wgmma=bool(re.search(r"\bwgmma\.", ptx)),
+            mma=bool(re.search(r"\bmma\.sync\.", ptx)),
+            error=None,
+        )
+    except Exception as e:  # reported per case; one failure must not hide the others
+        result["error"] = f"{type(e).__name__}: {e}"
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def problems(result: dict) -> list[str]:
+    """What is wrong with one compile result; empty when it passes."""
+    if result.get("error"):
+        return [f"did not compile: {result['error']}"]
+    found = []
+    if result["stack"] != 0:
+        found.append(f"spills: STACK={result['stack']} bytes (REG={result['registers']})")
+    if result["shared"] > result["max_shared"]:
+        found.append(f"shared memory {result['shared']} B > limit {result['max_shared']} B")
+    if result["tensor_cores_required"]:
+        if result["arch"] >= 90 and not result["wgmma"]:
+            found.append("no wgmma in the sm_90 PTX")
+        if result["arch"] < 90 and not result["mma"]:
+            found.append("no mma in the sm_80 PTX")
+    return found
+
+
+def _compile_star(job: tuple[Case, int]) -> dict:
+    return compile_case(*job)
+
+
+def compile_all(cases: list[Case], archs=ARCHS, workers: int | None = None) -> list[dict]:
+    jobs = [(c, a) for c in cases for a in archs]
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        return [compile_case(c, a) for c, a in jobs]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_compile_star, jobs, chunksize=max(1, len(jobs) // (4 * workers))))

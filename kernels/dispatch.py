@@ -1,0 +1,108 @@
+"""Where an op runs, decided in one place for every op.
+
+CUDA tensors run the Triton kernels.  CPU tensors run the same Triton kernels
+under Triton's interpreter when ``TRITON_INTERPRET=1`` was set before Triton was
+imported (that is how CI tests the kernels); otherwise, and for dtypes a kernel
+does not take, they run the plain-PyTorch version in ``kernels/reference.py``.
+
+The interpreter switch is read once, at import: ``triton.jit`` turns every kernel
+into an interpreted function or a compiled one at decoration time, so changing
+the variable later would not change what the kernels are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+if INTERPRET:
+    from kernels import interpreter_fixes
+
+    interpreter_fixes.apply()
+
+_FORCE_REFERENCE = False
+_POISON_OUTPUTS = os.environ.get("OPT_CORE_POISON_OUTPUTS", "0") not in ("", "0")
+
+
+def use_triton(x: torch.Tensor, dtypes: Sequence[torch.dtype]) -> bool:
+    """True when an op on ``x`` should launch its Triton kernel."""
+    if _FORCE_REFERENCE or x.dtype not in dtypes:
+        return False
+    if x.device.type == "cuda":
+        return True
+    return x.device.type == "cpu" and INTERPRET
+
+
+@contextlib.contextmanager
+def reference_backend() -> Iterator[None]:
+    """Run every op on its ``kernels/reference.py`` path inside the block."""
+    global _FORCE_REFERENCE
+    previous, _FORCE_REFERENCE = _FORCE_REFERENCE, True
+    try:
+        yield
+    finally:
+        _FORCE_REFERENCE = previous
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True) -> Iterator[None]:
+    """Fill every buffer an op allocates with NaN (or -1 for integers) first.
+
+    Tests run with this on, so an element a kernel forgets to write shows up as
+    NaN instead of as whatever the allocator happened to hand back.
+    """
+    global _POISON_OUTPUTS
+    previous, _POISON_OUTPUTS = _POISON_OUTPUTS, enabled
+    try:
+        yield
+    finally:
+        _POISON_OUTPUTS = previous
+
+
+def empty(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for op outputs; poisoned when ``poison_outputs`` is on."""
+    out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    if _POISON_OUTPUTS:
+        out.fill_(math.nan if dtype.is_floating_point else -1)
+    return out
+
+
+def reference_vjp(
+    fn: Callable[..., torch.Tensor],
+    primals: Sequence[torch.Tensor | None],
+    cotangent: torch.Tensor,
+) -> list[torch.Tensor | None]:
+    """Gradients of ``fn(*primals)`` for ``cotangent``; None where a primal is None.
+
+    The fallback path differentiates the plain-PyTorch forward instead of
+    carrying a second, hand-written backward that could drift from it.  It
+    uses ``torch.func.vjp`` because it runs inside a custom op, below the
+    autograd dispatch key, where ``torch.autograd.grad`` sees no graph.
+    """
+    present = [i for i, p in enumerate(primals) if p is not None]
+
+    def of_present(*tensors):
+        args = list(primals)
+        for i, t in zip(present, tensors):
+            args[i] = t
+        return fn(*args)
+
+    _, vjp = torch.func.vjp(of_present, *(primals[i] for i in present))
+    grads = vjp(cotangent)
+    result: list[torch.Tensor | None] = [None] * len(primals)
+    for i, g in zip(present, grads):
+        result[i] = g
+    return result
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors on ``device``; a small fixed count elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

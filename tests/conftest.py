@@ -1,0 +1,62 @@
+"""Test harness: interpreter switch, markers, seeding, output poisoning.
+
+The interpreter switch must come before anything imports Triton (``kernels``
+does): with no CUDA device, ``TRITON_INTERPRET=1`` makes every ``@triton.jit``
+kernel an interpreted one, so the CPU suite tests the real kernels.  Importing
+torch does not import Triton, so asking torch about CUDA first is safe.  The
+interpreter's own defects (bf16 ``tl.dot``, bf16 rounding) are worked around
+in ``kernels/interpreter_fixes.py``, which ``kernels.dispatch`` applies.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import triton  # noqa: E402
+
+from kernels import dispatch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds; deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "interpreter: only meaningful under TRITON_INTERPRET=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    no_interp = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 (the CPU interpreter)")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(no_gpu)
+        if "interpreter" in item.keywords and not dispatch.INTERPRET:
+            item.add_marker(no_interp)
+
+
+def pytest_report_header(config):
+    mode = "CUDA: " + torch.cuda.get_device_name() if HAS_CUDA else "CPU"
+    interp = "on" if dispatch.INTERPRET else "off"
+    return f"opt-core: {mode}; torch {torch.__version__}; triton {triton.__version__}; interpreter {interp}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed_and_poison(request):
+    """Each test draws its own inputs (seeded by its id, so a failure replays)
+    and every buffer an op allocates starts as NaN."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    with dispatch.poison_outputs(True):
+        yield
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if HAS_CUDA else "cpu")

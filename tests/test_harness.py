@@ -1,0 +1,109 @@
+"""The harness itself: the numerics rule can fail, poisoning works, the
+interpreter's bf16 defects are fixed, dispatch picks the right path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from kernels import dispatch
+from kernels.testing import FORWARD_FACTOR, compare
+
+
+def _pair(n=1000):
+    ref = torch.randn(n, dtype=torch.float64)
+    lowp = ref.half()  # plain PyTorch: one rounding to fp16
+    return ref, lowp
+
+
+def test_rule_accepts_a_correctly_rounded_result():
+    ref, lowp = _pair()
+    assert compare("y", ref.half(), ref, lowp, factor=FORWARD_FACTOR).ok
+
+
+def test_rule_rejects_an_error_beyond_twice_pytorchs():
+    ref, lowp = _pair()
+    worse = (ref + 8e-3).half()  # ~8 ulps off at |x| ~ 1
+    result = compare("y", worse, ref, lowp, factor=FORWARD_FACTOR)
+    assert not result.ok and "FAIL" in str(result)
+
+
+def test_rule_rejects_nan_where_the_reference_has_none():
+    ref, lowp = _pair()
+    ours = ref.half().clone()
+    ours[17] = float("nan")  # what an unwritten, poisoned element looks like
+    result = compare("y", ours, ref, lowp, factor=FORWARD_FACTOR)
+    assert not result.ok and "NaN mismatch" in result.detail
+
+
+def test_rule_rejects_a_missing_nan_and_a_wrong_inf():
+    ref, lowp = _pair()
+    ref[3] = float("nan")
+    assert not compare("y", ref.half().nan_to_num(0.0), ref, lowp, factor=2).ok
+    ref2, lowp2 = _pair()
+    ref2[5] = float("inf")
+    ours = ref2.half().clone()
+    ours[5] = float("-inf")
+    assert not compare("y", ours, ref2, lowp2, factor=2).ok
+
+
+def test_rule_floor_covers_an_exact_pytorch():
+    ref = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    ours = torch.tensor([1.0, 2.0, 3.0 + 2 ** -9], dtype=torch.float16)  # one ulp at 3.0 in fp16 is 2**-9
+    assert compare("y", ours, ref, ref.half(), factor=2).ok
+    far = torch.tensor([1.0, 2.0, 3.01], dtype=torch.float16)
+    assert not compare("y", far, ref, ref.half(), factor=2).ok
+
+
+def test_outputs_are_poisoned_in_tests():
+    out = dispatch.empty((4,), dtype=torch.float16, device=torch.device("cpu"))
+    assert out.isnan().all()
+    assert (dispatch.empty((2,), dtype=torch.int32, device=torch.device("cpu")) == -1).all()
+    with dispatch.poison_outputs(False):
+        dispatch.empty((4,), dtype=torch.float16, device=torch.device("cpu"))  # no fill, no error
+
+
+def test_dispatch_rules(device):
+    x = torch.randn(2, device=device)
+    expected = device.type == "cuda" or dispatch.INTERPRET
+    assert dispatch.use_triton(x, (torch.float32,)) == expected
+    assert not dispatch.use_triton(x.double(), (torch.float32,))
+    with dispatch.reference_backend():
+        assert not dispatch.use_triton(x, (torch.float32,))
+    assert not dispatch.use_triton(torch.randn(2, device="meta"), (torch.float32,))
+
+
+@triton.jit
+def _dot_kernel(A, B, C, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    m, n, k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(A + m[:, None] * K + k[None, :])
+    b = tl.load(B + k[:, None] * N + n[None, :])
+    tl.store(C + m[:, None] * N + n[None, :], tl.dot(a, b))
+
+
+@triton.jit
+def _cast_kernel(X, Y, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, tl.load(X + offs).to(Y.dtype.element_ty))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_down_casts_round_to_nearest_even_like_torch(dtype, device):
+    # Under the interpreter this checks interpreter_fixes' bf16 rounding.
+    x = torch.randn(4096, device=device) * 100
+    y = torch.full((4096,), float("nan"), dtype=dtype, device=device)
+    _cast_kernel[(1,)](x, y, N=4096)
+    assert torch.equal(y, x.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_tl_dot_is_right_in_every_dtype(dtype, device):
+    # Under the interpreter this checks interpreter_fixes' bf16 dot; on a GPU, the real dot.
+    a = torch.randn(16, 32, device=device).to(dtype)
+    b = torch.randn(32, 16, device=device).to(dtype)
+    c = torch.full((16, 16), float("nan"), device=device)
+    _dot_kernel[(1,)](a, b, c, M=16, N=16, K=32)
+    expected = a.double() @ b.double()
+    torch.testing.assert_close(c.double(), expected, rtol=2e-2 if dtype == torch.float32 else 1e-3, atol=2e-2)
