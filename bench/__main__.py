@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     for op, module in modules.items():
         for case in module.cases(device, quick, tuple(DTYPES[d] for d in args.dtypes)):
             rows += harness.run_case(case, device, copy_gbps)
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print(harness.markdown(env, rows))
     out = args.out or (ROOT / "bench" / "results" if device.type == "cuda" else ROOT / "runs" / "bench")
     json_path, md_path = harness.write_results(out, env, rows)

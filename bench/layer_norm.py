@@ -78,19 +78,18 @@ def _liger():
 
 
 # --------------------------------------------------------------------------- benchmark cases
-def cases(device: torch.device, quick: bool, dtypes=(torch.bfloat16,)) -> list[Case]:
+def cases(device: torch.device, quick: bool, dtypes=(torch.bfloat16,)):
+    """Benchmark cases, built lazily: a GPU run holds one shape's tensors at a time."""
     if device.type == "cuda":
         rows, widths = 16384, OPT_WIDTHS
     else:
         rows, widths = 64, (768, 2560)
     if quick:
         widths = widths[:1] + widths[-1:]
-    out = []
     for dtype in dtypes:
         for N in widths:
-            out += _plain_cases(rows, N, dtype, device)
-            out += _residual_cases(rows, N, dtype, device)
-    return out
+            yield from _plain_cases(rows, N, dtype, device)
+            yield from _residual_cases(rows, N, dtype, device)
 
 
 def _tensors(rows, N, dtype, device):

@@ -13,6 +13,7 @@ the variable later would not change what the kernels are.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from typing import Callable, Iterator, Sequence
@@ -101,8 +102,20 @@ def reference_vjp(
     return result
 
 
+def device_guard(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on ``x``'s GPU even when another one is current (Triton launches
+    on the current device and cannot read memory of another)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors on ``device``; a small fixed count elsewhere."""
+    """Streaming multiprocessors on ``device``; a small fixed count elsewhere
+    (the interpreter runs programs one after another)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4

@@ -186,17 +186,13 @@ def _layer_norm_bwd_wide_kernel(
     # Same mathematics as _layer_norm_bwd_kernel, for rows too wide to hold in
     # registers: pass 1 streams the rows for the two row sums, pass 2 streams
     # them again (from L2) for dx.  The dW/dB partials of this program live in
-    # its own rows of DW_PART/DB_PART; only this program touches them, and each
-    # element is read back by the thread that wrote it.
+    # its own rows of DW_PART/DB_PART, which only this program touches: the
+    # first row tile stores its sums, later tiles add to them.  Load and store
+    # come from the same instructions, so each element is read back by the
+    # thread that wrote it (no barrier needed).  The host gives every program
+    # at least one row, so every partial row is written.
     pid = tl.program_id(0)
     part = pid.to(tl.int64) * N
-    for n0 in range(0, N, CHUNK):
-        cols = n0 + tl.arange(0, CHUNK)
-        if HAS_W:
-            tl.store(DW_PART + part + cols, tl.zeros([CHUNK], dtype=tl.float32), mask=cols < N)
-        if HAS_B:
-            tl.store(DB_PART + part + cols, tl.zeros([CHUNK], dtype=tl.float32), mask=cols < N)
-
     row_start = pid * rows_per_program
     row_end = row_start + rows_per_program
     for start in range(row_start, row_end, BLOCK_M):
@@ -231,11 +227,12 @@ def _layer_norm_bwd_wide_kernel(
             x = tl.load(X + r * stride_xm + c * stride_xn, mask=mask, other=0.0).to(tl.float32)
             xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
             dy = tl.load(DY + r * stride_dym + c * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+            accumulate = col_ok & (start > row_start)
             if HAS_W:
-                dw = tl.load(DW_PART + part + cols, mask=col_ok, other=0.0)
+                dw = tl.load(DW_PART + part + cols, mask=accumulate, other=0.0)
                 tl.store(DW_PART + part + cols, dw + tl.sum(dy * xhat, axis=0), mask=col_ok)
             if HAS_B:
-                db = tl.load(DB_PART + part + cols, mask=col_ok, other=0.0)
+                db = tl.load(DB_PART + part + cols, mask=accumulate, other=0.0)
                 tl.store(DB_PART + part + cols, db + tl.sum(dy, axis=0), mask=col_ok)
             if HAS_W:
                 dy *= tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -286,7 +283,9 @@ def _launch_bwd(dy, dh, x, weight, bias, mean, rstd):
     M, N = x.shape
     weight = _contiguous(weight)
     dx = dispatch.empty((M, N), dtype=x.dtype, device=x.device)
-    programs = max(1, min(M, 2 * dispatch.num_sms(x.device)))
+    # About two programs per SM, each with a contiguous range of at least one row.
+    rows_per_program = max(1, triton.cdiv(M, 2 * dispatch.num_sms(x.device)))
+    programs = max(1, triton.cdiv(M, rows_per_program))
     dw_part = dispatch.empty((programs, N) if weight is not None else (0,), dtype=torch.float32, device=x.device)
     db_part = dispatch.empty((programs, N) if bias is not None else (0,), dtype=torch.float32, device=x.device)
     if M > 0:
@@ -294,7 +293,7 @@ def _launch_bwd(dy, dh, x, weight, bias, mean, rstd):
         args = (
             x, weight, dy, dh_, dx, dw_part, db_part, mean, rstd,
             x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dh_.stride(0), dh_.stride(1),
-            M, N, triton.cdiv(M, programs),
+            M, N, rows_per_program,
         )
         flags = dict(HAS_DH=dh is not None, HAS_W=weight is not None, HAS_B=bias is not None)
         block_n = triton.next_power_of_2(N)
@@ -338,7 +337,8 @@ def layer_norm_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, mean, rstd) for 2-D x; h is empty without a residual."""
     if dispatch.use_triton(x, KERNEL_DTYPES):
-        return _launch_fwd(x, weight, bias, residual, eps)
+        with dispatch.device_guard(x):
+            return _launch_fwd(x, weight, bias, residual, eps)
     return _reference_fwd(x, weight, bias, residual, eps)
 
 
@@ -366,7 +366,8 @@ def layer_norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias); dweight/dbias are empty where weight/bias are None."""
     if dispatch.use_triton(x, KERNEL_DTYPES):
-        return _launch_bwd(dy, dh, x, weight, bias, mean, rstd)
+        with dispatch.device_guard(x):
+            return _launch_bwd(dy, dh, x, weight, bias, mean, rstd)
     return _reference_bwd(dy, dh, x, weight, bias, eps)
 
 

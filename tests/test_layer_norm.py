@@ -98,6 +98,13 @@ def test_without_full_affine(affine, N, device):
     _check_against_oracle((5, N), torch.float32, device, affine=affine, residual=N == 33)
 
 
+@pytest.mark.parametrize("rows", [1, 9, 37])
+def test_wide_backward_with_several_row_tiles_per_program(rows, device):
+    # Rows wider than 8192 take the chunked backward; with 37 rows each program
+    # owns several row tiles, so its dW/dB partials are accumulated, not just stored.
+    _check_against_oracle((rows, 8200), torch.float32, device)
+
+
 @pytest.mark.parametrize("N", [100, 9000])
 @pytest.mark.parametrize("residual", [False, True])
 def test_sum_backward_with_stride_zero_gradient(N, residual, device):

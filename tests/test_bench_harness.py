@@ -1,0 +1,33 @@
+"""The benchmark harness: rows, ratios, bandwidth fractions, result files."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from bench import harness
+
+
+def test_run_case_and_write_results(tmp_path, device):
+    x = torch.randn(1 << 16, device=device)
+    case = harness.Case(
+        op="copy", shape="65536", dtype=torch.float32, mode="fwd", bytes=2 * x.numel() * 4,
+        providers={"clone": lambda: x.clone(), "mul": lambda: x * 1.0, "broken": lambda: 1 / 0},
+        baseline="clone",
+    )
+    rows = harness.run_case(case, device, copy_gbps=100.0)
+    by = {r.provider: r for r in rows}
+    assert by["clone"].speedup_vs_baseline == 1.0
+    assert by["mul"].ms > 0 and by["mul"].ms_p20 <= by["mul"].ms <= by["mul"].ms_p80
+    assert abs(by["mul"].fraction_of_copy_bw - by["mul"].gbps / 100.0) < 1e-12
+    assert by["broken"].error.startswith("ZeroDivisionError")
+
+    env = harness.environment(device, 100.0)
+    json_path, md_path = harness.write_results(tmp_path, env, rows)
+    data = json.loads(json_path.read_text())
+    assert {r["provider"] for r in data["rows"]} == {"clone", "mul", "broken"}
+    text = md_path.read_text()
+    assert "| copy | 65536 | float32 | fwd | mul |" in text and "failed: ZeroDivisionError" in text
+    if device.type == "cpu":
+        assert "not kernel timings" in text and data["environment"]["note"] == harness.CPU_NOTE
