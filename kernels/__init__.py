@@ -5,6 +5,7 @@ autograd registered; ``kernels.dispatch`` decides whether a call runs the
 Triton kernel (CUDA, or the CPU interpreter) or ``kernels.reference``.
 """
 
+from kernels.adamw import adamw_step, grad_stats
 from kernels.layer_norm import layer_norm
 
-__all__ = ["layer_norm"]
+__all__ = ["adamw_step", "grad_stats", "layer_norm"]

@@ -1,0 +1,261 @@
+"""FusedAdamW: ``torch.optim.AdamW`` with a multi-tensor Triton step.
+
+Interchangeable with ``torch.optim.AdamW``: same constructor arguments, param
+groups with their own hyper-parameters, closures, LR schedulers, and a state
+dict with the same per-parameter keys (``step``, ``exp_avg``, ``exp_avg_sq``,
+``max_exp_avg_sq``) that loads into ``torch.optim.AdamW`` and back.
+
+What it adds:
+
+- Mixed precision.  Moments are always fp32 (fp64 for fp64 parameters).  With
+  ``master_weights=True`` fp16/bf16 parameters get an fp32 master copy (state
+  key ``master_param``) that the step updates, writing the rounded copy into the
+  parameter in the same pass.  Without (the default), fp16/bf16 parameters are
+  upcast, stepped in fp32 and rounded back inside the kernel: OPT's
+  "memory-efficient fp16", the recipe OPT-175B trained with.
+- PyTorch's AMP protocol, as ``torch.optim.AdamW(fused=True)``:
+  ``_step_supports_amp_scaling = True``; a ``GradScaler`` (or
+  ``opt_core.DynamicLossScaler``) sets ``grad_scale`` and ``found_inf``; the
+  kernel unscales, and skips everything (moments, parameters, ``step``) when
+  ``found_inf`` is set.  No ``.item()`` inside ``step()``.
+- Fused gradient handling, optional: ``max_grad_norm`` clips by the global L2
+  norm (computed in a statistics pass over the gradients, pre-clip norm kept in
+  ``grad_norm``), ``skip_nonfinite=True`` skips the whole step when any gradient
+  is inf/NaN; ``clip_grad_norm_(max_norm)`` is the call-site equivalent of
+  ``torch.nn.utils.clip_grad_norm_`` whose clipping is applied inside the next
+  ``step()`` (the ``.grad`` tensors are left as they are).
+- ``DTensor`` parameters (FSDP2, tensor parallel) step on their local shards.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from kernels.adamw import adamw_step, grad_stats
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor; the tensor itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None and type(t).__name__ == "DTensor" else t
+
+
+class FusedAdamW(torch.optim.Optimizer):
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        master_weights: Optional[bool] = None,
+        max_grad_norm: Optional[float] = None,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        if isinstance(lr, torch.Tensor):
+            raise TypeError("lr must be a float; a Tensor lr is not supported by FusedAdamW")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm} (must be > 0 or None)")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
+                        maximize=bool(maximize), master_weights=bool(master_weights))
+        self.max_grad_norm = max_grad_norm
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.grad_norm: Optional[torch.Tensor] = None
+        self._pending_clip: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- groups and state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        devices = {p.device for p in group["params"]}
+        if len(devices) > 1:
+            raise ValueError(f"FusedAdamW: a param group must hold parameters of one device, got {sorted(map(str, devices))}")
+        for i, p in enumerate(group["params"]):
+            if p.is_complex():
+                raise TypeError(f"FusedAdamW does not support complex parameters (params[{i}] is {p.dtype}); "
+                                "step torch.view_as_real(param) instead")
+            if not p.is_floating_point():
+                raise TypeError(f"FusedAdamW requires floating-point parameters, params[{i}] is {p.dtype}")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("master_weights", False)
+        self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("skip_nonfinite", False)
+        self.__dict__.setdefault("grad_norm", None)
+        self.__dict__.setdefault("_pending_clip", None)
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if len(state) == 0:
+            moment = torch.float64 if p.dtype == torch.float64 else torch.float32
+            state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
+        if group["master_weights"] and p.dtype in _LOW_PRECISION and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, copy=True)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch's loader casts every floating state tensor to its parameter's
+        # dtype, which would squeeze fp32 moments and masters through fp16/bf16.
+        # Keep the saved values and put them where and how the kernel wants them.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        groups = {p: g for g in self.param_groups for p in g["params"]}
+        for pid, p in zip(saved_ids, params):
+            if pid not in saved_state:
+                continue
+            state, saved = self.state[p], saved_state[pid]
+            moment = torch.float64 if p.dtype == torch.float64 else torch.float32
+            device = _local(p).device
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key in saved:
+                    state[key] = saved[key].to(device=p.device, dtype=moment, copy=True)
+            if "master_param" in saved:
+                state["master_param"] = saved["master_param"].to(device=p.device, dtype=torch.float32, copy=True)
+            step = saved.get("step", 0)
+            step = step.detach().clone() if isinstance(step, torch.Tensor) else torch.tensor(float(step))
+            # The kernel reads step on the parameter's device (pytorch#104767).
+            state["step"] = step.to(device=device, dtype=torch.float32).reshape(())
+            self._init_state(p, groups[p])
+
+    # ----------------------------------------------------------------- gradient passes
+    def _grads(self) -> list[torch.Tensor]:
+        grads = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError("FusedAdamW does not support sparse gradients")
+                    grads.append(_local(p.grad))
+        return grads
+
+    def _grad_stats_by_device(self, inv_scale: Optional[torch.Tensor] = None, *, unscale_in_place: bool = False
+                              ) -> dict[torch.device, tuple[torch.Tensor, torch.Tensor]]:
+        """{device: (sum of squares, non-finite count)} over every gradient, in one pass family."""
+        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for g in self._grads():
+            by_device[g.device].append(g)
+        out = {}
+        for device, grads in by_device.items():
+            inv = inv_scale.to(device, non_blocking=True) if inv_scale is not None else None
+            out[device] = grad_stats(grads, inv_scale=inv, unscale_in_place=unscale_in_place)
+        return out
+
+    @staticmethod
+    def _total(stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        sums = [s for s, _ in stats.values()]
+        bads = [b for _, b in stats.values()]
+        device = sums[0].device
+        total = torch.stack([s.to(device, non_blocking=True) for s in sums]).sum()
+        bad = torch.stack([b.to(device, non_blocking=True) for b in bads]).sum()
+        return total.sqrt(), bad
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
+        """Total L2 norm of the gradients, as ``torch.nn.utils.clip_grad_norm_`` returns it.
+
+        The clipping itself (by ``max_norm / (norm + 1e-6)``, at most 1) is
+        applied inside the next ``step()``: the gradients are read once more by
+        the update instead of being rewritten here.
+        """
+        if float(norm_type) != 2.0:
+            raise ValueError(f"FusedAdamW.clip_grad_norm_ supports norm_type=2 only, got {norm_type}")
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+        stats = self._grad_stats_by_device()
+        if not stats:
+            return torch.zeros(())
+        norm, bad = self._total(stats)
+        if error_if_nonfinite and not bool(torch.isfinite(norm)):
+            raise RuntimeError(f"The total norm of order {norm_type} for gradients is non-finite, so it cannot be "
+                               "clipped. To disable this error and scale the gradients by the non-finite norm "
+                               "anyway, set `error_if_nonfinite=False`")
+        self._pending_clip = ((max_norm / (norm + 1e-6)).clamp(max=1.0), norm)
+        return norm
+
+    # ----------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        work = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                work.append((group, params, [self._init_state(p, group) for p in params]))
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        pending, self._pending_clip = self._pending_clip, None
+        scaler_stats = self.__dict__.pop("_scaler_stats", None)
+        if not work:
+            return loss
+        self._grads()  # rejects sparse gradients before anything is touched
+
+        inv_scale = grad_scale.double().reciprocal().float() if grad_scale is not None else None
+        if isinstance(found_inf, torch.Tensor):
+            found_inf = found_inf.to(torch.float32)
+        elif found_inf is not None:  # GradScaler hands a plain 0 when it saw no gradients
+            found_inf = None if not found_inf else torch.ones(())
+        clip_coef = pending[0] if pending is not None else None
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            stats = scaler_stats if scaler_stats is not None else self._grad_stats_by_device(inv_scale)
+            norm, bad = self._total(stats)
+            self.grad_norm = norm
+            if self.max_grad_norm is not None and clip_coef is None:
+                clip_coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            if self.skip_nonfinite:
+                skip = (bad > 0).to(torch.float32)
+                found_inf = skip if found_inf is None else found_inf.to(skip.device) + skip
+        elif pending is not None:
+            self.grad_norm = pending[1]
+
+        for group, params, states in work:
+            device = _local(params[0]).device
+            on_device = (lambda t: t.to(device, non_blocking=True) if t is not None else None)  # noqa: E731
+            beta1, beta2 = group["betas"]
+            adamw_step(
+                [_local(p) for p in params],
+                [_local(p.grad) for p in params],
+                [_local(s["exp_avg"]) for s in states],
+                [_local(s["exp_avg_sq"]) for s in states],
+                [s["step"] for s in states],
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                max_exp_avg_sqs=[_local(s["max_exp_avg_sq"]) for s in states] if group["amsgrad"] else None,
+                masters=[_local(s["master_param"]) if "master_param" in s else None for s in states],
+                maximize=group["maximize"],
+                inv_scale=on_device(inv_scale), clip_coef=on_device(clip_coef), found_inf=on_device(found_inf),
+            )
+        return loss
