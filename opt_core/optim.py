@@ -39,10 +39,15 @@ from kernels.adamw import adamw_step, grad_stats
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed
+    DTensor = None
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor; the tensor itself otherwise."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None and type(t).__name__ == "DTensor" else t
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
 class FusedAdamW(torch.optim.Optimizer):

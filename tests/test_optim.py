@@ -322,3 +322,57 @@ def test_sparse_gradients_are_rejected():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
+
+
+# --------------------------------------------------------------------------- DTensor, GPU
+def test_dtensor_parameters_step_on_their_local_shards(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        dense = [torch.nn.Parameter(torch.randn(s)) for s in ((6, 5), (7,))]
+        sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in dense]
+        ours, theirs = FusedAdamW(sharded, lr=1e-2), torch.optim.AdamW(dense, lr=1e-2, foreach=False)
+        for _ in range(3):
+            for d, s in zip(dense, sharded):
+                g = torch.randn(d.shape)
+                d.grad = g.clone()
+                s.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            ours.step()
+            theirs.step()
+        for d, s in zip(dense, sharded):
+            torch.testing.assert_close(s.full_tensor(), d.detach(), rtol=2e-6, atol=1e-7)
+            assert type(ours.state[s]["exp_avg"]).__name__ == "DTensor"
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_matches_torch_fused_and_loads_cpu_saved_state(dtype):
+    cpu_p = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    cpu_opt = torch.optim.AdamW(cpu_p, foreach=False)
+    for p in cpu_p:
+        p.grad = torch.randn_like(p)
+    cpu_opt.step()
+    ours_p = [torch.nn.Parameter(p.detach().to("cuda", dtype)) for p in cpu_p]
+    ours = FusedAdamW(ours_p, master_weights=dtype != torch.float32)
+    ours.load_state_dict(cpu_opt.state_dict())  # CPU-saved state: step tensors must move to the GPU
+    assert all(ours.state[p]["step"].is_cuda for p in ours_p if p in ours.state)
+    theirs_p = [torch.nn.Parameter(p.detach().to("cuda")) for p in cpu_p]
+    theirs = torch.optim.AdamW(theirs_p, fused=True)
+    theirs.load_state_dict(cpu_opt.state_dict())
+    for _ in range(5):
+        for a, b in zip(ours_p, theirs_p):
+            g = torch.randn(a.shape, device="cuda")
+            a.grad, b.grad = g.to(dtype), g.to(dtype).float()
+        ours.step()
+        theirs.step()
+    for a, b in zip(ours_p, theirs_p):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
+        else:
+            torch.testing.assert_close(ours.state[a]["master_param"], b, rtol=1e-2, atol=1e-3)
