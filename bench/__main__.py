@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 from bench import harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS = ("layer_norm", "adamw")  # each names a bench/<op>.py with check() and cases()
+OPS = ("layer_norm", "adamw", "attention", "relu_mlp")  # each names a bench/<op>.py with check() and cases()
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 

@@ -56,10 +56,11 @@ class Case:
     num_warps: int
     num_stages: int = 1
     tensor_cores: bool = False
+    archs: tuple = ARCHS      # the targets this config is used on (a Hopper-only tile lists only 90)
 
 
 def case(name: str, fn: Any, args: dict, constexprs: dict, *, num_warps: int, num_stages: int = 1,
-         tensor_cores: bool = False) -> Case:
+         tensor_cores: bool = False, archs: tuple = ARCHS) -> Case:
     """Build a case from the values a launch passes.
 
     ``args`` maps each runtime argument to what would be passed: a torch dtype
@@ -92,7 +93,7 @@ def case(name: str, fn: Any, args: dict, constexprs: dict, *, num_warps: int, nu
         else:
             raise TypeError(f"AOT case {name}: cannot specialise {arg!r}={value!r}")
     return Case(name, fn.__module__, fn.__name__, signature, consts, tuple(div16), num_warps, num_stages,
-                tensor_cores)
+                tensor_cores, tuple(archs))
 
 
 _PROVIDERS: list[Callable[[], list[Case]]] = []
@@ -187,7 +188,7 @@ def _compile_star(job: tuple[Case, int]) -> dict:
 
 
 def compile_all(cases: list[Case], archs=ARCHS, workers: int | None = None) -> list[dict]:
-    jobs = [(c, a) for c in cases for a in archs]
+    jobs = [(c, a) for c in cases for a in archs if a in c.archs]
     workers = workers or os.cpu_count() or 1
     if workers == 1:
         return [compile_case(c, a) for c, a in jobs]

@@ -105,3 +105,108 @@ def grad_stats(grads, *, inv_scale=None, unscale_in_place=False):
             g.copy_(gf)
         sumsq += (gf * gf).sum()
     return sumsq, bad
+
+
+def relu_mlp(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+    dropout_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    *,
+    upcast: bool = True,
+    return_hidden: bool = False,
+):
+    """OPT's feed-forward block: ``residual + dropout(fc2(relu(fc1(x))))``.
+
+    Weights in ``nn.Linear`` layout; ``dropout_mask`` is the boolean keep-mask
+    (shape of the output) or None for no dropout; kept values are scaled by
+    ``1 / (1 - dropout_p)`` as ``F.dropout`` does.  The hidden activation is
+    rounded to ``x``'s dtype (what any implementation stores between the two
+    GEMMs).  With ``return_hidden`` returns ``(out, hidden)``.
+    """
+    ct = _compute_dtype(x.dtype, upcast)
+
+    def cast(t):
+        return None if t is None else t.to(ct)
+
+    h = torch.relu(torch.nn.functional.linear(x.to(ct), cast(w1), cast(b1))).to(x.dtype)
+    z = torch.nn.functional.linear(h.to(ct), cast(w2), cast(b2))
+    if dropout_mask is not None:
+        z = z * dropout_mask.to(ct) * (1.0 / (1.0 - dropout_p))
+    if residual is not None:
+        z = z + residual.to(ct)
+    out = z.to(x.dtype)
+    return (out, h) if return_hidden else out
+
+
+def _attention_scores(q, k, causal, softmax_scale, key_padding_mask, compute_dtype):
+    """Scaled scores (batch, heads, seqlen_q, seqlen_k) with hidden keys at -inf,
+    and which rows see at least one key."""
+    Sq, D = q.shape[1], q.shape[3]
+    Sk = k.shape[1]
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    qc = q.to(compute_dtype).transpose(1, 2)
+    kc = k.to(compute_dtype).transpose(1, 2)
+    s = (qc @ kc.transpose(-1, -2)) * scale
+    visible = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
+    if causal:  # bottom-right aligned: query i sees key j iff j <= i + Sk - Sq
+        i = torch.arange(Sq, device=q.device)[:, None]
+        j = torch.arange(Sk, device=q.device)[None, :]
+        visible = j <= i + (Sk - Sq)
+    visible = visible[None, None]
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    # masked_fill replaces (a NaN score of a hidden key does not leak)
+    s = s.masked_fill(~visible, float("-inf"))
+    return s, visible.any(dim=-1, keepdim=True)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    *,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Attention over (batch, seqlen, heads, head_dim) tensors, the score matrix
+    materialised; the semantics ``kernels.attention`` implements.
+
+    Causal is bottom-right aligned (query i sees key j iff j <= i + seqlen_k -
+    seqlen_q); ``key_padding_mask`` (batch, seqlen_k) is True for real keys; a
+    query row that sees no key outputs 0 (gradient 0).  ``dropout_mask`` is a
+    bool keep-mask (batch, heads, seqlen_q, seqlen_k): kept probabilities are
+    scaled by 1 / (1 - dropout_p).
+    """
+    ct = _compute_dtype(q.dtype, upcast)
+    s, any_visible = _attention_scores(q, k, causal, softmax_scale, key_padding_mask, ct)
+    # Rows with no visible key: finite scores so softmax stays finite (and its
+    # gradient), then zeroed.
+    s = s.masked_fill(~any_visible, 0.0)
+    p = torch.softmax(s, dim=-1) * any_visible
+    if dropout_mask is not None:
+        p = p * dropout_mask / (1.0 - dropout_p)
+    out = p.to(ct) @ v.to(ct).transpose(1, 2)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def attention_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Natural-log log-sum-exp of each row's visible scores, (batch, heads,
+    seqlen_q), in float32 or float64; +inf for rows that see no key."""
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s, any_visible = _attention_scores(q, k, causal, softmax_scale, key_padding_mask, ct)
+    return torch.logsumexp(s, dim=-1).masked_fill(~any_visible[..., 0], float("inf"))

@@ -1,7 +1,7 @@
 """opt-core: a thin OPT model and the drop-in layers a trainer touches."""
 
 from opt_core.amp import DynamicLossScaler
-from opt_core.layers import FusedLayerNorm
+from opt_core.layers import FusedLayerNorm, FusedSelfAttention, ReLUMLP
 from opt_core.optim import FusedAdamW
 
-__all__ = ["DynamicLossScaler", "FusedAdamW", "FusedLayerNorm"]
+__all__ = ["DynamicLossScaler", "FusedAdamW", "FusedLayerNorm", "FusedSelfAttention", "ReLUMLP"]

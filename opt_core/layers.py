@@ -7,7 +7,8 @@ import math
 import torch
 from torch import nn
 
-from kernels import layer_norm
+from kernels import attention, layer_norm
+from kernels import relu_mlp
 
 
 class FusedLayerNorm(nn.LayerNorm):
@@ -42,3 +43,158 @@ class FusedLayerNorm(nn.LayerNorm):
         if residual is None:
             return out.view(input.shape)
         return out[0].view(input.shape), out[1].view(input.shape)
+
+
+class ReLUMLP(nn.Module):
+    """OPT's feed-forward block, ``residual + dropout(fc2(relu(fc1(x))))``, computed
+    by ``kernels.relu_mlp`` (two Triton GEMMs with everything else in their epilogues).
+
+    ``fc1`` and ``fc2`` are ``nn.Linear`` submodules, so the state-dict keys are
+    Hugging Face ``OPTDecoderLayer``'s (``fc1.weight``, ``fc1.bias``,
+    ``fc2.weight``, ``fc2.bias``) and its weights load directly.  Dropout
+    applies only in training.  ``forward(x, residual=None)`` adds ``residual``
+    inside GEMM 2's epilogue.
+
+    Under ``torch.autocast`` the input and parameters are cast to the autocast
+    dtype, as ``nn.Linear`` would be; a residual of another dtype (an fp32
+    residual stream) is then added outside the kernel, so the sum keeps the
+    residual's precision as the unfused block's would.
+    """
+
+    def __init__(self, embed_dim: int, ffn_dim: int, *, dropout: float = 0.1, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        self.embed_dim = embed_dim
+        self.ffn_dim = ffn_dim
+        self.dropout = float(dropout)
+        self.fc1 = nn.Linear(embed_dim, ffn_dim, bias=bias, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(ffn_dim, embed_dim, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        add_outside = None
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x = x.to(dtype)
+            params = tuple(p.to(dtype) if p is not None else None for p in params)
+            if residual is not None and residual.dtype != dtype:
+                add_outside, residual = residual, None
+        out = relu_mlp(x, *params, residual=residual, dropout_p=self.dropout, training=self.training)
+        return out if add_outside is None else add_outside + out
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, ffn_dim={self.ffn_dim}, dropout={self.dropout}, "
+                f"bias={self.fc1.bias is not None}")
+
+
+class FusedSelfAttention(nn.Module):
+    """OPT's self-attention block over ``kernels.attention``.
+
+    One ``qkv_proj`` Linear (embed_dim -> 3 * embed_dim: q, k, v stacked, each
+    head-major as Hugging Face's projections are), the fused attention kernel
+    (softmax_scale = head_dim ** -0.5: HF OPT scales q after its bias, the same
+    product), and ``out_proj``.  q, k and v are strided views of the one QKV
+    activation; the kernels read them in place.
+
+    ``forward(hidden_states, key_padding_mask=None, causal=True)``:
+    hidden_states (batch, seqlen, embed_dim); key_padding_mask (batch, seqlen),
+    True (or 1, as HF's ``attention_mask``) for real tokens.  Dropout on the
+    attention probabilities only in training mode (its seed is drawn with an
+    ``.item()``: a graph break under ``torch.compile`` while training with
+    dropout > 0).
+
+    ``from_hf_state_dict`` / ``load_hf_state_dict`` take HF OPT's four
+    projections (``q_proj.weight``, ``q_proj.bias``, ..., ``out_proj.bias``);
+    ``hf_state_dict`` gives them back.
+    """
+
+    HF_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+    def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        for name, n in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"{name} must be a positive int, got {n!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = float(dropout)
+        self.qkv_proj = nn.Linear(embed_dim, 3 * embed_dim, bias=bias, device=device, dtype=dtype)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}"
+
+    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                causal: bool = True) -> torch.Tensor:
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"hidden_states must have shape (batch, seqlen, {self.embed_dim}), got {tuple(hidden_states.shape)}"
+            )
+        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+            if key_padding_mask.is_floating_point() or key_padding_mask.is_complex():
+                raise TypeError(f"key_padding_mask must be bool or integer 0/1, got {key_padding_mask.dtype}")
+            key_padding_mask = key_padding_mask != 0
+        B, S, _ = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states).view(B, S, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(2)
+        out = attention(
+            q, k, v, causal=causal, softmax_scale=self.head_dim ** -0.5, key_padding_mask=key_padding_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out_proj(out.reshape(B, S, self.embed_dim))
+
+    @classmethod
+    def from_hf_state_dict(cls, state_dict, num_heads: int, *, prefix: str = "", dropout: float = 0.0,
+                           device=None, dtype=None) -> "FusedSelfAttention":
+        """A module with the weights of HF OPT's attention (keys ``prefix +
+        'q_proj.weight'`` etc.); bias present iff ``q_proj.bias`` is."""
+        key = f"{prefix}q_proj.weight"
+        if key not in state_dict:
+            raise KeyError(f"state_dict has no {key!r}")
+        weight = state_dict[key]
+        module = cls(weight.shape[1], num_heads, dropout=dropout, bias=f"{prefix}q_proj.bias" in state_dict,
+                     device=device if device is not None else weight.device,
+                     dtype=dtype if dtype is not None else weight.dtype)
+        module.load_hf_state_dict(state_dict, prefix=prefix)
+        return module
+
+    def load_hf_state_dict(self, state_dict, prefix: str = "") -> None:
+        """Copy HF OPT's q/k/v/out projections into ``qkv_proj`` / ``out_proj``."""
+        names = [f"{prefix}{p}.{kind}" for p in (*self.HF_PROJECTIONS, "out_proj")
+                 for kind in (("weight", "bias") if self.out_proj.bias is not None else ("weight",))]
+        missing = [n for n in names if n not in state_dict]
+        if missing:
+            raise KeyError(f"state_dict is missing {missing}")
+        E = self.embed_dim
+        for n in names:
+            expected = (E, E) if n.endswith("weight") else (E,)
+            if tuple(state_dict[n].shape) != expected:
+                raise ValueError(f"{n} must have shape {expected}, got {tuple(state_dict[n].shape)}")
+        with torch.no_grad():
+            self.qkv_proj.weight.copy_(torch.cat([state_dict[f"{prefix}{p}.weight"] for p in self.HF_PROJECTIONS]))
+            self.out_proj.weight.copy_(state_dict[f"{prefix}out_proj.weight"])
+            if self.qkv_proj.bias is not None:
+                self.qkv_proj.bias.copy_(torch.cat([state_dict[f"{prefix}{p}.bias"] for p in self.HF_PROJECTIONS]))
+                self.out_proj.bias.copy_(state_dict[f"{prefix}out_proj.bias"])
+
+    def hf_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The weights under HF OPT's keys (copies, not views of ``qkv_proj``)."""
+        out = {}
+        weights = self.qkv_proj.weight.detach().chunk(3)
+        biases = self.qkv_proj.bias.detach().chunk(3) if self.qkv_proj.bias is not None else (None,) * 3
+        for p, w, b in zip(self.HF_PROJECTIONS, weights, biases):
+            out[f"{prefix}{p}.weight"] = w.clone()
+            if b is not None:
+                out[f"{prefix}{p}.bias"] = b.clone()
+        out[f"{prefix}out_proj.weight"] = self.out_proj.weight.detach().clone()
+        if self.out_proj.bias is not None:
+            out[f"{prefix}out_proj.bias"] = self.out_proj.bias.detach().clone()
+        return out

@@ -35,14 +35,15 @@ def compiled(tmp_path_factory):
 
 def test_every_kernel_module_registers_cases():
     kinds = {c.name.split("[")[0] for c in CASES}
-    assert {"layer_norm_fwd", "layer_norm_bwd", "layer_norm_bwd_wide"} <= kinds
+    assert {"layer_norm_fwd", "layer_norm_bwd", "layer_norm_bwd_wide", "adamw_step", "grad_stats",
+            "attention_fwd", "attention_dkdv", "attention_dq"} <= kinds
     assert any(c.name.startswith("layer_norm_fwd[N=12288") for c in CASES)
     assert any(c.name.startswith("layer_norm_bwd_wide[N=12288") for c in CASES)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", aot.ARCHS, ids=lambda a: f"sm_{a}")
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case, arch", [(c, a) for c in CASES for a in c.archs],
+                         ids=[f"{c.name}-sm_{a}" for c in CASES for a in c.archs])
 def test_compiles_without_spills(compiled, case, arch):
     result = compiled[(case.name, arch)]
     assert not aot.problems(result), aot.problems(result)

@@ -1,0 +1,1108 @@
+"""Fused causal attention, forward and backward, in Triton (FlashAttention-2 style).
+
+Design record (newest last):
+2026-11-29  Layout and semantics.  q, k, v are (batch, seqlen, heads, head_dim),
+            the FlashAttention layout, read through their strides (only the
+            head_dim axis must be unit-stride; anything else is copied once).
+            Causal attention with seqlen_q != seqlen_k is bottom-right aligned
+            as in FlashAttention >= 2.1: query i sees key j iff
+            j <= i + seqlen_k - seqlen_q.  key_padding_mask (batch, seqlen_k),
+            True for real keys, hides padded keys from every query.  A query
+            row that sees no key at all (causal with seqlen_q > seqlen_k, or
+            every key padded) outputs exactly 0, its log-sum-exp is +inf so
+            that exp(s - lse) is 0 in the backward, and its gradients are 0.
+2026-11-29  Forward: one program per (query block, batch*head).  Online softmax
+            over key blocks in the exp2 domain (softmax_scale * log2(e) folded
+            into one multiply of the score tile); statistics and the output
+            accumulator in fp32; only O and the natural-log LSE per row are
+            written (memory linear in seqlen).  The key range is split in two
+            loops: blocks every row of the query block sees completely (no
+            mask arithmetic on the score tile) and the blocks crossing the
+            causal diagonal or the end of the keys (masked).  Blocks above the
+            diagonal are never visited.  Programs walk query blocks from the
+            last to the first, so the heaviest causal blocks start first, and
+            blocks of one head run together, so its K/V stay in L2.
+2026-11-29  Backward: deterministic, no atomics.  A preprocess kernel writes
+            delta = rowsum(dO * O) (fp32); one kernel owns a key block and
+            loops over the query blocks that see it, accumulating dK and dV in
+            registers (the score tile is computed transposed, K @ Q^T, so P^T
+            and dS^T feed the next products without a register transpose);
+            one kernel owns a query block and loops over its key blocks for
+            dQ.  That recomputes Q K^T and dO V^T twice (7 products instead of
+            5) in exchange for bitwise-repeatable gradients.  Same two-loop
+            split (unmasked / masked) as the forward.
+2026-11-29  Head dims: the tile is the next power of two >= 16 (masked loads),
+            so 59, 80, 111 work; 80 runs on a 128-wide tile.  Above 256 is
+            rejected: the [BLOCK, head_dim] accumulators no longer fit in
+            registers next to the score tile.
+2026-11-29  Dtypes: fp16 and bf16 on the tensor cores; fp32 is supported with
+            input_precision="ieee" (no TF32 rounding of the inputs; much slower
+            on a GPU, correct everywhere).  fp64 runs kernels/reference.py.
+2026-11-29  Dropout: keep(b, h, i, j) = tl.rand(seed, (b*H + h)*Sq*Sk + i*Sk + j)
+            >= p, a counter-based Philox draw from the element's index in the
+            (batch, heads, seqlen_q, seqlen_k) matrix (64-bit counter).  The
+            forward, both backward kernels and dropout_mask() evaluate the same
+            expression, so no mask is stored and the same seed reproduces.
+            P is normalised with the undropped row sum; kept entries are scaled
+            by 1/(1-p), so delta = rowsum(dO * O) still equals rowsum(P * dP).
+2026-11-29  Offsets and registers: batch/head bases and each block's start are
+            64-bit scalars, tile offsets 32-bit and loop-invariant, so 32k-long
+            sequences in a fused QKV tensor do not overflow.  Tile addresses are
+            recomputed from the scalar each iteration instead of carrying
+            [BLOCK, head_dim] pointer tensors through the loop: those hold 64-bit
+            values in registers, and with them the forward's 128x64 tile at
+            head_dim 128 spilled on sm_80 (230 -> 178 registers on sm_90).
+2026-11-29  Block sizes: per kernel a table, per head-dim tile, of the shapes
+            (block sizes, warps, stages) kept for each variant (plain, key
+            padding mask, dropout), all measured with the AOT check: no spills,
+            shared memory within both targets' limits, mma / wgmma present.
+            Every kept shape compiles for sm_80 and sm_90 alike (aot.Case has
+            no per-target list), so tiles only sm_90 can hold are left out.
+            The mask and, much more, dropout's Philox state cost registers:
+            they get smaller tiles.  The tuner keys on head_dim, the flags, the
+            dtype and the power-of-two bucket of the longer sequence (not the
+            exact length: variable-length batches would retune every call).
+            TMA / tensor descriptors on sm_90: not used yet; the pointer
+            kernels get wgmma from Triton 3.6.
+2026-11-29  Seeds are launch arguments that are never specialised
+            (do_not_specialize), so a seed divisible by 16 does not compile a
+            variant of its own.
+2026-11-29  Interpreter cost: every nested jit call re-patches triton.language
+            in the interpreter, so the loops inline their loads rather than call
+            a helper per tile (2.5x faster CPU tests, same compiled code).
+2026-11-29  NaN semantics (the kernels are what a FlashAttention kernel does; the
+            math SDPA differs and is documented in the public docstring): a NaN
+            in q row i makes output row i NaN if that row sees any key; a NaN in
+            k row j makes every row that sees key j NaN (masked scores are
+            replaced, not added to, so a hidden key cannot leak); a NaN in v row
+            j makes every row that sees j NaN, and also rows of the same (batch,
+            head) that share a tile with j (0 * NaN in P @ V), as in SDPA's math
+            backend where it reaches every row.  Rows that see no key stay 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import aot, dispatch
+from kernels import reference
+from kernels.validation import check_float, check_same_device, check_tensor
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+LOG2E = math.log2(math.e)
+# The same constants inside the kernels (a jit function reads only constexpr globals).
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(math.log(2.0))
+# Seeds are 64-bit Philox keys; the public function draws them in [0, 2**63).
+SEED_LIMIT = 2 ** 63
+
+
+# --------------------------------------------------------------------------- configs
+# Block shapes per head-dim tile: (BLOCK_M, BLOCK_N, num_warps, num_stages) ->
+# the variants the shape is kept for: P plain, K with a key padding mask, D with
+# dropout (and a mask).  BLOCK_M counts query rows and BLOCK_N key rows in every
+# kernel.  Each (shape, variant) was compiled for sm_80 and sm_90 at seqlen 8192
+# with no spills, shared memory within both limits and mma / wgmma present, and
+# aot_cases() below keeps it so (python -m kernels.compile_check --filter
+# attention).  Every kept shape is compiled for both targets, so a tile only
+# sm_90 can hold is not listed: the forward's 128x128 at head_dim 128 (234
+# registers on sm_90, spills on sm_80), or 128x64 with a mask (203 registers on
+# sm_90, spills 40 bytes on sm_80, where q sits in registers for mma.sync).
+#
+# The forward holds a [BLOCK_M, BLOCK_D] fp32 accumulator and a [BLOCK_M,
+# BLOCK_N] score tile; wgmma wants 64 rows per warpgroup, hence 8 warps with 128
+# query rows.  The dK/dV kernel holds two [BLOCK_N, BLOCK_D] accumulators, so
+# its key block is the large one and the streamed query block small; the dQ
+# kernel is the mirror image.  Dropout's Philox state (four 32-bit words per
+# score element) takes the big tiles over the register file, so it gets smaller
+# ones.  fp32 inputs multiply on the FMA units (exact fp32) with every operand
+# in registers: small tiles only.
+_FWD_TABLE = {
+    (64, False): {(128, 64, 8, 3): "PKD", (128, 64, 8, 4): "PKD", (128, 128, 8, 3): "P", (64, 64, 4, 3): "PKD"},
+    (128, False): {(128, 64, 8, 3): "P", (128, 64, 8, 4): "P", (128, 32, 8, 3): "PKD", (64, 64, 8, 3): "PKD"},
+    (256, False): {(64, 32, 8, 3): "PKD"},
+    (64, True): {(32, 16, 4, 2): "PKD"},
+    (128, True): {(32, 16, 4, 2): "PKD"},
+    (256, True): {(32, 16, 8, 2): "PKD"},
+}
+_DKDV_TABLE = {
+    (64, False): {(32, 128, 8, 2): "PKD", (64, 128, 8, 2): "P", (32, 64, 4, 2): "PKD"},
+    (128, False): {(32, 64, 8, 2): "PKD", (64, 64, 8, 2): "P", (32, 64, 8, 3): "PKD"},
+    # With dropout at 256 no 64-key block fits: 32 keys, mma.sync instead of wgmma.
+    (256, False): {(16, 64, 8, 2): "PK", (16, 32, 8, 2): "D"},
+    (64, True): {(16, 32, 4, 2): "PKD"},
+    (128, True): {(16, 32, 8, 2): "PKD"},
+    (256, True): {(16, 32, 8, 2): "PKD"},
+}
+_DQ_TABLE = {
+    (64, False): {(128, 32, 8, 2): "PKD", (128, 64, 8, 2): "P"},
+    (128, False): {(128, 32, 8, 2): "PK", (64, 64, 8, 2): "PK", (64, 32, 4, 2): "PKD"},
+    (256, False): {(64, 32, 8, 2): "PKD"},
+    (64, True): {(64, 16, 4, 2): "PKD"},
+    (128, True): {(32, 16, 4, 2): "PKD"},
+    (256, True): {(32, 16, 4, 2): "PKD"},
+}
+
+
+def _table_configs(table):
+    shapes = sorted({shape for entries in table.values() for shape in entries})
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+FWD_CONFIGS = _table_configs(_FWD_TABLE)
+BWD_DKDV_CONFIGS = _table_configs(_DKDV_TABLE)
+BWD_DQ_CONFIGS = _table_configs(_DQ_TABLE)
+# delta = rowsum(dO * O) reads two tiles: one shape per tile width.
+BWD_PRE_CONFIGS = [triton.Config({"BLOCK_M": 64}, num_warps=4), triton.Config({"BLOCK_M": 32}, num_warps=4)]
+
+
+def _table_key(kwargs):
+    # Head dims up to 64 use the 64-wide tile's shapes (narrower tiles need fewer
+    # registers); 80 and 111 run on the 128-wide tile, 129 to 256 on the 256-wide.
+    return max(64, kwargs["BLOCK_D"]), kwargs.get("DOT_PRECISION") == "ieee"
+
+
+def _variant(kwargs):
+    return "D" if kwargs.get("HAS_DROPOUT") else "K" if kwargs.get("HAS_KPM") else "P"
+
+
+def _shape(c):
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+def _kept(configs, table, kwargs):
+    wanted = table[_table_key(kwargs)]
+    variant = _variant(kwargs)
+    return [c for c in configs if variant in wanted.get(_shape(c), "")]
+
+
+def _prune(configs, table, kwargs):
+    # Nothing from the tables in the list: a caller (the interpreter, a test)
+    # passed its own configs; keep them.
+    return _kept(configs, table, kwargs) or configs
+
+
+def prune_fwd_configs(configs, nargs, **kwargs):
+    return _prune(configs, _FWD_TABLE, kwargs)
+
+
+def prune_bwd_dkdv_configs(configs, nargs, **kwargs):
+    return _prune(configs, _DKDV_TABLE, kwargs)
+
+
+def prune_bwd_dq_configs(configs, nargs, **kwargs):
+    return _prune(configs, _DQ_TABLE, kwargs)
+
+
+def prune_bwd_pre_configs(configs, nargs, **kwargs):
+    block_m = 64 if kwargs["BLOCK_D"] <= 128 else 32
+    return [c for c in configs if c.kwargs["BLOCK_M"] == block_m] or configs
+
+
+# Under the interpreter the autotuner would time every config in numpy.  One
+# config per kernel is all a CPU test needs: query and key blocks differ (code
+# that mixes them up fails), and sequences of 128-200 span several blocks of
+# each, so the diagonal and the tails are exercised.  Interpreter time grows
+# with the number of blocks, not their size, so they are production-sized;
+# tests swap in smaller ones where they need more blocks.
+_INTERPRETER_CONFIGS = {
+    "fwd": [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)],
+    "dkdv": [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=1)],
+    "dq": [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)],
+    "pre": [triton.Config({"BLOCK_M": 64}, num_warps=4)],
+}
+
+
+def _for_launch(configs, kind):
+    if dispatch.INTERPRET:
+        return _INTERPRETER_CONFIGS[kind]
+    return configs
+
+
+# --------------------------------------------------------------------------- shared device code
+@triton.jit
+def _tile_mask(row_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Mask of a [rows, BLOCK_D] tile: the rows that exist and, where the tile is
+    wider than head_dim, the columns that do."""
+    if HEAD_DIM == BLOCK_D:
+        mask = row_ok[:, None]
+    else:
+        mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return mask
+
+
+@triton.jit
+def _keep(seed, counter, dropout_p):
+    # The one definition of the dropout mask (see dropout_mask()).
+    return tl.rand(seed, counter) >= dropout_p
+
+
+@triton.jit
+def _clamp(x, lo, hi):
+    # Scalars; written with branches because the interpreter's tl.minimum of two
+    # scalars is unreliable.
+    if x < lo:
+        x = lo
+    if x > hi:
+        x = hi
+    return x
+
+
+@triton.jit
+def _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+    """Key ranges of the query block starting at ``start_m``: [0, full) needs no
+    mask (every row sees every key of those blocks), [full, hi) is masked, keys
+    from hi on are seen by no row and never visited."""
+    if CAUSAL:
+        diag = seqlen_k - seqlen_q
+        # keys every row of the block sees: j <= start_m + diag
+        full = _clamp(start_m + diag + 1, 0, seqlen_k)
+        # keys some row sees: j <= start_m + BLOCK_M - 1 + diag (rows past seqlen_q
+        # do not change this: the last real row already sees up to seqlen_k - 1)
+        hi = _clamp(start_m + BLOCK_M + diag, 0, seqlen_k)
+    else:
+        full = seqlen_k
+        hi = seqlen_k
+    full = (full // BLOCK_N) * BLOCK_N
+    return full, hi
+
+
+# In the loops below, tile addresses are a 64-bit scalar base (the block's start
+# times the stride) plus loop-invariant 32-bit offsets, and loads are written
+# out rather than called through a helper:
+# - loop-carried [BLOCK, BLOCK_D] pointer tensors hold 64-bit values in
+#   registers across iterations; sm_80 spilled with them at 128x64 tiles;
+# - every nested jit call makes the interpreter re-patch triton.language,
+#   which costs more than the numpy work of a small tile.
+
+
+# --------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_blocks(
+    acc, l_i, m_i, q, K, V, KPM, stride_ks, stride_vs, stride_mn,
+    rows, drop_rows, lo, hi, seqlen_k, diag, qk_scale, dropout_p, seed,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) over the key blocks [lo, hi)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_offs = offs_n[:, None] * stride_vs + offs_d[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < seqlen_k
+        n64 = tl.cast(start_n, tl.int64)
+        if MASKED or HEAD_DIM != BLOCK_D:
+            kv_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+            k = tl.load(K + n64 * stride_ks + k_offs, mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(K + n64 * stride_ks + k_offs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            visible = col_ok[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + diag)
+            # replace, not add: a NaN score of a hidden key must not leak
+            s = tl.where(visible, s, float("-inf"))
+        if HAS_KPM:
+            real = tl.load(KPM + n64 * stride_mn + offs_n * stride_mn, mask=col_ok, other=0) != 0
+            s = tl.where(real[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no visible key so far keeps m = -inf; subtracting 0 instead
+        # keeps exp2 at 0 rather than exp2(-inf + inf) = NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_sub)
+        p = tl.math.exp2(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            p = tl.where(_keep(seed, drop_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
+        if MASKED or HEAD_DIM != BLOCK_D:
+            v = tl.load(V + n64 * stride_vs + v_offs, mask=kv_mask, other=0.0)
+        else:
+            v = tl.load(V + n64 * stride_vs + v_offs)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_fwd_kernel(
+    Q, K, V, KPM, O, LSE,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh, stride_mb, stride_mn,
+    heads, seqlen_q, seqlen_k, seqlen_bucket, qk_scale, dropout_p, dropout_scale, seed,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # seqlen_bucket only keys the autotuner.  One flat grid (no 65535 limit on
+    # batch * heads); consecutive programs share a head, last query block first.
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    start_m = (num_m - 1 - pid % num_m) * BLOCK_M
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    m64 = start_m.to(tl.int64)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    KPM += b * stride_mb
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
+    row_ok = rows < seqlen_q
+    tile_mask = _tile_mask(row_ok, offs_d, HEAD_DIM, BLOCK_D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=tile_mask, other=0.0)
+    drop_rows = (bh.to(tl.int64) * seqlen_q + rows) * seqlen_k
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    diag = seqlen_k - seqlen_q
+    full, hi = _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, K, V, KPM, stride_ks, stride_vs, stride_mn,
+        rows, drop_rows, 0, full, seqlen_k, diag, qk_scale, dropout_p, seed,
+        False, CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D,
+    )
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, K, V, KPM, stride_ks, stride_vs, stride_mn,
+        rows, drop_rows, full, hi, seqlen_k, diag, qk_scale, dropout_p, seed,
+        True, CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D,
+    )
+
+    empty = l_i == 0.0  # sees no key: 0 out, even if a shared tile held 0 * NaN
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * dropout_scale
+    out = tl.where(empty[:, None], 0.0, out)
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+    tl.store(LSE + bh.to(tl.int64) * seqlen_q + rows, lse, mask=row_ok)
+    tl.store(O + b * stride_ob + h * stride_oh + m64 * stride_os + offs_m[:, None] * stride_os + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=tile_mask)
+
+
+# --------------------------------------------------------------------------- backward
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
+    heads, seqlen_q,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    start_m = (pid % num_m) * BLOCK_M
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    m64 = start_m.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
+    row_ok = rows < seqlen_q
+    tile_mask = _tile_mask(row_ok, offs_d, HEAD_DIM, BLOCK_D)
+    o = tl.load(O + b * stride_ob + h * stride_oh + m64 * stride_os + offs_m[:, None] * stride_os + offs_d[None, :],
+                mask=tile_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + m64 * stride_dos + offs_m[:, None] * stride_dos
+                 + offs_d[None, :], mask=tile_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * seqlen_q + rows, delta, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_blocks(
+    dk, dv, k, v, key_real, Q, DO, LSE, DELTA, stride_qs, stride_dos,
+    cols, drop_base, lo, hi, seqlen_q, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
+    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Accumulate dK, dV of one key block over the query blocks [lo, hi)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_offs = offs_m[:, None] * stride_qs + offs_d[None, :]
+    do_offs = offs_m[:, None] * stride_dos + offs_d[None, :]
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < seqlen_q
+        m64 = tl.cast(start_m, tl.int64)
+        if HEAD_DIM == BLOCK_D:
+            qd_mask = row_ok[:, None]
+        else:
+            qd_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        q = tl.load(Q + m64 * stride_qs + q_offs, mask=qd_mask, other=0.0)
+        do = tl.load(DO + m64 * stride_dos + do_offs, mask=qd_mask, other=0.0)
+        # Rows past seqlen_q load q = dO = 0 and delta = 0, so they add nothing;
+        # lse = +inf makes their P 0 as well rather than exp2(0 - 0) = 1.
+        lse2 = tl.load(LSE + rows, mask=row_ok, other=float("inf")) * _LOG2E
+        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        if MASKED:
+            s_t = tl.where(cols[:, None] <= rows[None, :] + diag, s_t, float("-inf"))
+        if HAS_KPM:
+            s_t = tl.where(key_real[:, None], s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep_t = _keep(seed, drop_base + (rows.to(tl.int64) * seqlen_k)[None, :] + cols[:, None], dropout_p)
+            dv = tl.dot(tl.where(keep_t, p_t * dropout_scale, 0.0).to(do.dtype), do, dv,
+                        input_precision=DOT_PRECISION)
+            dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, KPM, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    stride_mb, stride_mn,
+    heads, seqlen_q, seqlen_k, seqlen_bucket, sm_scale, qk_scale, dropout_p, dropout_scale, seed,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Causal: the first key blocks are seen by the most queries; they start first.
+    num_n = tl.cdiv(seqlen_k, BLOCK_N)
+    pid = tl.program_id(0)
+    bh = pid // num_n
+    start_n = (pid % num_n) * BLOCK_N
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    n64 = start_n.to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = start_n + offs_n
+    col_ok = cols < seqlen_k
+    tile_mask = _tile_mask(col_ok, offs_d, HEAD_DIM, BLOCK_D)
+    k = tl.load(K + b * stride_kb + h * stride_kh + n64 * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :],
+                mask=tile_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + n64 * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :],
+                mask=tile_mask, other=0.0)
+    if HAS_KPM:
+        key_real = tl.load(KPM + b * stride_mb + cols * stride_mn, mask=col_ok, other=0) != 0
+    else:
+        key_real = col_ok
+
+    diag = seqlen_k - seqlen_q
+    if CAUSAL:
+        # Query i sees key j iff i >= j - diag.  Rows before `lo` see none of this
+        # block (no visit); rows from `mid` on see all of it (no mask).
+        lo = _clamp(start_n - diag, 0, seqlen_q)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        mid = _clamp(start_n + BLOCK_N - 1 - diag, lo, seqlen_q)
+        mid = lo + tl.cdiv(mid - lo, BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        mid = 0
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    LSE += bh.to(tl.int64) * seqlen_q
+    DELTA += bh.to(tl.int64) * seqlen_q
+    drop_base = bh.to(tl.int64) * seqlen_q * seqlen_k
+    dk, dv = _dkdv_blocks(
+        dk, dv, k, v, key_real, Q, DO, LSE, DELTA, stride_qs, stride_dos,
+        cols, drop_base, lo, mid, seqlen_q, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
+        True, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_M, BLOCK_D,
+    )
+    dk, dv = _dkdv_blocks(
+        dk, dv, k, v, key_real, Q, DO, LSE, DELTA, stride_qs, stride_dos,
+        cols, drop_base, mid, seqlen_q, seqlen_q, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
+        False, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_M, BLOCK_D,
+    )
+
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + n64 * stride_dks + offs_n[:, None] * stride_dks + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=tile_mask)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + n64 * stride_dvs + offs_n[:, None] * stride_dvs + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _dq_blocks(
+    dq, q, do, lse2, delta, K, V, KPM, stride_ks, stride_vs, stride_mn,
+    rows, drop_rows, lo, hi, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Accumulate dQ of one query block over the key blocks [lo, hi)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_offs = offs_n[:, None] * stride_vs + offs_d[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < seqlen_k
+        n64 = tl.cast(start_n, tl.int64)
+        if MASKED or HEAD_DIM != BLOCK_D:
+            kv_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+            k = tl.load(K + n64 * stride_ks + k_offs, mask=kv_mask, other=0.0)
+            v = tl.load(V + n64 * stride_vs + v_offs, mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(K + n64 * stride_ks + k_offs)
+            v = tl.load(V + n64 * stride_vs + v_offs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            visible = col_ok[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + diag)
+            s = tl.where(visible, s, float("-inf"))
+        if HAS_KPM:
+            real = tl.load(KPM + n64 * stride_mn + offs_n * stride_mn, mask=col_ok, other=0) != 0
+            s = tl.where(real[None, :], s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            dp = tl.where(_keep(seed, drop_rows[:, None] + cols[None, :], dropout_p), dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dq_kernel(
+    Q, K, V, KPM, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_mb, stride_mn,
+    heads, seqlen_q, seqlen_k, seqlen_bucket, sm_scale, qk_scale, dropout_p, dropout_scale, seed,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Grid and order as in the forward.
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    start_m = (num_m - 1 - pid % num_m) * BLOCK_M
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    m64 = start_m.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
+    row_ok = rows < seqlen_q
+    tile_mask = _tile_mask(row_ok, offs_d, HEAD_DIM, BLOCK_D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=tile_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + m64 * stride_dos + offs_m[:, None] * stride_dos
+                 + offs_d[None, :], mask=tile_mask, other=0.0)
+    row_base = bh.to(tl.int64) * seqlen_q + rows
+    lse2 = tl.load(LSE + row_base, mask=row_ok, other=float("inf")) * _LOG2E
+    delta = tl.load(DELTA + row_base, mask=row_ok, other=0.0)
+    drop_rows = row_base * seqlen_k
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    diag = seqlen_k - seqlen_q
+    full, hi = _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    KPM += b * stride_mb
+    dq = _dq_blocks(
+        dq, q, do, lse2, delta, K, V, KPM, stride_ks, stride_vs, stride_mn,
+        rows, drop_rows, 0, full, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
+        False, CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D,
+    )
+    dq = _dq_blocks(
+        dq, q, do, lse2, delta, K, V, KPM, stride_ks, stride_vs, stride_mn,
+        rows, drop_rows, full, hi, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
+        True, CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D,
+    )
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + m64 * stride_dqs + offs_m[:, None] * stride_dqs + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=tile_mask)
+
+
+# --------------------------------------------------------------------------- dropout mask
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(OUT, seqlen_q, seqlen_k, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh = tl.program_id(0)  # axis 0: no 65535 limit on batch * heads
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    counter = ((bh.to(tl.int64) * seqlen_q + rows) * seqlen_k)[:, None] + cols[None, :]
+    keep = _keep(seed, counter, dropout_p)
+    tl.store(OUT + counter, keep.to(tl.int8), mask=(rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :])
+
+
+_fwd = triton.autotune(
+    _for_launch(FWD_CONFIGS, "fwd"),
+    key=["HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "seqlen_bucket"],
+    prune_configs_by={"early_config_prune": prune_fwd_configs},
+)(_attn_fwd_kernel)
+_bwd_pre = triton.autotune(
+    _for_launch(BWD_PRE_CONFIGS, "pre"), key=["HEAD_DIM"],
+    prune_configs_by={"early_config_prune": prune_bwd_pre_configs},
+)(_attn_bwd_preprocess_kernel)
+_bwd_dkdv = triton.autotune(
+    _for_launch(BWD_DKDV_CONFIGS, "dkdv"),
+    key=["HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "seqlen_bucket"],
+    prune_configs_by={"early_config_prune": prune_bwd_dkdv_configs},
+)(_attn_bwd_dkdv_kernel)
+_bwd_dq = triton.autotune(
+    _for_launch(BWD_DQ_CONFIGS, "dq"),
+    key=["HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "seqlen_bucket"],
+    prune_configs_by={"early_config_prune": prune_bwd_dq_configs},
+)(_attn_bwd_dq_kernel)
+
+
+# --------------------------------------------------------------------------- launchers
+def _unit_last(t):
+    # The kernels address head_dim with unit stride (vector loads); any other
+    # layout of that axis, e.g. the stride-0 gradient of a .sum(), is copied once.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _dot_precision(dtype):
+    # fp32 inputs: exact fp32 products, not TF32 (Triton's default on a GPU).
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _block_d(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _seqlen_bucket(seqlen_q, seqlen_k):
+    return triton.next_power_of_2(max(seqlen_q, seqlen_k, 1))
+
+
+def _mask_args(key_padding_mask, q):
+    # Without a mask the pointer is never read; q stands in so the signature is fixed.
+    if key_padding_mask is None:
+        return q, 0, 0
+    m = key_padding_mask.view(torch.uint8)
+    return m, m.stride(0), m.stride(1)
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _dropout_args(dropout_p, seed):
+    if dropout_p > 0:
+        return dropout_p, 1.0 / (1.0 - dropout_p), seed
+    return 0.0, 1.0, 0
+
+
+def _launch_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    out = dispatch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
+    lse = dispatch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    if B * H * Sq == 0:
+        return out, lse
+    mask, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
+    p, p_scale, seed = _dropout_args(dropout_p, seed)
+    _fwd[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]) * B * H,)](
+        q, k, v, mask, out, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_mb, stride_mn,
+        H, Sq, Sk, _seqlen_bucket(Sq, Sk), softmax_scale * LOG2E, p, p_scale, seed,
+        HEAD_DIM=D, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0,
+        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block_d(D),
+    )
+    return out, lse
+
+
+def _launch_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
+    dq = dispatch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = dispatch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = dispatch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if B * H == 0:
+        return dq, dk, dv
+    if Sq == 0 or Sk == 0:  # nothing attends: every gradient is 0
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    flags = dict(
+        HEAD_DIM=D, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0,
+        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block_d(D),
+    )
+    delta = dispatch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    _bwd_pre[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]) * B * H,)](
+        out, dout, delta, *_strides(out), *_strides(dout), H, Sq, HEAD_DIM=D, BLOCK_D=_block_d(D),
+    )
+    mask, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
+    p, p_scale, seed = _dropout_args(dropout_p, seed)
+    common = (H, Sq, Sk, _seqlen_bucket(Sq, Sk), softmax_scale, softmax_scale * LOG2E, p, p_scale, seed)
+    _bwd_dkdv[lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]) * B * H,)](
+        q, k, v, mask, dout, lse, delta, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+        stride_mb, stride_mn, *common, **flags,
+    )
+    _bwd_dq[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]) * B * H,)](
+        q, k, v, mask, dout, lse, delta, dq,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+        stride_mb, stride_mn, *common, **flags,
+    )
+    return dq, dk, dv
+
+
+def _launch_dropout_mask(seed, dropout_p, batch, heads, seqlen_q, seqlen_k, device):
+    keep = dispatch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
+    if keep.numel() == 0:
+        return keep.bool()
+    block = 32
+    _dropout_mask_kernel[(batch * heads, triton.cdiv(seqlen_q, block), triton.cdiv(seqlen_k, block))](
+        keep, seqlen_q, seqlen_k, dropout_p, seed, BLOCK_M=block, BLOCK_N=block,
+    )
+    return keep.bool()
+
+
+# --------------------------------------------------------------------------- reference path
+def _reference_dropout_mask(seed, dropout_p, batch, heads, seqlen_q, seqlen_k, device):
+    # Where no kernel runs there is no Philox stream to match: the mask comes from
+    # a torch.Generator seeded with `seed` (reproducible, but a different mask
+    # from the kernels' for the same seed).
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand((batch, heads, seqlen_q, seqlen_k), generator=g) >= dropout_p).to(device)
+
+
+def _reference_mask_for(q, k, dropout_p, seed):
+    if dropout_p == 0:
+        return None
+    B, Sq, H, _ = q.shape
+    return _reference_dropout_mask(seed, dropout_p, B, H, Sq, k.shape[1], q.device)
+
+
+def _reference_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+    keep = _reference_mask_for(q, k, dropout_p, seed)
+    out = reference.attention(q, k, v, causal, softmax_scale, key_padding_mask, keep, dropout_p)
+    lse = reference.attention_lse(q, k, causal, softmax_scale, key_padding_mask)
+    return out.contiguous(), lse.float().contiguous()
+
+
+def _reference_bwd(dout, q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+    keep = _reference_mask_for(q, k, dropout_p, seed)
+
+    def fn(q_, k_, v_):
+        return reference.attention(q_, k_, v_, causal, softmax_scale, key_padding_mask, keep, dropout_p)
+
+    dq, dk, dv = dispatch.reference_vjp(fn, (q, k, v), dout)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+# --------------------------------------------------------------------------- torch.library ops
+@torch.library.custom_op("opt_core::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    causal: bool,
+    softmax_scale: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): out (batch, seqlen_q, heads, head_dim); lse (batch, heads,
+    seqlen_q) fp32, natural log, +inf on rows that see no key."""
+    if dispatch.use_triton(q, KERNEL_DTYPES):
+        with dispatch.device_guard(q):
+            return _launch_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed)
+    return _reference_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+    B, Sq, H, D = q.shape
+    return q.new_empty((B, Sq, H, D)), q.new_empty((B, H, Sq), dtype=torch.float32)
+
+
+@torch.library.custom_op("opt_core::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    causal: bool,
+    softmax_scale: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), deterministic (no atomics)."""
+    if dispatch.use_triton(q, KERNEL_DTYPES):
+        with dispatch.device_guard(q):
+            return _launch_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dropout_p, seed)
+    return _reference_bwd(dout, q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed)
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.args = (causal, softmax_scale, dropout_p, seed)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = torch.ops.opt_core.attention_bwd(dout, q, k, v, out, lse, key_padding_mask, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public API
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    deterministic: bool = True,
+) -> torch.Tensor:
+    """softmax(q k^T * softmax_scale, masked) v for each batch and head.
+
+    q: (batch, seqlen_q, heads, head_dim); k, v: (batch, seqlen_k, heads,
+    head_dim); same dtype and device.  Any strides (only a non-unit head_dim
+    stride costs a copy).  Returns (batch, seqlen_q, heads, head_dim).
+
+    - ``causal``: query i sees key j iff j <= i + seqlen_k - seqlen_q (aligned at
+      the bottom-right, as FlashAttention >= 2.1).
+    - ``softmax_scale``: default ``head_dim ** -0.5``.
+    - ``key_padding_mask``: bool (batch, seqlen_k), True where the key is real.
+      A query that sees no key (every key padded, or causal with seqlen_q >
+      seqlen_k) outputs exactly 0 and gets 0 gradients.  With left padding and
+      causal, the padded queries see only padded keys, so they output 0; with
+      right padding they attend to the real keys before them.
+    - ``dropout_p``: attention dropout on the probabilities, kept ones scaled
+      by 1/(1-p).  The mask is a counter-based Philox draw from ``seed`` and each
+      element's index (see ``dropout_mask``), regenerated in the backward, never
+      stored.  Without ``seed`` one is drawn from torch's CPU generator, so
+      ``torch.manual_seed`` reproduces a run.  (Drawing it is a ``.item()``: under
+      ``torch.compile`` pass ``seed`` or expect a graph break when dropout_p > 0.)
+    - ``deterministic``: accepted for FlashAttention compatibility; the backward
+      is always deterministic (no atomics), so the flag changes nothing.
+
+    fp16/bf16 run the Triton kernels with fp32 accumulation and softmax
+    statistics; fp32 runs them with exact (not TF32) fp32 products; fp64, and
+    CPU tensors without the interpreter, run ``kernels.reference.attention``.
+    head_dim may be 1 to 256 (tiles are padded to a power of two).
+
+    NaN: a NaN in q row i gives a NaN output row i; a NaN in k or v at key j
+    gives NaN in every row that sees key j.  A NaN in v may also reach other
+    rows of the same (batch, head) that share a tile with key j (0 * NaN).
+    PyTorch's math SDPA differs in two ways: a NaN in k or v reaches every row
+    of the (batch, head), seen or not, and a row that sees no key becomes NaN
+    if its q is NaN; here such a row stays 0.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dimensions (batch, seqlen, heads, head_dim), got shape {tuple(t.shape)}"
+            )
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    check_same_device("q", q, k=k, v=v, key_padding_mask=key_padding_mask)
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    if (k.shape[0], k.shape[2], k.shape[3]) != (B, H, D):
+        raise ValueError(
+            f"k must have shape (batch, seqlen_k, heads, head_dim) = ({B}, seqlen_k, {H}, {D}) to match q, "
+            f"got {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim (q.shape[3]) must be between 1 and {MAX_HEAD_DIM}, got {D}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if softmax_scale is None:
+        softmax_scale = D ** -0.5
+    softmax_scale = check_float("softmax_scale", softmax_scale, min_value=0.0)
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,))
+        if tuple(key_padding_mask.shape) != (B, Sk):
+            raise ValueError(
+                f"key_padding_mask must have shape (batch, seqlen_k) = ({B}, {Sk}), "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+    dropout_p = check_float("dropout_p", dropout_p, min_value=0.0)
+    if dropout_p >= 1.0:
+        raise ValueError(f"dropout_p must be < 1, got {dropout_p}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    if dropout_p == 0.0:
+        seed = 0
+    elif seed is None:
+        seed = int(torch.randint(0, SEED_LIMIT - 1, (1,)).item())
+
+    out, _ = torch.ops.opt_core.attention_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed)
+    return out
+
+
+def dropout_mask(
+    seed: int,
+    dropout_p: float,
+    batch: int,
+    heads: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """The keep-mask (bool, (batch, heads, seqlen_q, seqlen_k)) that ``attention``
+    applies with this ``seed`` and ``dropout_p`` to inputs of ``dtype`` on
+    ``device``: the kernels' Philox draw where the kernels run, the reference
+    path's generator elsewhere.  For tests; attention itself never builds it."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    dropout_p = check_float("dropout_p", dropout_p, min_value=0.0)
+    if dropout_p >= 1.0:
+        raise ValueError(f"dropout_p must be < 1, got {dropout_p}")
+    for name, n in (("batch", batch), ("heads", heads), ("seqlen_q", seqlen_q), ("seqlen_k", seqlen_k)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+    device = torch.device(device)
+    probe = torch.empty(0, dtype=dtype, device=device)
+    if dispatch.use_triton(probe, KERNEL_DTYPES):
+        with dispatch.device_guard(probe):
+            return _launch_dropout_mask(seed, dropout_p, batch, heads, seqlen_q, seqlen_k, device)
+    return _reference_dropout_mask(seed, dropout_p, batch, heads, seqlen_q, seqlen_k, device)
+
+
+# --------------------------------------------------------------------------- AOT cases
+# OPT's head dims (64: 125M-1.3B, 80: 2.7B, 128: 6.7B-175B) and the largest
+# accepted one, at the benchmark shape: 16k tokens per batch, seqlen 8192.
+AOT_HEAD_DIMS = {64: 12, 80: 32, 128: 32, 256: 16}  # head_dim -> heads
+AOT_SEQLEN = 8192
+# Seeds as a launch passes them (never specialised): an i32 one without dropout,
+# an i64 one (drawn in [0, 2**63)) with dropout.
+_AOT_SEED = {False: 12345, True: 2 ** 40 + 12345}
+
+
+def _dtype_tag(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _aot_common(head_dim, heads, kpm, dropout):
+    S = AOT_SEQLEN
+    qkv_strides = (S * heads * head_dim, heads * head_dim, head_dim)
+    return dict(
+        heads=heads, seqlen_q=S, seqlen_k=S, seqlen_bucket=S, qk_scale=0.1, sm_scale=0.1,
+        dropout_p=0.1 if dropout else 0.0, dropout_scale=1.0 / 0.9 if dropout else 1.0, seed=_AOT_SEED[dropout],
+        stride_mb=S if kpm else 0, stride_mn=1 if kpm else 0,
+    ), qkv_strides
+
+
+def _strided(prefix, strides):
+    return {f"stride_{prefix}{axis}": s for axis, s in zip("bsh", strides)}
+
+
+def _aot_flags(dtype, head_dim, causal, kpm, dropout):
+    return dict(
+        HEAD_DIM=head_dim, CAUSAL=causal, HAS_KPM=kpm, HAS_DROPOUT=dropout,
+        DOT_PRECISION=_dot_precision(dtype), BLOCK_D=_block_d(head_dim),
+    )
+
+
+def _aot_kernel_cases(kind, dtype, head_dim, *, causal=True, kpm=False, dropout=False, only_mask=False,
+                      configs=None):
+    """AOT cases of one kernel ("fwd", "dkdv", "dq", "pre") for ``configs`` (by
+    default the ones the prune function keeps at this shape)."""
+    heads = AOT_HEAD_DIMS.get(head_dim, 16)
+    common, st = _aot_common(head_dim, heads, kpm, dropout)
+    mask_dtype = torch.uint8 if kpm else dtype
+    flags = _aot_flags(dtype, head_dim, causal, kpm, dropout)
+    tag = (f"D={head_dim},{_dtype_tag(dtype)}{',causal' if causal else ''}"
+           f"{',kpm' if kpm else ''}{',dropout' if dropout else ''}")
+    if kind == "pre":
+        fn, all_configs, prune, table = _attn_bwd_preprocess_kernel, BWD_PRE_CONFIGS, prune_bwd_pre_configs, None
+        args = dict(O=dtype, DO=dtype, DELTA=torch.float32, heads=heads, seqlen_q=AOT_SEQLEN,
+                    **_strided("o", st), **_strided("do", st))
+        flags = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim))
+        tag = f"D={head_dim},{_dtype_tag(dtype)}"
+    elif kind == "fwd":
+        fn, all_configs, prune, table = _attn_fwd_kernel, FWD_CONFIGS, prune_fwd_configs, _FWD_TABLE
+        args = dict(Q=dtype, K=dtype, V=dtype, KPM=mask_dtype, O=dtype, LSE=torch.float32, **common,
+                    **_strided("q", st), **_strided("k", st), **_strided("v", st), **_strided("o", st))
+    elif kind == "dkdv":
+        fn, all_configs, prune, table = _attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS, prune_bwd_dkdv_configs, _DKDV_TABLE
+        args = dict(Q=dtype, K=dtype, V=dtype, KPM=mask_dtype, DO=dtype, LSE=torch.float32, DELTA=torch.float32,
+                    DK=dtype, DV=dtype, **common, **_strided("q", st), **_strided("k", st), **_strided("v", st),
+                    **_strided("do", st), **_strided("dk", st), **_strided("dv", st))
+    elif kind == "dq":
+        fn, all_configs, prune, table = _attn_bwd_dq_kernel, BWD_DQ_CONFIGS, prune_bwd_dq_configs, _DQ_TABLE
+        args = dict(Q=dtype, K=dtype, V=dtype, KPM=mask_dtype, DO=dtype, LSE=torch.float32, DELTA=torch.float32,
+                    DQ=dtype, **common, **_strided("q", st), **_strided("k", st), **_strided("v", st),
+                    **_strided("do", st), **_strided("dq", st))
+    else:
+        raise ValueError(kind)
+    if configs is None:
+        configs = prune(all_configs, {}, **flags) if kind == "pre" else _kept(all_configs, table, flags)
+        if only_mask:
+            with_dropout = _kept(all_configs, table, dict(flags, HAS_DROPOUT=True))
+            configs = [c for c in configs if c not in with_dropout]
+    cases = []
+    for cfg in configs:
+        # fp32 multiplies on the FMA units (exact fp32), not the tensor cores;
+        # wgmma takes 64 rows per warpgroup, so a dot with 32 rows (the dK/dV
+        # kernel's key block at head_dim 256 with dropout) is mma.sync on sm_90.
+        rows = cfg.kwargs["BLOCK_N"] if kind == "dkdv" else cfg.kwargs["BLOCK_M"]
+        tensor_cores = kind != "pre" and dtype != torch.float32 and rows >= 64
+        meta = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+        cases.append(aot.case(
+            f"attention_{kind}[{tag},{meta},warps={cfg.num_warps},stages={cfg.num_stages}]",
+            fn, {k: v for k, v in args.items() if k in fn.arg_names}, dict(flags, **cfg.kwargs),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_cores=tensor_cores,
+        ))
+    return cases
+
+
+@aot.register
+def aot_cases():
+    """Every (shape, variant) the tables keep, in bf16 and causal, at head_dim
+    64, 128 and 256, and the plain variant at 80 (it shares 128's tile; only its
+    head_dim masks differ); the same for fp32 inputs at 64, 128 and 256; fp16
+    once per kernel; the delta preprocess per tile.  Variant K is compiled with
+    the mask alone, D with mask and dropout (dropout without a mask runs a subset
+    of that code), and K alone only for shapes not also kept for D: mask and
+    dropout together run a superset of the mask-only code."""
+    cases = []
+    for dtype, head_dims in ((torch.bfloat16, (64, 80, 128, 256)), (torch.float32, (64, 128, 256))):
+        for head_dim in head_dims:
+            for kind in ("fwd", "dkdv", "dq"):
+                variants = ("P",) if head_dim == 80 else ("P", "K", "D")
+                for variant in variants:
+                    cases += _aot_kernel_cases(kind, dtype, head_dim, kpm=variant != "P", dropout=variant == "D",
+                                               only_mask=variant == "K")
+    for kind in ("fwd", "dkdv", "dq"):
+        cases += _aot_kernel_cases(kind, torch.float16, 128)[:1]
+    for head_dim in (64, 80, 128, 256):
+        cases += _aot_kernel_cases("pre", torch.bfloat16, head_dim)
+    return cases

@@ -1,0 +1,905 @@
+"""OPT's feed-forward block, ``residual + dropout(fc2(relu(fc1(x))))``, as Triton GEMMs
+with everything else fused into their epilogues; forward and backward.
+
+Design record (newest last):
+2026-11-29  Shapes.  x is flattened to (M, d); fc1 is (ffn, d), fc2 is (d, ffn), in
+            nn.Linear layout, read through their strides (a transposed weight
+            is a stride swap, never a copy).  Forward: h = relu(x @ W1^T + b1)
+            (GEMM 1) and out = residual + dropout(h @ W2^T + b2) (GEMM 2).
+            Backward, with g = dropout'(dy): dh = (g @ W2) * [h > 0], dW2 = g^T
+            @ h, dx = dh @ W1, dW1 = dh^T @ x, db2 = colsum(g), db1 = colsum(dh),
+            d residual = dy.
+2026-11-29  One mainloop, three epilogues.  Every GEMM is C = A @ B with
+            arbitrary strides on A and B (so x^T, g^T, dh^T, W^T are views),
+            fp32 accumulation, grouped tile ordering (GROUP_M row tiles share
+            the B columns they stream while those are in L2), and autotuned
+            BLOCK_M/N/K, warps and stages.  The mainloop is one @triton.jit
+            helper; the kernels differ only in their epilogues, split where
+            one signature carrying every feature would stop reading well:
+            _fwd_kernel (bias, NaN-propagating ReLU, dropout, residual: GEMM 1
+            and GEMM 2), _dh_kernel (ReLU mask from the saved activation, db1
+            partial sums) and _matmul_kernel (a plain store: dx, dW1, dW2).
+2026-11-29  Only the post-ReLU activation h is stored (and saved for backward):
+            ReLU's derivative is [h > 0], so the pre-activation is never kept.
+            The mask is written as where(h <= 0, 0, grad), PyTorch's
+            threshold_backward, so a NaN activation passes its gradient on
+            exactly as PyTorch's does.  ReLU itself is where(acc < 0, 0, acc),
+            which keeps NaN: a plain tl.maximum turns NaN into 0 on the GPU
+            (hiding an fp16 overflow from the loss scaler), and the interpreter's
+            maximum propagates NaN either way, so only a select is tested by
+            the CPU suite as it runs on the GPU.
+2026-11-29  Dropout: a counter-based keep-mask, never stored.  Philox4x32-10
+            keyed by a 64-bit seed, counter (n // 4, m, 0, 0) for element
+            (m, n); its four 32-bit outputs serve the four columns 4j..4j+3, so
+            one Philox call covers four elements (a Philox call is ~100 integer
+            instructions; one per element would cost as much as GEMM 2's
+            tensor-core work at d = 768).  An element is kept when the top 31
+            bits of its word are >= round(p * 2^31).  The mask depends on
+            (seed, m, n) only, not on tile shapes, so any config, the backward
+            and ``dropout_mask`` (plain PyTorch, for tests and the reference
+            path) regenerate the same bits.  Dropped values are multiplied by
+            0, not replaced, so NaN/inf propagate as in PyTorch's dropout.
+2026-11-29  Backward of dropout: one memory-bound pass reads dy, writes g =
+            dy * keep / (1 - p) and per-program fp32 column sums of g (db2),
+            reduced on the host.  Regenerating the mask inside the GEMMs that
+            read g (the prologue idea) was rejected: each element of g is read
+            by every N tile of two GEMMs (ffn / BLOCK_N = 24 ... 192 times), so
+            Philox would run that many times per element, far more integer work
+            than the tensor-core work it rides on; storing g once costs M*d
+            elements of traffic, < 5% of the backward at d = 768.  Without
+            dropout and with a unit-stride dy, g is dy itself and the pass only
+            sums columns (no bias: no pass at all).
+2026-11-29  Bias gradients without an extra pass over the 4d-wide hidden
+            gradient: the dh GEMM's epilogue sums the columns of its fp32 tile
+            into a (row tiles x ffn) fp32 buffer that the host reduces; db2 comes
+            from the dropout pass above.  No atomics: bitwise repeatable.
+2026-11-29  Precision: fp16/bf16 operands with fp32 accumulation.  fp32 is
+            supported with input_precision="ieee" (tl.dot would use TF32 on the
+            GPU otherwise): correct, on CUDA cores, not fast; it has its own
+            small tiles (the fp32 FMA dot keeps both operands in registers).
+2026-11-29  Tiles: configs fit sm_80's shared memory (stages * (BM*BK + BK*BN) *
+            2 bytes <= 160 KiB) so the one list serves sm_80 and sm_90 and is
+            the list the AOT check compiles.  Index arithmetic that scales with
+            a row count is int64: M * ffn passes 2^31 at 44k tokens for OPT-175B.
+2026-11-29  Edges: the mainloop wraps rows and columns past the matrix around
+            (rm % M) and masks only K.  With row/column predicates on every
+            load, the 128-register-accumulator configs (128x256 and 256x128 on
+            8 warps, 128x128 on 4) spilled 8-40 bytes on sm_80; wrapped, none
+            does, and with M, N multiples of 16 the loads stay 16-byte vectors.
+            Wrapped rows compute duplicates that are never stored; the dh
+            epilogue's column sums exclude them through its masked h load.
+2026-11-29  Epilogues in column quarters (tl.split of the accumulator) once
+            BLOCK_N >= 128: with the whole accumulator live beside the Philox
+            words, the residual or h tile and the store's layout conversion,
+            GEMM 2 spilled up to 840 bytes per thread at 128x256 on sm_90; in
+            quarters no config of any kernel spills on sm_80 or sm_90.
+2026-11-29  Seed: the op takes it as a 0-dim int64 CPU tensor, so the public
+            function can draw it with torch.randint from torch's CPU generator
+            inside a torch.compile graph (an int drawn with .item() would break
+            the graph); reading a CPU tensor never syncs the GPU.  The kernels
+            do not specialise on it (do_not_specialize), so a new seed never
+            recompiles.
+2026-11-29  AOT: every kernel at d = 768, 2560, 12288 (ffn = 4d, 16k tokens) for
+            each config the pruner keeps, bf16, fp16 and fp32.  Those widths
+            specialise identically (multiples of 16), and dW1/dW2 share one
+            kernel and layout, so each distinct compile is listed once with
+            every role and width it covers: 72 cases, 144 compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import aot, dispatch
+from kernels import reference
+from kernels.validation import check_float, check_same_device, check_shape, check_tensor
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Shared memory a config may use: below sm_80's 163 KiB per block, with room for
+# the epilogue's layout conversions.
+SMEM_BUDGET = 160 * 1024
+# Largest seed the public function accepts: Philox's key is 64 bits, and the
+# seed travels as an int64.
+MAX_SEED = 2**63 - 1
+
+
+# --------------------------------------------------------------------------- configs
+def _gemm_config(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages)
+
+
+# fp16/bf16: wgmma/mma tiles.  128x256 and 256x128 with two warpgroups are the
+# usual Hopper winners at OPT sizes; the 128x128 and 64x128 ones serve narrow
+# or short problems (few tiles per SM) and sm_80.
+HALF_CONFIGS = [
+    _gemm_config(128, 256, 64, 8, 3),
+    _gemm_config(256, 128, 64, 8, 3),
+    _gemm_config(128, 128, 64, 8, 4),
+    _gemm_config(128, 128, 64, 4, 4),
+    _gemm_config(64, 128, 64, 4, 4),
+]
+# fp32 (IEEE, FMA): smaller tiles, the dot's operands live in registers.  (With
+# A M-contiguous, the weight-gradient layout, ptxas puts 8 bytes on the stack
+# on sm_80 for 64x64x32 and 64x128x32 tiles; these two compile clean.)
+FP32_CONFIGS = [
+    _gemm_config(64, 64, 16, 4, 3),
+    _gemm_config(128, 64, 32, 8, 3),
+]
+GEMM_CONFIGS = HALF_CONFIGS + FP32_CONFIGS
+_FP32_IDS = {id(c) for c in FP32_CONFIGS}
+
+DROPOUT_BWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
+    for bm, bn, w in ((16, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8))
+]
+# rows_per_program is a multiple of this, so every BLOCK_M divides it.
+DROPOUT_BWD_ROW_QUANTUM = 64
+
+
+def _smem_bytes(c, element_size):
+    k = c.kwargs
+    return c.num_stages * (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"]) * element_size
+
+
+def prune_gemm_configs(configs, nargs, **kwargs):
+    """The configs of the operands' precision that fit shared memory, less those
+    whose BLOCK_M or BLOCK_N exceeds the problem (rounded up to a power of two)
+    and is not the smallest on offer: a 256-row tile for 40 tokens only wastes
+    the SM.  The smallest tile if nothing is left."""
+    fp32 = kwargs["INPUT_PRECISION"] == "ieee"
+    pool = [c for c in configs if (id(c) in _FP32_IDS) == fp32 and _smem_bytes(c, 4 if fp32 else 2) <= SMEM_BUDGET]
+    M, N = nargs["M"], nargs["N"]
+    min_m = min(c.kwargs["BLOCK_M"] for c in pool)
+    min_n = min(c.kwargs["BLOCK_N"] for c in pool)
+    kept = [c for c in pool
+            if c.kwargs["BLOCK_M"] <= max(min_m, triton.next_power_of_2(M))
+            and c.kwargs["BLOCK_N"] <= max(min_n, triton.next_power_of_2(N))]
+    return kept or [min(pool, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def prune_dropout_bwd_configs(configs, nargs, **kwargs):
+    # Narrow rows (d < 256) would leave half of a 256-wide tile idle.
+    N = nargs["N"]
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max(128, triton.next_power_of_2(N))]
+    return kept or configs[:1]
+
+
+def _for_launch(configs, interpreter_config):
+    # Under the interpreter the autotuner would time every config in numpy; one
+    # config (below) is all a CPU test needs.
+    return [interpreter_config] if dispatch.INTERPRET else configs
+
+
+# Interpreter tiles: the interpreter's cost is per tl op and per program, so
+# tiles are as big as numpy's matmul allows before OpenBLAS goes multi-threaded
+# (a 128x64 @ 64x128 dot takes ~15 ms on 2 cores instead of ~0.1 ms), and small
+# enough that the test shapes have partial tiles, partial quarters, several K
+# steps and a partial last K step.  GROUP_M=3 leaves partial groups.
+_INTERP_GEMM = _gemm_config(128, 128, 32, 4, 1, group_m=3)
+_INTERP_DROPOUT_BWD = triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4)
+
+
+# --------------------------------------------------------------------------- dropout mask
+def dropout_threshold(p: float) -> int:
+    """Keep an element when the top 31 bits of its Philox word are >= this."""
+    return min(int(round(p * 2**31)), 2**31 - 1)
+
+
+@triton.jit
+def _dropout_multiplier(seed, rows, col_start, threshold, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] fp32 tile of 0 (dropped) or ``scale`` (kept) for rows
+    ``rows`` and columns col_start + [0, BLOCK_N); col_start is a multiple of 4."""
+    groups = col_start // 4 + tl.arange(0, BLOCK_N // 4)
+    c0 = tl.broadcast_to(groups[None, :], (BLOCK_M, BLOCK_N // 4))
+    c1 = tl.broadcast_to(rows[:, None], (BLOCK_M, BLOCK_N // 4))
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, 0, 0)
+    k0 = tl.where((r0 >> 1).to(tl.int32) >= threshold, scale, 0.0)
+    k1 = tl.where((r1 >> 1).to(tl.int32) >= threshold, scale, 0.0)
+    k2 = tl.where((r2 >> 1).to(tl.int32) >= threshold, scale, 0.0)
+    k3 = tl.where((r3 >> 1).to(tl.int32) >= threshold, scale, 0.0)
+    # tl.join stacks along a new last axis, so element [m, j, t, s] of the outer
+    # join is word 2t + s: after the reshape word q sits at column 4j + q.
+    return tl.reshape(tl.join(tl.join(k0, k2), tl.join(k1, k3)), (BLOCK_M, BLOCK_N))
+
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def _mulhilo32(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # The 64-bit product a * x of two uint32 values, from int64 pieces that
+    # cannot overflow: x = xh * 2^16 + xl.
+    lo_part = a * (x & 0xFFFF)
+    t = a * (x >> 16) + (lo_part >> 16)
+    return t >> 16, ((t & 0xFFFF) << 16) | (lo_part & 0xFFFF)
+
+
+def _philox4x32(seed: int, c0: torch.Tensor, c1: torch.Tensor, rounds: int = 10):
+    """Triton's tl.philox(seed, c0, c1, 0, 0) for uint32 counters held in int64."""
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _MASK32, (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def dropout_mask(seed: int, p: float, shape: Sequence[int], device=None) -> torch.Tensor:
+    """The keep-mask (bool, ``shape``) the kernels use for ``seed`` and ``p``.
+
+    Rows are the flattened leading dimensions, as in ``relu_mlp``.  Plain
+    PyTorch (Philox in int64 arithmetic), bit-identical to the kernels'."""
+    shape = tuple(shape)
+    N = shape[-1] if shape else 1
+    M = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    groups = triton.cdiv(N, 4)
+    c0 = torch.arange(groups, dtype=torch.int64, device=device).expand(M, groups)
+    c1 = torch.arange(M, dtype=torch.int64, device=device)[:, None].expand(M, groups)
+    words = torch.stack(_philox4x32(int(seed) & (2**64 - 1), c0, c1), dim=-1)  # word q serves column 4j + q
+    keep = (words.reshape(M, 4 * groups)[:, :N] >> 1) >= dropout_threshold(p)
+    return keep.reshape(shape)
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _tile_coordinates(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped ordering: consecutive programs walk GROUP_M row tiles down one
+    # column of tiles before moving right, so the B columns they stream are
+    # reused from L2 by the whole group (Triton's matmul tutorial order).
+    pid = tl.program_id(0)
+    tiles_m = (M + BLOCK_M - 1) // BLOCK_M
+    tiles_n = (N + BLOCK_N - 1) // BLOCK_N
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_left = tiles_m - first_m
+    group_m = tl.where(rows_left < GROUP_M, rows_left, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _mainloop(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] tile (pid_m, pid_n) of A @ B."""
+    # Rows and columns past the edge wrap around (rm % M) instead of being
+    # masked: they load valid memory and their results are never stored, and
+    # without the row/column predicates the 128-register-accumulator configs
+    # fit in 255 registers on sm_80 (masked, they spilled 8-40 bytes).  With M
+    # and N multiples of 16 the remainder keeps the loads 16-byte vectors.
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rm.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = B + rk[:, None] * stride_bk + rn.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def _quarters(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The four column quarters of acc, left to right."""
+    left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    q0, q1 = tl.split(tl.permute(tl.reshape(left, (BLOCK_M, 2, BLOCK_N // 4)), (0, 2, 1)))
+    q2, q3 = tl.split(tl.permute(tl.reshape(right, (BLOCK_M, 2, BLOCK_N // 4)), (0, 2, 1)))
+    return q0, q1, q2, q3
+
+
+# Epilogues work on column slices of the accumulator (quarters once BLOCK_N >=
+# 128): with a whole 128-register-per-thread accumulator live beside the
+# dropout's Philox words, a residual or activation tile and the store's layout
+# conversion, ptxas spills (up to 840 bytes per thread at 128x256 on sm_90);
+# in quarters no kept config spills.
+
+@triton.jit
+def _fwd_epilogue(acc, rows, col0, BIAS, RES, C, M, N, stride_rm, stride_rn, stride_cm,
+                  seed, drop_threshold, drop_scale,
+                  HAS_BIAS: tl.constexpr, RELU: tl.constexpr, DROPOUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                  BLOCK_M: tl.constexpr, SLICE_N: tl.constexpr):
+    cols = col0 + tl.arange(0, SLICE_N)
+    col_ok = cols < N
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if RELU:
+        # Not tl.maximum: without propagate_nan it turns NaN into 0 on the GPU
+        # (and not in the interpreter, so no CPU test would notice).  A select
+        # on acc < 0 keeps NaN the same way on both.
+        acc = tl.where(acc < 0, 0.0, acc)
+    if DROPOUT:
+        acc = acc * _dropout_multiplier(seed, rows, col0, drop_threshold, drop_scale, BLOCK_M, SLICE_N)
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    r = rows.to(tl.int64)[:, None]
+    if HAS_RESIDUAL:
+        acc += tl.load(RES + r * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)
+    tl.store(C + r * stride_cm + cols[None, :], acc.to(C.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _fwd_kernel(
+    A, B, BIAS, RES, C,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_rn, stride_cm,
+    seed, drop_threshold, drop_scale,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, DROPOUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C = [RES +] [dropout]([relu](A @ B [+ BIAS])): GEMM 1 with bias and ReLU,
+    GEMM 2 with bias, dropout and the residual add."""
+    pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _mainloop(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
+                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    col0 = pid_n * BLOCK_N
+    if BLOCK_N >= 128:
+        S: tl.constexpr = BLOCK_N // 4
+        q0, q1, q2, q3 = _quarters(acc, BLOCK_M, BLOCK_N)
+        _fwd_epilogue(q0, rows, col0, BIAS, RES, C, M, N, stride_rm, stride_rn, stride_cm, seed, drop_threshold,
+                      drop_scale, HAS_BIAS, RELU, DROPOUT, HAS_RESIDUAL, BLOCK_M, S)
+        _fwd_epilogue(q1, rows, col0 + S, BIAS, RES, C, M, N, stride_rm, stride_rn, stride_cm, seed, drop_threshold,
+                      drop_scale, HAS_BIAS, RELU, DROPOUT, HAS_RESIDUAL, BLOCK_M, S)
+        _fwd_epilogue(q2, rows, col0 + 2 * S, BIAS, RES, C, M, N, stride_rm, stride_rn, stride_cm, seed,
+                      drop_threshold, drop_scale, HAS_BIAS, RELU, DROPOUT, HAS_RESIDUAL, BLOCK_M, S)
+        _fwd_epilogue(q3, rows, col0 + 3 * S, BIAS, RES, C, M, N, stride_rm, stride_rn, stride_cm, seed,
+                      drop_threshold, drop_scale, HAS_BIAS, RELU, DROPOUT, HAS_RESIDUAL, BLOCK_M, S)
+    else:
+        _fwd_epilogue(acc, rows, col0, BIAS, RES, C, M, N, stride_rm, stride_rn, stride_cm, seed, drop_threshold,
+                      drop_scale, HAS_BIAS, RELU, DROPOUT, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _dh_epilogue(acc, rows, col0, H, DH, DB_PART, pid_m, M, N, stride_hm, stride_dhm,
+                 HAS_DBIAS: tl.constexpr, SLICE_N: tl.constexpr):
+    cols = col0 + tl.arange(0, SLICE_N)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    r = rows.to(tl.int64)[:, None]
+    # Rows past M load h = 0, so they add nothing to the column sums.
+    h = tl.load(H + r * stride_hm + cols[None, :], mask=mask, other=0.0)
+    acc = tl.where(h <= 0, 0.0, acc)
+    tl.store(DH + r * stride_dhm + cols[None, :], acc.to(DH.dtype.element_ty), mask=mask)
+    if HAS_DBIAS:
+        tl.store(DB_PART + pid_m.to(tl.int64) * N + cols, tl.sum(acc, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _dh_kernel(
+    A, B, H, DH, DB_PART,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_hm, stride_dhm,
+    HAS_DBIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """DH = where(H <= 0, 0, A @ B) (A = g, B = W2) and, per row tile, the fp32
+    column sums of DH (the db1 partials)."""
+    pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _mainloop(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
+                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    col0 = pid_n * BLOCK_N
+    if BLOCK_N >= 128:
+        S: tl.constexpr = BLOCK_N // 4
+        q0, q1, q2, q3 = _quarters(acc, BLOCK_M, BLOCK_N)
+        _dh_epilogue(q0, rows, col0, H, DH, DB_PART, pid_m, M, N, stride_hm, stride_dhm, HAS_DBIAS, S)
+        _dh_epilogue(q1, rows, col0 + S, H, DH, DB_PART, pid_m, M, N, stride_hm, stride_dhm, HAS_DBIAS, S)
+        _dh_epilogue(q2, rows, col0 + 2 * S, H, DH, DB_PART, pid_m, M, N, stride_hm, stride_dhm, HAS_DBIAS, S)
+        _dh_epilogue(q3, rows, col0 + 3 * S, H, DH, DB_PART, pid_m, M, N, stride_hm, stride_dhm, HAS_DBIAS, S)
+    else:
+        _dh_epilogue(acc, rows, col0, H, DH, DB_PART, pid_m, M, N, stride_hm, stride_dhm, HAS_DBIAS, BLOCK_N)
+
+
+@triton.jit
+def _store_epilogue(acc, rows, col0, C, M, N, stride_cm, SLICE_N: tl.constexpr):
+    cols = col0 + tl.arange(0, SLICE_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    tl.store(C + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], acc.to(C.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _matmul_kernel(
+    A, B, C,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C = A @ B: dx = dh @ W1 and the weight gradients dW2 = g^T @ h, dW1 = dh^T @ x."""
+    pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _mainloop(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
+                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    col0 = pid_n * BLOCK_N
+    if BLOCK_N >= 128:
+        S: tl.constexpr = BLOCK_N // 4
+        q0, q1, q2, q3 = _quarters(acc, BLOCK_M, BLOCK_N)
+        _store_epilogue(q0, rows, col0, C, M, N, stride_cm, S)
+        _store_epilogue(q1, rows, col0 + S, C, M, N, stride_cm, S)
+        _store_epilogue(q2, rows, col0 + 2 * S, C, M, N, stride_cm, S)
+        _store_epilogue(q3, rows, col0 + 3 * S, C, M, N, stride_cm, S)
+    else:
+        _store_epilogue(acc, rows, col0, C, M, N, stride_cm, BLOCK_N)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_bwd_kernel(
+    DY, G, DB_PART,
+    M, N, stride_dym, stride_dyn, rows_per_program,
+    seed, drop_threshold, drop_scale,
+    DROPOUT: tl.constexpr, WRITE_G: tl.constexpr, HAS_DBIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """G = DY * keep / (1 - p) and this program's fp32 column sums of G (db2
+    partials) over its range of rows."""
+    pid_n = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    row_start = pid_r * rows_per_program
+    row_end = row_start + rows_per_program
+    for start in range(row_start, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        mask = ((rows < row_end) & (rows < M))[:, None] & col_ok[None, :]
+        r = rows.to(tl.int64)[:, None]
+        g = tl.load(DY + r * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+        if DROPOUT:
+            g = g * _dropout_multiplier(seed, rows, pid_n * BLOCK_N, drop_threshold, drop_scale, BLOCK_M, BLOCK_N)
+        if WRITE_G:
+            tl.store(G + r * N + cols[None, :], g.to(G.dtype.element_ty), mask=mask)
+        if HAS_DBIAS:
+            db += tl.sum(g, axis=0)
+    if HAS_DBIAS:
+        tl.store(DB_PART + pid_r.to(tl.int64) * N + cols, db, mask=col_ok)
+
+
+_GEMM_KEY = ["M", "N", "K", "INPUT_PRECISION"]
+_GEMM_PRUNE = {"early_config_prune": prune_gemm_configs}
+_fwd = triton.autotune(_for_launch(GEMM_CONFIGS, _INTERP_GEMM), key=_GEMM_KEY + ["RELU", "DROPOUT", "HAS_RESIDUAL"],
+                       prune_configs_by=_GEMM_PRUNE)(_fwd_kernel)
+_dh = triton.autotune(_for_launch(GEMM_CONFIGS, _INTERP_GEMM), key=_GEMM_KEY,
+                      prune_configs_by=_GEMM_PRUNE)(_dh_kernel)
+_matmul = triton.autotune(_for_launch(GEMM_CONFIGS, _INTERP_GEMM), key=_GEMM_KEY,
+                          prune_configs_by=_GEMM_PRUNE)(_matmul_kernel)
+_dropout_bwd = triton.autotune(_for_launch(DROPOUT_BWD_CONFIGS, _INTERP_DROPOUT_BWD), key=["N", "DROPOUT", "WRITE_G"],
+                               prune_configs_by={"early_config_prune": prune_dropout_bwd_configs})(_dropout_bwd_kernel)
+
+
+# --------------------------------------------------------------------------- launchers
+def _input_precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _gemm_grid(M, N):
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+
+def _dropout_args(seed, p):
+    if p == 0.0:
+        return 0, 0, 1.0
+    return int(seed), dropout_threshold(p), 1.0 / (1.0 - p)
+
+
+def _launch_matmul(a, b, c):
+    """c = a @ b for 2-D views with any strides (c contiguous)."""
+    M, K = a.shape
+    N = b.shape[1]
+    _matmul[_gemm_grid(M, N)](
+        a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+        INPUT_PRECISION=_input_precision(a.dtype),
+    )
+
+
+def _launch_fc1(x, w1, b1, h):
+    """GEMM 1: h = relu(x @ W1^T + b1); W1^T is W1 read with its strides swapped."""
+    M, d = x.shape
+    ffn = w1.shape[0]
+    _fwd[_gemm_grid(M, ffn)](
+        x, w1, b1, None, h, M, ffn, d,
+        x.stride(0), x.stride(1), w1.stride(1), w1.stride(0), 0, 0, h.stride(0),
+        0, 0, 1.0,
+        HAS_BIAS=b1 is not None, RELU=True, DROPOUT=False, HAS_RESIDUAL=False,
+        INPUT_PRECISION=_input_precision(x.dtype),
+    )
+
+
+def _launch_fc2(h, w2, b2, residual, seed, p, out):
+    """GEMM 2: out = residual + dropout(h @ W2^T + b2)."""
+    M, ffn = h.shape
+    d = w2.shape[0]
+    seed_, threshold, scale = _dropout_args(seed, p)
+    _fwd[_gemm_grid(M, d)](
+        h, w2, b2, residual, out, M, d, ffn,
+        h.stride(0), h.stride(1), w2.stride(1), w2.stride(0),
+        residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
+        out.stride(0),
+        seed_, threshold, scale,
+        HAS_BIAS=b2 is not None, RELU=False, DROPOUT=p > 0.0, HAS_RESIDUAL=residual is not None,
+        INPUT_PRECISION=_input_precision(h.dtype),
+    )
+
+
+def _launch_dh(g, w2, h, dh, has_db1):
+    """dh = (g @ W2) * [h > 0]; with has_db1 also db1 (fp32 partials, reduced here)."""
+    M, d = g.shape
+    ffn = w2.shape[1]
+    db1_part = None
+    if has_db1:
+        # A row per row tile of the smallest BLOCK_M the launch may pick; the
+        # config it runs with writes the first cdiv(M, its BLOCK_M) rows.
+        min_block_m = min(c.kwargs["BLOCK_M"] for c in _dh.configs)
+        db1_part = dispatch.empty((triton.cdiv(M, min_block_m), ffn), dtype=torch.float32, device=g.device)
+    _dh[_gemm_grid(M, ffn)](
+        g, w2, h, dh, db1_part, M, ffn, d,
+        g.stride(0), g.stride(1), w2.stride(0), w2.stride(1), h.stride(0), dh.stride(0),
+        HAS_DBIAS=has_db1, INPUT_PRECISION=_input_precision(g.dtype),
+    )
+    if not has_db1:
+        return None
+    return db1_part[: triton.cdiv(M, _dh.best_config.kwargs["BLOCK_M"])].sum(0)
+
+
+def _launch_fwd(x, w1, b1, w2, b2, residual, seed, p):
+    M, d = x.shape
+    ffn = w1.shape[0]
+    h = dispatch.empty((M, ffn), dtype=x.dtype, device=x.device)
+    out = dispatch.empty((M, d), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out, h
+    # Biases are read as plain vectors; a strided one (a view) is copied.
+    b1, b2 = (b.contiguous() if b is not None else None for b in (b1, b2))
+    _launch_fc1(x, w1, b1, h)
+    _launch_fc2(h, w2, b2, residual, seed, p, out)
+    return out, h
+
+
+def _launch_dropout_bwd(dy, seed, p, write_g, has_dbias):
+    M, N = dy.shape
+    g = dispatch.empty((M, N) if write_g else (0,), dtype=dy.dtype, device=dy.device)
+    # About four programs per SM over the (column tiles x row ranges) grid.
+    col_tiles = triton.cdiv(N, 128)
+    row_ranges = max(1, min(triton.cdiv(M, DROPOUT_BWD_ROW_QUANTUM),
+                            triton.cdiv(4 * dispatch.num_sms(dy.device), col_tiles)))
+    q = DROPOUT_BWD_ROW_QUANTUM
+    rows_per_program = triton.cdiv(triton.cdiv(M, row_ranges), q) * q
+    row_ranges = triton.cdiv(M, rows_per_program)
+    db_part = dispatch.empty((row_ranges, N) if has_dbias else (0,), dtype=torch.float32, device=dy.device)
+    seed_, threshold, scale = _dropout_args(seed, p)
+    _dropout_bwd[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), row_ranges)](
+        dy, g, db_part, M, N, dy.stride(0), dy.stride(1), rows_per_program,
+        seed_, threshold, scale,
+        DROPOUT=p > 0.0, WRITE_G=write_g, HAS_DBIAS=has_dbias,
+    )
+    return g, db_part
+
+
+def _launch_bwd(dy, x, w1, w2, h, seed, p, has_b1, has_b2):
+    M, d = x.shape
+    ffn = w1.shape[0]
+    dx = dispatch.empty((M, d), dtype=x.dtype, device=x.device)
+    dw1 = dispatch.empty((ffn, d), dtype=w1.dtype, device=x.device)
+    dw2 = dispatch.empty((d, ffn), dtype=w2.dtype, device=x.device)
+    if M == 0:
+        dw1.zero_()
+        dw2.zero_()
+        return (dx, dw1, x.new_zeros(ffn if has_b1 else 0), dw2, x.new_zeros(d if has_b2 else 0))
+
+    # g = dropout'(dy) (and db2's partials).  Without dropout a unit-stride dy
+    # is g already; any other stride (an expanded .sum() gradient) is copied
+    # by the same pass, so the GEMMs below read g with its natural layout.
+    write_g = p > 0.0 or dy.stride(1) != 1
+    # Absent bias gradients are distinct empty tensors: a custom op's outputs
+    # may not alias each other.
+    g, db2 = dy, x.new_empty(0)
+    if write_g or has_b2:
+        g_buf, db2_part = _launch_dropout_bwd(dy, seed, p, write_g, has_b2)
+        if write_g:
+            g = g_buf
+        if has_b2:
+            db2 = db2_part.sum(0).to(x.dtype)
+
+    dh = dispatch.empty((M, ffn), dtype=x.dtype, device=x.device)
+    db1 = _launch_dh(g, w2, h, dh, has_b1)
+    db1 = db1.to(x.dtype) if has_b1 else x.new_empty(0)
+    _launch_matmul(g.t(), h, dw2)      # dW2 = g^T @ h
+    _launch_matmul(dh, w1, dx)         # dx = dh @ W1
+    _launch_matmul(dh.t(), x, dw1)     # dW1 = dh^T @ x
+    return dx, dw1, db1, dw2, db2
+
+
+# --------------------------------------------------------------------------- reference path
+def _reference_mask(seed, p, M, d, device):
+    return dropout_mask(int(seed), p, (M, d), device) if p > 0.0 else None
+
+
+def _reference_fwd(x, w1, b1, w2, b2, residual, seed, p):
+    mask = _reference_mask(seed, p, x.shape[0], w2.shape[0], x.device)
+    return reference.relu_mlp(x, w1, b1, w2, b2, residual, mask, p, return_hidden=True)
+
+
+def _reference_bwd(dy, x, w1, b1, w2, b2, seed, p):
+    mask = _reference_mask(seed, p, x.shape[0], w2.shape[0], x.device)
+    grads = dispatch.reference_vjp(
+        lambda x_, w1_, b1_, w2_, b2_: reference.relu_mlp(x_, w1_, b1_, w2_, b2_, None, mask, p),
+        (x, w1, b1, w2, b2), dy,
+    )
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+# --------------------------------------------------------------------------- torch.library ops
+@torch.library.custom_op("opt_core::relu_mlp_fwd", mutates_args=())
+def relu_mlp_fwd(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    seed: torch.Tensor,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, h) for 2-D x; h = relu(fc1(x)) is what the backward needs.  ``seed``
+    is a 0-dim int64 CPU tensor; dropout is off when ``dropout_p`` is 0."""
+    if dispatch.use_triton(x, KERNEL_DTYPES):
+        with dispatch.device_guard(x):
+            return _launch_fwd(x, w1, b1, w2, b2, residual, int(seed), dropout_p)
+    return _reference_fwd(x, w1, b1, w2, b2, residual, int(seed), dropout_p)
+
+
+@relu_mlp_fwd.register_fake
+def _(x, w1, b1, w2, b2, residual, seed, dropout_p):
+    M = x.shape[0]
+    return x.new_empty((M, w2.shape[0])), x.new_empty((M, w1.shape[0]))
+
+
+@torch.library.custom_op("opt_core::relu_mlp_bwd", mutates_args=())
+def relu_mlp_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    h: torch.Tensor,
+    seed: torch.Tensor,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw1, db1, dw2, db2); a bias gradient is empty where the bias is None.
+    The kernels use the saved h; the reference path recomputes from x and the
+    weights (it needs the biases only for that)."""
+    if dispatch.use_triton(x, KERNEL_DTYPES):
+        with dispatch.device_guard(x):
+            return _launch_bwd(dy, x, w1, w2, h, int(seed), dropout_p, b1 is not None, b2 is not None)
+    return _reference_bwd(dy, x, w1, b1, w2, b2, int(seed), dropout_p)
+
+
+@relu_mlp_bwd.register_fake
+def _(dy, x, w1, b1, w2, b2, h, seed, dropout_p):
+    return (
+        x.new_empty(x.shape),
+        w1.new_empty(w1.shape),
+        b1.new_empty(b1.shape) if b1 is not None else x.new_empty(0),
+        w2.new_empty(w2.shape),
+        b2.new_empty(b2.shape) if b2 is not None else x.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, residual, seed, dropout_p = inputs
+    _, h = output
+    ctx.has_residual = residual is not None
+    ctx.dropout_p = dropout_p
+    # Per token only x and h (the post-ReLU activation) are kept: no
+    # pre-activation, no dropout mask.
+    ctx.save_for_backward(x, w1, b1, w2, b2, h, seed)
+    ctx.mark_non_differentiable(h)
+
+
+def _backward(ctx, dout, _dh):
+    x, w1, b1, w2, b2, h, seed = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2 = torch.ops.opt_core.relu_mlp_bwd(dout, x, w1, b1, w2, b2, h, seed, ctx.dropout_p)
+    return (
+        dx,
+        dw1,
+        db1 if b1 is not None else None,
+        dw2,
+        db2 if b2 is not None else None,
+        dout if ctx.has_residual else None,
+        None,
+        None,
+    )
+
+
+relu_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public API
+def _check_weight(name, w, shape, what):
+    check_tensor(name, w, min_ndim=1)
+    if tuple(w.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} ({what}), got {tuple(w.shape)}")
+
+
+def relu_mlp(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    *,
+    residual: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: Optional[int] = None,
+) -> torch.Tensor:
+    """OPT's feed-forward block: ``residual + dropout(fc2(relu(fc1(x))))``.
+
+    ``x`` is ``(..., d)``; ``fc1_weight`` ``(ffn, d)`` and ``fc2_weight`` ``(d, ffn)``
+    in ``nn.Linear`` layout, biases ``(ffn,)`` / ``(d,)`` or None; ``residual``
+    like ``x`` or None.  Every tensor has ``x``'s dtype and device.  Dropout
+    (probability ``dropout_p`` in [0, 1)) applies only when ``training``; its
+    mask comes from ``seed`` (an int in [0, 2^63)), drawn from torch's CPU
+    generator when None, so ``torch.manual_seed`` reproduces a run.
+    ``dropout_mask(seed, p, out.shape)`` regenerates the keep-mask.
+    fp16/bf16/fp32 run the Triton kernels (fp32 accumulation; fp32 operands
+    without TF32); fp64 runs the reference.
+    """
+    check_tensor("x", x, min_ndim=1)
+    d = x.shape[-1]
+    if d < 1:
+        raise ValueError(f"x must have a last dimension of at least 1, got shape {tuple(x.shape)}")
+    check_tensor("fc1_weight", fc1_weight, min_ndim=2)
+    ffn = fc1_weight.shape[0]
+    if ffn < 1:
+        raise ValueError(f"fc1_weight must have at least one output feature, got shape {tuple(fc1_weight.shape)}")
+    _check_weight("fc1_weight", fc1_weight, (ffn, d), f"out_features, in_features = x's last dimension {d}")
+    _check_weight("fc2_weight", fc2_weight, (d, ffn), f"out_features = {d}, in_features = fc1's out_features {ffn}")
+    if fc1_bias is not None:
+        check_tensor("fc1_bias", fc1_bias)
+        check_shape("fc1_bias", fc1_bias, (ffn,))
+    if fc2_bias is not None:
+        check_tensor("fc2_bias", fc2_bias)
+        check_shape("fc2_bias", fc2_bias, (d,))
+    if residual is not None:
+        check_tensor("residual", residual)
+        check_shape("residual", residual, tuple(x.shape))
+    for name, t in (("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias), ("fc2_weight", fc2_weight),
+                    ("fc2_bias", fc2_bias), ("residual", residual)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+    check_same_device("x", x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
+                      fc2_bias=fc2_bias, residual=residual)
+    dropout_p = check_float("dropout_p", dropout_p, min_value=0.0)
+    if dropout_p >= 1.0:
+        raise ValueError(f"dropout_p must be < 1, got {dropout_p}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        if not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+
+    p = dropout_p if training else 0.0
+    if p == 0.0:
+        seed_t = torch.zeros((), dtype=torch.int64)
+    elif seed is None:
+        seed_t = torch.randint(0, 2**62, (), dtype=torch.int64)
+    else:
+        seed_t = torch.tensor(seed, dtype=torch.int64)
+    x2 = x.reshape(-1, d)
+    r2 = residual.reshape(-1, d) if residual is not None else None
+    out, _ = torch.ops.opt_core.relu_mlp_fwd(x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, r2, seed_t, p)
+    return out.view(x.shape)
+
+
+# --------------------------------------------------------------------------- AOT cases
+# OPT widths the issue names (125M, 2.7B, 175B), ffn = 4d, 16k tokens.  All are
+# multiples of 16, so each kernel specialises identically at every width and
+# the compiled code is the same: a (kernel, layout, dtype, config) is compiled
+# once and named with every width it covers.
+AOT_WIDTHS = (768, 2560, 12288)
+AOT_TOKENS = 16384
+AOT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+AOT_SEED = 0x5DEECE66D  # odd and above 2^31: an unspecialised int64, as a drawn seed is
+
+
+def _gemm_cases(d, dtype):
+    """(name, kernel, args, flags) for every GEMM of the block at width d."""
+    M, ffn = AOT_TOKENS, 4 * d
+    common = dict(INPUT_PRECISION=_input_precision(dtype))
+    fwd = dict(BIAS=dtype, seed=0, drop_threshold=0, drop_scale=1.0)
+    return [
+        ("fc1", _fwd_kernel,
+         dict(A=dtype, B=dtype, RES=None, C=dtype, M=M, N=ffn, K=d, stride_am=d, stride_ak=1,
+              stride_bk=1, stride_bn=d, stride_rm=0, stride_rn=0, stride_cm=ffn, **fwd),
+         dict(HAS_BIAS=True, RELU=True, DROPOUT=False, HAS_RESIDUAL=False, **common)),
+        ("fc2", _fwd_kernel,
+         dict(A=dtype, B=dtype, RES=dtype, C=dtype, M=M, N=d, K=ffn, stride_am=ffn, stride_ak=1,
+              stride_bk=1, stride_bn=ffn, stride_rm=d, stride_rn=1, stride_cm=d,
+              **dict(fwd, seed=AOT_SEED, drop_threshold=dropout_threshold(0.1), drop_scale=1 / 0.9)),
+         dict(HAS_BIAS=True, RELU=False, DROPOUT=True, HAS_RESIDUAL=True, **common)),
+        ("dh", _dh_kernel,
+         dict(A=dtype, B=dtype, H=dtype, DH=dtype, DB_PART=torch.float32, M=M, N=ffn, K=d,
+              stride_am=d, stride_ak=1, stride_bk=ffn, stride_bn=1, stride_hm=ffn, stride_dhm=ffn),
+         dict(HAS_DBIAS=True, **common)),
+        ("dw2", _matmul_kernel,  # g^T @ h
+         dict(A=dtype, B=dtype, C=dtype, M=d, N=ffn, K=M, stride_am=1, stride_ak=d, stride_bk=ffn,
+              stride_bn=1, stride_cm=ffn), common),
+        ("dx", _matmul_kernel,  # dh @ W1
+         dict(A=dtype, B=dtype, C=dtype, M=M, N=d, K=ffn, stride_am=ffn, stride_ak=1, stride_bk=d,
+              stride_bn=1, stride_cm=d), common),
+        ("dw1", _matmul_kernel,  # dh^T @ x
+         dict(A=dtype, B=dtype, C=dtype, M=ffn, N=d, K=M, stride_am=1, stride_ak=ffn, stride_bk=d,
+              stride_bn=1, stride_cm=d), common),
+    ]
+
+
+def _case_key(c):
+    return (c.module, c.kernel, tuple(sorted(c.signature.items())), tuple(sorted(map(repr, c.constexprs.items()))),
+            tuple(sorted(c.divisible_by_16)), c.num_warps, c.num_stages)
+
+
+def _merge_widths(named):
+    """One case per distinct compile, named with every GEMM role and width it covers
+    (dW1 and dW2 are the same kernel with the same operand layouts)."""
+    merged = {}
+    for role, tag, d, case in named:
+        roles, widths, _, _ = merged.setdefault(_case_key(case), ([], [], tag, case))
+        if role not in roles:
+            roles.append(role)
+        if d not in widths:
+            widths.append(d)
+    return [
+        dataclasses.replace(case, name=f"relu_mlp_{'+'.join(roles)}[d={'/'.join(map(str, widths))},{tag}]")
+        for roles, widths, tag, case in merged.values()
+    ]
+
+
+@aot.register
+def aot_cases():
+    named = []
+    for dtype in AOT_DTYPES:
+        dname = str(dtype).replace("torch.", "")
+        for d in AOT_WIDTHS:
+            for base, kernel, args, flags in _gemm_cases(d, dtype):
+                for cfg in prune_gemm_configs(GEMM_CONFIGS, args, **flags):
+                    k = cfg.kwargs
+                    tag = f"{dname},{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']},w{cfg.num_warps},s{cfg.num_stages}"
+                    named.append((base, tag, d, aot.case(
+                        base, kernel, args, dict(flags, **k), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                        tensor_cores=dtype != torch.float32,
+                    )))
+            args = dict(DY=dtype, G=dtype, DB_PART=torch.float32, M=AOT_TOKENS, N=d, stride_dym=d, stride_dyn=1,
+                        rows_per_program=AOT_TOKENS // 8, seed=AOT_SEED, drop_threshold=dropout_threshold(0.1),
+                        drop_scale=1 / 0.9)
+            for cfg in prune_dropout_bwd_configs(DROPOUT_BWD_CONFIGS, args):
+                k = cfg.kwargs
+                named.append(("dropout_bwd", f"{dname},{k['BLOCK_M']}x{k['BLOCK_N']},w{cfg.num_warps}", d,
+                              aot.case("relu_mlp_dropout_bwd", _dropout_bwd_kernel, args,
+                                       dict(DROPOUT=True, WRITE_G=True, HAS_DBIAS=True, **k),
+                                       num_warps=cfg.num_warps)))
+    return _merge_widths(named)
+
+
+# ``kernels.relu_mlp`` is this function once the package has imported it, so
+# the mask helper also hangs off it: kernels.relu_mlp.dropout_mask(seed, p, shape).
+relu_mlp.dropout_mask = dropout_mask

@@ -1,0 +1,634 @@
+"""Fused attention: numerics against float64, masking semantics, dropout, NaN,
+errors, the OPT attention module, torch.library and torch.compile.
+
+Under the CPU interpreter these run the real Triton kernels (see conftest.py),
+with the interpreter's block shapes (forward 64x32, dK/dV 32 queries x 64 keys,
+dQ 64x32), so the 128- and 200-long sequences span several blocks, a diagonal
+and a ragged tail; test_other_block_shapes swaps in smaller and square ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+
+import kernels
+from kernels import dispatch, reference
+from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
+from opt_core import FusedSelfAttention
+
+attn = importlib.import_module("kernels.attention")  # the module (kernels.attention is the function)
+
+LOWP = [torch.float16, torch.float32]
+
+
+# --------------------------------------------------------------------------- helpers
+def _qkv(B, Sq, Sk, H, D, dtype, device):
+    q = torch.randn(B, Sq, H, D, dtype=dtype, device=device)
+    k = torch.randn(B, Sk, H, D, dtype=dtype, device=device)
+    v = torch.randn(B, Sk, H, D, dtype=dtype, device=device)
+    return q, k, v
+
+
+def _lengths(B, S):
+    # batch 0 full, the others about 60% real (at least one key)
+    return [S] + [max(1, math.ceil(0.6 * S) - b) for b in range(1, B)]
+
+
+def _padding_mask(B, Sk, kind, device):
+    """None, or a bool (B, Sk) mask with right or left padding (HF style)."""
+    if kind == "none":
+        return None
+    mask = torch.zeros(B, Sk, dtype=torch.bool, device=device)
+    for b, n in enumerate(_lengths(B, Sk)):
+        if kind == "right":
+            mask[b, :n] = True
+        else:
+            mask[b, Sk - n:] = True
+    return mask
+
+
+def _leaves(tensors, dtype=None):
+    return [t.detach().to(dtype or t.dtype).requires_grad_(True) for t in tensors]
+
+
+def _run(fn, tensors, grad, dtype=None):
+    """Forward and backward of ``fn`` on fresh leaves; (out, [dq, dk, dv]).
+    ``grad`` None means ``out.sum().backward()``: autograd then hands the
+    backward an expanded gradient with stride 0."""
+    xs = _leaves(tensors, dtype)
+    out = fn(*xs)
+    if grad is None:
+        out.sum().backward()
+    else:
+        out.backward(grad.to(out.dtype))
+    return out, [x.grad for x in xs]
+
+
+def _check(B, Sq, Sk, H, D, dtype, device, *, causal, pad="none", sum_grad=False, scale=None):
+    q, k, v = _qkv(B, Sq, Sk, H, D, dtype, device)
+    mask = _padding_mask(B, Sk, pad, device)
+    grad = None if sum_grad else torch.randn(B, Sq, H, D, dtype=torch.float64, device=device)
+
+    ours, ours_g = _run(lambda *t: kernels.attention(*t, causal=causal, softmax_scale=scale, key_padding_mask=mask),
+                        (q, k, v), grad)
+    ref, ref_g = _run(lambda *t: reference.attention(*t, causal, scale, mask), (q, k, v), grad, torch.float64)
+    plain, plain_g = _run(lambda *t: reference.attention(*t, causal, scale, mask, upcast=False), (q, k, v), grad)
+
+    assert ours.dtype == dtype and ours.shape == (B, Sq, H, D)
+    assert_close_to_reference("out", ours, ref, plain, factor=FORWARD_FACTOR)
+    for name, o, r, p in zip(("dq", "dk", "dv"), ours_g, ref_g, plain_g):
+        assert o.dtype == dtype, name
+        if Sk == 1 and name != "dv":
+            _assert_single_key_gradient(name, o, q, k, v, grad, scale)
+        else:
+            assert_close_to_reference(name, o, r, p, factor=GRADIENT_FACTOR)
+    return ours, ours_g
+
+
+def _assert_single_key_gradient(name, g, q, k, v, grad, scale):
+    """With one key the softmax is the constant 1, so dq = dk = 0 exactly, and
+    plain PyTorch gets exactly 0 by cancellation (p * (g - g)).  The kernels form
+    dS = P * (dP - delta) from two fp32 dot products of head_dim terms (dO.v on
+    the tensor cores, rowsum(dO * O) separately), so dS is the rounding of their
+    difference: |dP - delta| <= 2 * head_dim * eps32 * max|dO| * max|v| (a dot
+    product's error bound, twice), and dq, dk are that times scale * max|k| (or
+    max|q|), summed over at most seqlen_q rows for dk.  The DESIGN.md rule's
+    floor is relative to the reference's magnitude, 0 here, so it cannot judge
+    this case."""
+    D, Sq = q.shape[-1], q.shape[1]
+    scale = D ** -0.5 if scale is None else scale
+    dout_max = 1.0 if grad is None else grad.abs().max().item()
+    ds_bound = 2 * D * torch.finfo(torch.float32).eps * dout_max * v.double().abs().max().item()
+    other = (k if name == "dq" else q).double().abs().max().item()
+    rows = 1 if name == "dq" else Sq
+    bound = rows * ds_bound * scale * other + torch.finfo(g.dtype).tiny
+    assert g.double().abs().max().item() <= bound, f"{name} with one key: {g.abs().max().item():.3e} > {bound:.3e}"
+
+
+# --------------------------------------------------------------------------- numerics
+SEQLENS = [(1, 1), (17, 17), (128, 128), (200, 200), (113, 203), (1, 239)]
+HEAD_DIMS = [64, 80, 128, 111]
+# The full cross of sequence lengths x causal x padding x dtype (72 cases), with
+# head_dim cycling through 64, 80, 128 and the odd 111 (it changes every second
+# case, dtype every case), so each head dim meets every value of every other
+# factor; heads are 2 or 3, changing every eighth case.
+MATRIX = [
+    (seqlens, causal, pad, dtype, HEAD_DIMS[(i // 2) % len(HEAD_DIMS)], 2 + (i // 8) % 2)
+    for i, (seqlens, causal, pad, dtype) in enumerate(
+        itertools.product(SEQLENS, (True, False), ("none", "left", "right"), LOWP))
+]
+
+
+@pytest.mark.parametrize(
+    "seqlens, causal, pad, dtype, D, H", MATRIX,
+    ids=[f"{sq}x{sk}-{'causal' if c else 'full'}-{p}-{str(dt)[6:]}-D{d}-H{h}"
+         for (sq, sk), c, p, dt, d, h in MATRIX],
+)
+def test_matches_float64_reference(seqlens, causal, pad, dtype, D, H, device):
+    Sq, Sk = seqlens
+    _check(2, Sq, Sk, H, D, dtype, device, causal=causal, pad=pad)
+
+
+@pytest.mark.parametrize("seqlens", [(203, 113), (239, 1)], ids=str)
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_more_queries_than_keys(seqlens, dtype, device):
+    # Causal with seqlen_q > seqlen_k: the first seqlen_q - seqlen_k queries see
+    # no key (output 0, gradients 0).
+    Sq, Sk = seqlens
+    ours, (dq, _, _) = _check(2, Sq, Sk, 2, 59, dtype, device, causal=True)
+    empty = Sq - Sk
+    assert torch.equal(ours[:, :empty], torch.zeros_like(ours[:, :empty]))
+    assert torch.equal(dq[:, :empty], torch.zeros_like(dq[:, :empty]))
+    _check(2, Sq, Sk, 2, 59, dtype, device, causal=False)
+
+
+@pytest.mark.parametrize("D, pad", [(64, "left"), (80, "right"), (128, "none"), (111, "left")])
+def test_sum_backward_with_stride_zero_gradient(D, pad, device):
+    _check(2, 75, 75, 2, D, torch.float16, device, causal=True, pad=pad, sum_grad=True)
+
+
+def test_custom_softmax_scale(device):
+    _check(2, 50, 70, 2, 64, torch.float32, device, causal=True, pad="right", scale=0.3)
+
+
+@pytest.mark.parametrize("D", [16, 256])
+def test_smallest_and_largest_head_dims(D, device):
+    _check(1, 40, 40, 2, D, torch.float16, device, causal=True)
+
+
+# Forward (BLOCK_M, BLOCK_N), dK/dV (BLOCK_M, BLOCK_N), dQ (BLOCK_M, BLOCK_N):
+# query blocks smaller than key blocks, equal ones, and all small.
+BLOCK_SHAPES = [
+    ((16, 32), (32, 16), (16, 32)),
+    ((32, 32), (32, 32), (32, 32)),
+    ((16, 16), (16, 16), (16, 16)),
+]
+
+
+@pytest.mark.parametrize("shapes", BLOCK_SHAPES, ids=lambda s: "-".join(f"{m}x{n}" for m, n in s))
+def test_other_block_shapes(shapes, device, monkeypatch):
+    fwd, dkdv, dq = shapes
+    for tuner, (m, n) in ((attn._fwd, fwd), (attn._bwd_dkdv, dkdv), (attn._bwd_dq, dq)):
+        monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4)])
+        monkeypatch.setattr(tuner, "cache", {})
+    _check(2, 93, 121, 2, 40, torch.float32, device, causal=True, pad="left")
+    _check(2, 121, 93, 2, 40, torch.float32, device, causal=True, pad="right")
+
+
+def test_lse_is_the_natural_log_sum_exp(device):
+    q, k, v = _qkv(2, 70, 90, 2, 32, torch.float32, device)
+    mask = _padding_mask(2, 90, "left", device)
+    mask[1] = False  # every key of batch 1 padded: lse +inf
+    _, lse = torch.ops.opt_core.attention_fwd(q, k, v, mask, True, 32 ** -0.5, 0.0, 0)
+    expected = reference.attention_lse(q.double(), k.double(), True, 32 ** -0.5, mask)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 2, 70)
+    assert torch.isinf(lse[1]).all() and (lse[1] > 0).all()
+    torch.testing.assert_close(lse.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- masking semantics
+def test_bottom_right_causal_alignment(device):
+    # seqlen_q < seqlen_k: query i sees keys 0 .. i + (Sk - Sq), so the last query
+    # sees every key; a key only the last query sees must change only that row.
+    q, k, v = _qkv(1, 4, 9, 1, 16, torch.float32, device)
+    base = kernels.attention(q, k, v, causal=True)
+    v2 = v.clone()
+    v2[:, 8] += 1.0
+    moved = (kernels.attention(q, k, v2, causal=True) - base).abs().amax(dim=(0, 2, 3))
+    assert moved[:3].eq(0).all() and moved[3] > 0
+    torch.testing.assert_close(base, reference.attention(q, k, v, True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_sequence_alone(side, device):
+    B, S, H, D = 3, 70, 2, 48
+    lengths = [70, 41, 9]
+    q, k, v = _qkv(B, S, S, H, D, torch.float32, device)
+    mask = torch.zeros(B, S, dtype=torch.bool, device=device)
+    spans = []
+    for b, n in enumerate(lengths):
+        span = slice(0, n) if side == "right" else slice(S - n, S)
+        mask[b, span] = True
+        spans.append(span)
+    grad = torch.randn(B, S, H, D, device=device)
+    for b, span in enumerate(spans):
+        grad[b, ~mask[b]] = 0  # only real positions feed the loss
+    out, (dq, dk, dv) = _run(lambda *t: kernels.attention(*t, causal=True, key_padding_mask=mask), (q, k, v), grad)
+    for b, span in enumerate(spans):
+        alone = [t[b:b + 1, span] for t in (q, k, v)]
+        out_b, (dq_b, dk_b, dv_b) = _run(lambda *t: kernels.attention(*t, causal=True), alone, grad[b:b + 1, span])
+        for name, padded, single in (("out", out, out_b), ("dq", dq, dq_b), ("dk", dk, dk_b), ("dv", dv, dv_b)):
+            torch.testing.assert_close(padded[b:b + 1, span], single, rtol=1e-5, atol=2e-6, msg=name)
+        pads = ~mask[b]
+        assert torch.equal(dk[b, pads], torch.zeros_like(dk[b, pads]))
+        assert torch.equal(dv[b, pads], torch.zeros_like(dv[b, pads]))
+        if side == "left":  # padded queries see only padded keys: no key at all
+            assert torch.equal(out[b, pads], torch.zeros_like(out[b, pads]))
+
+
+def test_rows_that_see_no_key_are_zero_and_finite(device):
+    B, Sq, Sk, H, D = 2, 40, 30, 2, 32
+    q, k, v = _qkv(B, Sq, Sk, H, D, torch.float16, device)
+    mask = torch.ones(B, Sk, dtype=torch.bool, device=device)
+    mask[1] = False  # batch 1: every key padded
+    grad = torch.randn(B, Sq, H, D, dtype=torch.float16, device=device)
+    out, (dq, dk, dv) = _run(lambda *t: kernels.attention(*t, causal=True, key_padding_mask=mask), (q, k, v), grad)
+    for g in (out, dq, dk, dv):
+        assert torch.isfinite(g).all()
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.equal(out[0, :Sq - Sk], torch.zeros_like(out[0, :Sq - Sk]))  # causal, Sq > Sk
+    for g in (dq[1], dk[1], dv[1], dq[0, :Sq - Sk]):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+# --------------------------------------------------------------------------- determinism
+def test_forward_and_backward_are_bitwise_repeatable(device):
+    q, k, v = _qkv(2, 150, 150, 3, 64, torch.float16, device)
+    mask = _padding_mask(2, 150, "right", device)
+    grad = torch.randn(2, 150, 3, 64, dtype=torch.float16, device=device)
+    runs = [_run(lambda *t: kernels.attention(*t, key_padding_mask=mask, deterministic=True), (q, k, v), grad)
+            for _ in range(2)]
+    (o1, g1), (o2, g2) = runs
+    assert torch.equal(o1, o2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- dropout
+def test_dropout_same_seed_reproduces_other_seed_differs(device):
+    q, k, v = _qkv(2, 60, 60, 2, 32, torch.float16, device)
+    a = kernels.attention(q, k, v, dropout_p=0.3, seed=1234)
+    b = kernels.attention(q, k, v, dropout_p=0.3, seed=1234)
+    c = kernels.attention(q, k, v, dropout_p=0.3, seed=1235)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a, kernels.attention(q, k, v))
+    # No seed: drawn from torch's CPU generator, so manual_seed reproduces.
+    torch.manual_seed(7)
+    d = kernels.attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(7)
+    e = kernels.attention(q, k, v, dropout_p=0.3)
+    assert torch.equal(d, e)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_kept_fraction_within_three_sigma(p, device):
+    B, H, Sq, Sk = 2, 3, 97, 131
+    keep = attn.dropout_mask(99, p, B, H, Sq, Sk, device)
+    assert keep.dtype == torch.bool and keep.shape == (B, H, Sq, Sk)
+    n = keep.numel()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(keep.float().mean().item() - (1 - p)) <= 3 * sigma
+    # no visible structure: each (b, h) slice and each row position keeps about 1-p
+    per_slice = keep.float().mean(dim=(2, 3))
+    assert (per_slice - (1 - p)).abs().max() <= 4 * math.sqrt(p * (1 - p) / (Sq * Sk))
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("seqlens, pad", [((113, 203), "left"), ((130, 70), "right")], ids=str)
+def test_dropout_matches_reference_with_the_same_mask(seqlens, pad, dtype, device):
+    B, H, D, p, seed = 2, 2, 48, 0.2, 2 ** 40 + 17
+    Sq, Sk = seqlens
+    q, k, v = _qkv(B, Sq, Sk, H, D, dtype, device)
+    mask = _padding_mask(B, Sk, pad, device)
+    keep = attn.dropout_mask(seed, p, B, H, Sq, Sk, device, dtype)
+    grad = torch.randn(B, Sq, H, D, dtype=torch.float64, device=device)
+
+    def ours_fn(*t):
+        return kernels.attention(*t, causal=True, key_padding_mask=mask, dropout_p=p, seed=seed)
+
+    ours, ours_g = _run(ours_fn, (q, k, v), grad)
+    ref, ref_g = _run(lambda *t: reference.attention(*t, True, None, mask, keep, p), (q, k, v), grad, torch.float64)
+    plain, plain_g = _run(lambda *t: reference.attention(*t, True, None, mask, keep, p, upcast=False), (q, k, v), grad)
+    assert_close_to_reference("out", ours, ref, plain, factor=FORWARD_FACTOR)
+    for name, o, r, pl in zip(("dq", "dk", "dv"), ours_g, ref_g, plain_g):
+        assert_close_to_reference(name, o, r, pl, factor=GRADIENT_FACTOR)
+
+
+# --------------------------------------------------------------------------- NaN
+def _sdpa_math(q, k, v, causal, mask):
+    """PyTorch's math SDPA with the equivalent boolean attn_mask, in our layout."""
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    visible = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = torch.arange(Sk, device=q.device)[None, :] <= torch.arange(Sq, device=q.device)[:, None] + Sk - Sq
+    visible = visible[None, None].expand(B, 1, Sq, Sk)
+    if mask is not None:
+        visible = visible & mask[:, None, None, :]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=visible)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("causal, pad", [(True, "none"), (True, "right"), (False, "left")])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_lands_where_sdpa_puts_it(where, causal, pad, device):
+    # q: a row that sees keys; k, v: a key every query sees (the first real key).
+    # There the kernels and the math SDPA agree exactly.
+    B, S, H, D = 2, 45, 2, 32
+    q, k, v = _qkv(B, S, S, H, D, torch.float32, device)
+    mask = _padding_mask(B, S, pad, device)
+    first_real = 0 if pad != "left" else S - _lengths(B, S)[1]
+    t = {"q": q, "k": k, "v": v}[where]
+    t[1, 30 if where == "q" else first_real, 1, 5] = float("nan")
+    ours = kernels.attention(q, k, v, causal=causal, key_padding_mask=mask)
+    theirs = _sdpa_math(q, k, v, causal, mask)
+    assert ours.isnan().any()
+    assert torch.equal(ours.isnan(), theirs.isnan())
+
+
+def test_nan_semantics_where_sdpa_differs(device):
+    # A NaN in k at a key only the last rows see reaches exactly those rows (the
+    # math SDPA spreads it over the whole head); a row that sees no key stays 0
+    # even when its q is NaN or a v in its tile is (the math SDPA gives NaN).
+    B, S, H, D = 1, 100, 1, 16
+    q, k, v = _qkv(B, S, S, H, D, torch.float32, device)
+    k[0, 90, 0, 3] = float("nan")
+    ours = kernels.attention(q, k, v, causal=True)
+    rows = ours[0, :, 0].isnan().any(-1)
+    assert rows[90:].all() and not rows[:90].any()
+    assert _sdpa_math(q, k, v, True, None).isnan().all()
+
+    q2, k2, v2 = _qkv(1, 10, 6, 1, 16, torch.float32, device)
+    q2[0, 1, 0, 0] = float("nan")  # causal, Sq > Sk: rows 0..3 see no key
+    v2[0, 5, 0, 2] = float("nan")  # key 5: only row 9 sees it, rows 0..3 share its tile
+    out = kernels.attention(q2, k2, v2, causal=True)
+    assert torch.equal(out[0, :4], torch.zeros_like(out[0, :4]))
+    assert out[0, 9].isnan().any()
+
+
+# --------------------------------------------------------------------------- strides, empties, paths
+def test_strided_inputs(device):
+    B, S, H, D = 2, 37, 3, 24
+    qkv = torch.randn(B, S, 3, H, D, device=device)
+    q, k, v = qkv.unbind(2)  # views into one fused QKV activation
+    q_t = torch.randn(B, H, S, D, device=device).transpose(1, 2)  # (b, h, s, d) storage
+    k_wide = torch.randn(B, S, H, 2 * D, device=device)[..., ::2]  # head_dim stride 2: copied
+    assert not q.is_contiguous() and k_wide.stride(-1) == 2
+    for args in ((q, k, v), (q_t, k_wide, v)):
+        out = kernels.attention(*args, causal=True)
+        expected = reference.attention(*(t.double() for t in args), True)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 7, 2, 16), (2, 0, 7, 2, 16), (2, 5, 0, 2, 16), (2, 5, 7, 0, 16)])
+def test_empty_inputs(shape, device):
+    B, Sq, Sk, H, D = shape
+    q, k, v = _qkv(B, Sq, Sk, H, D, torch.float16, device)
+    xs = _leaves((q, k, v))
+    out = kernels.attention(*xs, causal=False)
+    assert out.shape == (B, Sq, H, D)
+    assert torch.equal(out, torch.zeros_like(out))  # Sk == 0: no key, zeros
+    out.float().sum().backward()
+    for x in xs:
+        assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_reference_backend_matches_kernel(device):
+    q, k, v = _qkv(2, 45, 60, 2, 40, torch.float32, device)
+    mask = _padding_mask(2, 60, "right", device)
+    grad = torch.randn(2, 45, 2, 40, device=device)
+    fn = lambda *t: kernels.attention(*t, causal=True, key_padding_mask=mask)  # noqa: E731
+    out, grads = _run(fn, (q, k, v), grad)
+    with dispatch.reference_backend():
+        out_r, grads_r = _run(fn, (q, k, v), grad)
+    for a, b in zip([out] + grads, [out_r] + grads_r):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_takes_the_reference_path_and_gradchecks(device):
+    q, k, v = _qkv(1, 5, 6, 2, 4, torch.float64, device)
+    mask = torch.tensor([[False, True, True, True, True, True]], device=device)
+    torch.autograd.gradcheck(
+        lambda *t: kernels.attention(*t, causal=True, key_padding_mask=mask), _leaves((q, k, v)))
+
+
+# --------------------------------------------------------------------------- errors
+def test_bad_inputs_raise_named_errors():
+    q, k, v = _qkv(2, 5, 6, 3, 8, torch.float32, "cpu")
+    cases = [
+        (lambda: kernels.attention([1.0], k, v), TypeError, "q must be a torch.Tensor"),
+        (lambda: kernels.attention(q.long(), k, v), TypeError, "q must have dtype"),
+        (lambda: kernels.attention(q[0], k, v), ValueError, r"q must have 4 dimensions .*got shape \(5, 3, 8\)"),
+        (lambda: kernels.attention(q, k[..., None], v), ValueError, "k must have 4 dimensions"),
+        (lambda: kernels.attention(q, k.half(), v), TypeError, r"k must have the dtype of q"),
+        (lambda: kernels.attention(q, k, v.double()), TypeError, r"v must have the dtype of q"),
+        (lambda: kernels.attention(q, k[:1], v[:1]), ValueError, r"k must have shape \(batch, seqlen_k"),
+        (lambda: kernels.attention(q, k[:, :, :2], v), ValueError, r"k must have shape"),
+        (lambda: kernels.attention(q, k, v[:, :5]), ValueError, r"v must have the shape of k"),
+        (lambda: kernels.attention(q, k, v.to("meta")), ValueError, "v is on meta"),
+        (lambda: kernels.attention(q, k, v, causal=1), TypeError, "causal must be a bool"),
+        (lambda: kernels.attention(q, k, v, softmax_scale=-1.0), ValueError, "softmax_scale must be >= 0"),
+        (lambda: kernels.attention(q, k, v, softmax_scale="x"), TypeError, "softmax_scale must be a float"),
+        (lambda: kernels.attention(q, k, v, key_padding_mask=torch.ones(2, 6)), TypeError,
+         "key_padding_mask must have dtype in \\(bool\\)"),
+        (lambda: kernels.attention(q, k, v, key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError,
+         r"key_padding_mask must have shape \(batch, seqlen_k\) = \(2, 6\)"),
+        (lambda: kernels.attention(q, k, v, key_padding_mask=torch.ones(2, 6, dtype=torch.bool, device="meta")),
+         ValueError, "key_padding_mask is on meta"),
+        (lambda: kernels.attention(q, k, v, dropout_p=1.0), ValueError, "dropout_p must be < 1"),
+        (lambda: kernels.attention(q, k, v, dropout_p=-0.1), ValueError, "dropout_p must be >= 0"),
+        (lambda: kernels.attention(q, k, v, dropout_p=0.1, seed=1.5), TypeError, "seed must be an int"),
+        (lambda: kernels.attention(q, k, v, dropout_p=0.1, seed=-1), ValueError, r"seed must be in \[0, 2\*\*63\)"),
+        (lambda: kernels.attention(q, k, v, deterministic=None), TypeError, "deterministic must be a bool"),
+        (lambda: attn.dropout_mask(1, 1.5, 1, 1, 1, 1, "cpu"), ValueError, "dropout_p must be < 1"),
+        (lambda: attn.dropout_mask(-3, 0.5, 1, 1, 1, 1, "cpu"), ValueError, "seed must be an int"),
+        (lambda: attn.dropout_mask(1, 0.5, 1, -1, 1, 1, "cpu"), ValueError, "heads must be a non-negative int"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+@pytest.mark.parametrize("D", [0, 257])
+def test_unsupported_head_dim_is_rejected(D):
+    q = torch.randn(1, 3, 2, D)
+    with pytest.raises(ValueError, match=r"head_dim \(q.shape\[3\]\) must be between 1 and 256, got " + str(D)):
+        kernels.attention(q, q, q)
+
+
+# --------------------------------------------------------------------------- module
+def _hf_opt_attention(x, sd, num_heads, attention_mask):
+    """Hugging Face OPT's eager attention (OPTAttention) in plain PyTorch: q
+    scaled after its bias, additive causal + padding mask at the dtype's
+    minimum, softmax in fp32, out projection.  Reference for the module."""
+    B, S, E = x.shape
+    Dh = E // num_heads
+    q = F.linear(x, sd["q_proj.weight"], sd["q_proj.bias"]) * Dh ** -0.5
+    k = F.linear(x, sd["k_proj.weight"], sd["k_proj.bias"])
+    v = F.linear(x, sd["v_proj.weight"], sd["v_proj.bias"])
+    q, k, v = (t.view(B, S, num_heads, Dh).transpose(1, 2) for t in (q, k, v))
+    allowed = torch.tril(torch.ones(S, S, dtype=torch.bool, device=x.device))[None, None]
+    allowed = allowed & attention_mask[:, None, None, :].bool()
+    bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
+    weights = torch.softmax((q @ k.transpose(-1, -2) + bias).float(), dim=-1).to(x.dtype)
+    out = (weights @ v).transpose(1, 2).reshape(B, S, E)
+    return F.linear(out, sd["out_proj.weight"], sd["out_proj.bias"])
+
+
+def _hf_state_dict(E, device, dtype=torch.float32):
+    return {f"{p}.{kind}": torch.randn((E, E) if kind == "weight" else (E,), device=device, dtype=dtype) * 0.2
+            for p in ("q_proj", "k_proj", "v_proj", "out_proj") for kind in ("weight", "bias")}
+
+
+def test_fused_self_attention_matches_hf_opt_attention(device):
+    E, H, B, S = 96, 3, 2, 29
+    sd = _hf_state_dict(E, device)
+    module = FusedSelfAttention.from_hf_state_dict(sd, num_heads=H)
+    assert module.head_dim == 32 and module.qkv_proj.weight.shape == (3 * E, E)
+    attention_mask = torch.ones(B, S, dtype=torch.long, device=device)
+    attention_mask[1, :11] = 0  # HF left padding
+    x = torch.randn(B, S, E, device=device)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = module(x1, key_padding_mask=attention_mask)
+    theirs = _hf_opt_attention(x2, {k: v.clone().requires_grad_() for k, v in sd.items()}, H, attention_mask)
+    real = attention_mask.bool()  # HF's outputs at padded queries are not meaningful
+    torch.testing.assert_close(ours[real], theirs[real], rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(ours) * real[..., None]
+    ours.backward(g)
+    theirs.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_self_attention_state_dict_round_trip(device):
+    sd = _hf_state_dict(64, device)
+    module = FusedSelfAttention.from_hf_state_dict({"layers.0." + k: v for k, v in sd.items()}, num_heads=4,
+                                                   prefix="layers.0.", dropout=0.1)
+    back = module.hf_state_dict()
+    assert back.keys() == sd.keys()
+    for key in sd:
+        assert torch.equal(back[key], sd[key]), key
+    other = FusedSelfAttention(64, 4, device=device)
+    other.load_hf_state_dict(back)
+    for a, b in zip(other.state_dict().values(), module.state_dict().values()):
+        assert torch.equal(a, b)
+    no_bias = FusedSelfAttention(64, 4, bias=False, device=device)
+    assert set(no_bias.hf_state_dict()) == {"q_proj.weight", "k_proj.weight", "v_proj.weight", "out_proj.weight"}
+    with pytest.raises(KeyError, match="missing"):
+        other.load_hf_state_dict({k: v for k, v in sd.items() if k != "v_proj.bias"})
+    with pytest.raises(ValueError, match=r"q_proj.weight must have shape \(64, 64\)"):
+        other.load_hf_state_dict(dict(sd, **{"q_proj.weight": torch.zeros(64, 63)}))
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        FusedSelfAttention(64, 5)
+    with pytest.raises(ValueError, match="hidden_states must have shape"):
+        other(torch.randn(2, 3, 63, device=device))
+
+
+def test_fused_self_attention_dropout_only_in_training(device):
+    module = FusedSelfAttention(64, 4, dropout=0.5, device=device)
+    x = torch.randn(2, 12, 64, device=device)
+    module.eval()
+    assert torch.equal(module(x), module(x))
+    module.train()
+    torch.manual_seed(0)
+    a = module(x)
+    torch.manual_seed(0)
+    assert torch.equal(a, module(x))
+    assert not torch.equal(a, module(x))
+    module.eval()
+    assert not torch.equal(a, module(x))
+
+
+def test_against_transformers_opt_attention(device):
+    modeling_opt = pytest.importorskip("transformers.models.opt.modeling_opt")
+    from transformers import OPTConfig
+
+    config = OPTConfig(hidden_size=64, num_attention_heads=4, attention_dropout=0.0, enable_bias=True)
+    hf = modeling_opt.OPTAttention(config, layer_idx=0).to(device).eval()
+    ours = FusedSelfAttention.from_hf_state_dict(hf.state_dict(), num_heads=4)
+    x = torch.randn(2, 10, 64, device=device)
+    padding = torch.ones(2, 10, dtype=torch.long, device=device)
+    padding[1, :3] = 0  # left padding, as HF batches for generation
+    allowed = torch.ones(10, 10, dtype=torch.bool, device=device).tril()[None, None] & padding.bool()[:, None, None]
+    additive = torch.zeros(2, 1, 10, 10, device=device).masked_fill(~allowed, torch.finfo(x.dtype).min)
+    expected = hf(x, attention_mask=additive)[0]
+    real = padding.bool()
+    torch.testing.assert_close(ours(x, key_padding_mask=padding)[real], expected[real], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- torch.library / compile
+def test_opcheck():
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 9, 11, 2, 16, torch.float32, "cpu"))
+    mask = _padding_mask(2, 11, "left", "cpu")
+    for args in ((q, k, v, mask, True, 0.25, 0.0, 0), (q, k, v, None, False, 0.25, 0.0, 0)):
+        torch.library.opcheck(torch.ops.opt_core.attention_fwd.default, args)
+    out, lse = torch.ops.opt_core.attention_fwd(q, k, v, mask, True, 0.25, 0.0, 0)
+    assert not lse.requires_grad
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.opt_core.attention_bwd.default,
+                          (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, mask, True, 0.25, 0.0, 0))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = FusedSelfAttention(48, 3)
+        self.ln = torch.nn.LayerNorm(48)
+
+    def forward(self, x, mask):
+        return self.ln(x + self.attn(x, key_padding_mask=mask))
+
+
+def test_torch_compile_fullgraph_has_no_graph_break():
+    torch._dynamo.reset()
+    block = _Block()
+    x = torch.randn(2, 13, 48, requires_grad=True)
+    mask = _padding_mask(2, 13, "right", "cpu")
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x, mask)
+    out.sum().backward()
+    x_eager = x.detach().clone().requires_grad_()
+    expected = block(x_eager, mask)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_eager.grad, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("D", [64, 80, 128, 256])
+@pytest.mark.parametrize("causal, pad", [(True, "none"), (True, "left"), (False, "right")])
+def test_gpu_matches_float64_reference(D, dtype, causal, pad):
+    _check(2, 1024, 1024, 4, D, dtype, torch.device("cuda"), causal=causal, pad=pad)
+    _check(2, 777, 1031, 4, D, dtype, torch.device("cuda"), causal=causal, pad=pad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_dropout_matches_reference(dtype):
+    device = torch.device("cuda")
+    B, H, S, D, p, seed = 2, 4, 513, 128, 0.1, 5
+    q, k, v = _qkv(B, S, S, H, D, dtype, device)
+    keep = attn.dropout_mask(seed, p, B, H, S, S, device, dtype)
+    grad = torch.randn(B, S, H, D, dtype=torch.float64, device=device)
+    ours, ours_g = _run(lambda *t: kernels.attention(*t, dropout_p=p, seed=seed), (q, k, v), grad)
+    ref, ref_g = _run(lambda *t: reference.attention(*t, True, None, None, keep, p), (q, k, v), grad, torch.float64)
+    plain, plain_g = _run(lambda *t: reference.attention(*t, True, None, None, keep, p, upcast=False), (q, k, v), grad)
+    assert_close_to_reference("out", ours, ref, plain, factor=FORWARD_FACTOR)
+    for name, o, r, pl in zip(("dq", "dk", "dv"), ours_g, ref_g, plain_g):
+        assert_close_to_reference(name, o, r, pl, factor=GRADIENT_FACTOR)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [8192, 32768])
+def test_gpu_long_sequences_use_linear_memory(S):
+    device = torch.device("cuda")
+    q, k, v = (t.requires_grad_() for t in _qkv(1, S, S, 8, 128, torch.bfloat16, device))
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = kernels.attention(q, k, v, causal=True)
+    out.backward(torch.randn_like(out))
+    torch.cuda.synchronize()
+    # inputs, output, their gradients and small fp32 row statistics: no S x S buffer
+    linear = 16 * q.numel() * q.element_size()
+    assert torch.cuda.max_memory_allocated() - before < linear
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
