@@ -20,14 +20,16 @@ setup(
     # torch 2.11 with Triton 3.6, CI pins Triton 3.6.
     install_requires=["torch>=2.4", "triton>=3.6", "numpy"],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark"],
-        "bench": ["pytest-benchmark", "matplotlib", "nvidia-ml-py"],
+        "train": ["tokenizers", "matplotlib"],
         "hf": ["transformers", "tokenizers", "safetensors"],
+        "test": ["pytest>=8", "pytest-benchmark", "transformers", "tokenizers", "safetensors", "matplotlib"],
+        "bench": ["pytest-benchmark", "matplotlib", "nvidia-ml-py"],
     },
     entry_points={
         "console_scripts": [
             "opt-core-bench=bench.__main__:main",
             "opt-core-compile-check=kernels.compile_check:main",
+            "opt-core-train=opt_core.train:main",
         ],
     },
 )

@@ -39,7 +39,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1; then
     pip_install "numpy<2.4"
   fi
-  echo "setup: installing opt-core (editable) with its test extras"
-  pip_install --no-build-isolation -e "$ROOT[test]"
+  echo "setup: installing opt-core (editable) with its train, hf and test extras"
+  pip_install --no-build-isolation -e "$ROOT[train,hf,test]"
   echo "$want" > "$stamp"
 fi

@@ -1,0 +1,85 @@
+"""OPTConfig presets against the paper, Hugging Face round trips, FLOP accounting by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opt_core import flops
+from opt_core.config import PRESETS, OPTConfig
+
+# Parameter counts derived from the paper's Table 1 (OPT_SPEC.md §1: 125.2M ... 174.6B).
+PAPER_PARAMS = {
+    "opt-125m": 125.2e6, "opt-350m": 331.2e6, "opt-1.3b": 1.316e9, "opt-2.7b": 2.652e9, "opt-6.7b": 6.658e9,
+    "opt-13b": 12.85e9, "opt-30b": 29.97e9, "opt-66b": 65.72e9, "opt-175b": 174.6e9,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_preset_parameter_counts_match_the_paper(name):
+    config = OPTConfig.from_preset(name)
+    assert abs(config.num_parameters() / PAPER_PARAMS[name] - 1) < 5e-4
+    assert config.ffn_dim == 4 * config.hidden_size and config.max_position_embeddings == 2048
+
+
+@pytest.mark.parametrize("name", ["opt-125m", "opt-350m", "opt-175b", "test-350m"])
+def test_built_model_has_the_counted_parameters(name):
+    from opt_core.model import OPTForCausalLM
+
+    config = OPTConfig.from_preset(name)
+    model = OPTForCausalLM(config, device="meta", init=False)  # no memory, even for 175B
+    assert model.num_parameters() == config.num_parameters()
+
+
+def test_350m_quirks():
+    c = OPTConfig.from_preset("opt-350m")
+    assert not c.do_layer_norm_before and not c.has_final_layer_norm and c.word_embed_proj_dim == 512
+    assert OPTConfig.from_preset("opt-2.7b").head_dim == 80 and OPTConfig.from_preset("opt-175b").head_dim == 128
+
+
+@pytest.mark.parametrize("name", ["opt-125m", "opt-350m", "test-2.7b"])
+def test_hugging_face_config_round_trip(name):
+    pytest.importorskip("transformers")
+    config = OPTConfig.from_preset(name)
+    hf = config.to_hf()
+    back = OPTConfig.from_hf(hf)
+    assert back == config
+    assert OPTConfig.from_hf(hf.to_dict()) == config
+
+
+def test_invalid_configs_raise_named_errors():
+    with pytest.raises(ValueError, match="hidden_size .* divisible by num_heads"):
+        OPTConfig(hidden_size=100, num_heads=3)
+    with pytest.raises(ValueError, match="dropout"):
+        OPTConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="num_layers"):
+        OPTConfig(num_layers=0)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        OPTConfig(vocab_size=1)
+    with pytest.raises(ValueError, match="unknown preset"):
+        OPTConfig.from_preset("opt-7b")
+    with pytest.raises(ValueError, match="ReLU"):
+        OPTConfig.from_hf({"activation_function": "gelu"})
+
+
+def test_flops_per_token_by_hand_for_opt_125m():
+    c = OPTConfig.from_preset("opt-125m")
+    d, L, f, V, s = 768, 12, 3072, 50272, 2048
+    # matmul parameters: per layer Q, K, V, O (4 d^2) and fc1, fc2 (2 d f); the LM head V x d
+    n = L * (4 * d * d + 2 * d * f) + V * d
+    assert n == 123_543_552 == flops.matmul_parameters(c)
+    assert flops.flops_per_token(c, s) == 6 * n + 12 * L * d * s == 967_753_728
+
+
+def test_opt_175b_flops_match_the_papers_accounting():
+    # OPT_SPEC §8: Megatron's no-recompute form gives 1.076e12 FLOPs/token, the recompute form 1.434e12.
+    c = OPTConfig.from_preset("opt-175b")
+    assert abs(flops.flops_per_token(c, 2048) / 1.076e12 - 1) < 2e-3
+    assert abs(flops.hfu_flops_per_token(c, 2048) / 1.434e12 - 1) < 2e-3
+
+
+def test_mfu_and_peaks():
+    c = OPTConfig.from_preset("opt-125m")
+    assert flops.peak_flops("NVIDIA H200") == 989e12 and flops.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert flops.peak_flops("cpu") is None and flops.mfu(1e5, c, 2048, None) is None
+    assert flops.mfu(1e5, c, 2048, 312e12) == pytest.approx(1e5 * 967_753_728 / 312e12)
