@@ -154,7 +154,7 @@ PRESETS: dict[str, OPTConfig] = {
     "opt-66b": _size(9216, 64, 72),
     "opt-175b": _size(12288, 96, 96),
     # Tiny shapes for tests and the CPU demo (their vocabulary follows the data's tokenizer).
-    "tiny": _size(128, 4, 4, vocab_size=8192, max_position_embeddings=256),
+    "tiny": _size(128, 4, 4, vocab_size=4096, max_position_embeddings=256),
     "test": _size(64, 2, 4, vocab_size=512, max_position_embeddings=64),
     "test-350m": _size(64, 2, 4, vocab_size=512, max_position_embeddings=64, word_embed_proj_dim=32,
                        do_layer_norm_before=False),

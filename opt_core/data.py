@@ -100,7 +100,10 @@ TEXT_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".py", ".p
                  ".js", ".ts", ".java", ".go", ".rs", ".sh", ".html", ".htm")
 _STDLIB_SUFFIXES = (".py", ".rst", ".txt")
 # idle_test holds IDLE's test data; test/tests are CPython's test suite (not library source).
-_STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+# Tests, installed packages, and encodings/: a third of the library's bytes are
+# its generated codec tables (cp*.py), data rather than source or docs.
+_STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
+                               "encodings"})
 
 # MinHash parameters (see the design record).
 NUM_PERM = 128

@@ -5,7 +5,7 @@ metaseq had), gradient clipping at 1.0, linear warm-up from 0 then linear
 decay to 10% of the peak, dropout 0.1; fp32, bf16 (fp32 master weights) or
 fp16 (OPT's memory-efficient recipe: fp16 weights, fp32 Adam state inside the
 fused step, DynamicLossScaler starting at 4 with metaseq's options).
-FusedAdamW on a GPU, torch.optim.AdamW on the CPU.
+FusedAdamW on a GPU and for fp16/bf16, torch.optim.AdamW for fp32 on the CPU.
 
 Every step it logs loss, learning rate, gradient norm, tokens/s, TFLOP/s and MFU
 (the FLOP convention is printed with it) to the terminal and to
@@ -59,15 +59,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     d = p.add_argument_group("data")
     d.add_argument("--data", default="stdlib", help="'stdlib' (the default corpus), a folder of text files or a .jsonl file")
     d.add_argument("--tokenizer", help="a folder with GPT-2 vocab.json + merges.txt (default: train a BPE on the data)")
-    d.add_argument("--vocab-size", type=int, default=8192, help="size of the BPE trained on the data")
+    d.add_argument("--vocab-size", type=int, default=4096, help="size of the BPE trained on the data")
     d.add_argument("--max-bytes", type=int, default=4_000_000, help="cap on raw text read (0: all)")
     d.add_argument("--data-cache", default="runs/data", help="where prepared datasets are cached")
     t = p.add_argument_group("training")
     t.add_argument("--seq-len", type=int, default=128)
     t.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    t.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    t.add_argument("--steps", type=int, default=250, help="optimizer steps")
+    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     t.add_argument("--warmup", type=int, default=20, help="warm-up steps (linear from 0)")
     t.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of the peak")
     t.add_argument("--weight-decay", type=float, default=0.1)
@@ -128,7 +128,9 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 def build_optimizer(model, args, device, dtype):
     hyper = dict(lr=args.lr, betas=tuple(args.betas), eps=args.eps, weight_decay=args.weight_decay)
     params = list(model.parameters())  # one group: metaseq decayed everything, biases and LayerNorms included
-    if device.type == "cuda":
+    # FusedAdamW on a GPU, and for the low-precision recipes anywhere (fp32 moments, masters,
+    # the loss scale unscaled inside the step); torch's AdamW for fp32 on the CPU.
+    if device.type == "cuda" or dtype != torch.float32:
         return FusedAdamW(params, master_weights=dtype == torch.bfloat16 or args.master_weights,
                           max_grad_norm=args.clip or None, **hyper)
     return torch.optim.AdamW(params, foreach=True, **hyper)
@@ -235,6 +237,37 @@ def plot_losses(rows: list[dict], path: Path) -> Optional[Path]:
     return path
 
 
+class Progress:
+    """A tqdm bar with the latest metrics when attached to a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, start: int):
+        self.bar = None
+        if sys.stdout.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def metrics(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(line.split(" | ", 1)[1])
+        else:
+            print(line)
+
+    def write(self, line: str) -> None:
+        (self.bar.write if self.bar is not None else print)(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 @torch.no_grad()
 def evaluate(model, split, args, device) -> float:
     from opt_core.data import BatchIterator
@@ -328,6 +361,7 @@ def train(args: argparse.Namespace) -> dict:
     window_t, window_tokens = time.perf_counter(), 0
 
     stop_at = min(args.steps, args.stop_at) if args.stop_at else args.steps
+    progress = Progress(args.steps, step)
     while step < stop_at:
         loss_sum = torch.zeros((), device=device)
         for _ in range(args.grad_accum):
@@ -342,7 +376,7 @@ def train(args: argparse.Namespace) -> dict:
             bad_streak += 1
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
-            print(f"step {step + 1:6d} | skipped batch: loss {loss_value:.4g}"
+            progress.write(f"step {step + 1:6d} | skipped batch: loss {loss_value:.4g}"
                   + (f" > {args.spike_factor} x moving average {ema:.4g}" if spike else " is not finite")
                   + f" ({bad_streak} in a row)")
             if bad_streak >= args.max_bad_steps:
@@ -375,6 +409,7 @@ def train(args: argparse.Namespace) -> dict:
         step += 1
         tokens += tokens_per_step
         window_tokens += tokens_per_step
+        progress.advance()
 
         if step % args.log_every == 0 or step == args.steps:
             if device.type == "cuda":
@@ -388,7 +423,7 @@ def train(args: argparse.Namespace) -> dict:
                        loss_scale=scaler.get_scale() if scaler else None, skipped=skipped, tokens_per_s=tps,
                        tflops=tps * fpt / 1e12, mfu=util, seconds=seconds)
             log.add(**row)
-            print(f"step {step:6d} | loss {loss_value:.3f} | lr {row['lr']:.2e}"
+            progress.metrics(f"step {step:6d} | loss {loss_value:.3f} | lr {row['lr']:.2e}"
                   + (f" | gnorm {row['grad_norm']:.2f}" if row["grad_norm"] is not None else "")
                   + (f" | scale {row['loss_scale']:g}" if scaler else "")
                   + f" | {tps:,.0f} tok/s | {row['tflops']:.3f} TFLOP/s"
@@ -396,10 +431,11 @@ def train(args: argparse.Namespace) -> dict:
         if step % args.eval_every == 0 or step == args.steps:
             val = evaluate(model, data.val, args, device)
             log.add(step=step, tokens=tokens, val_loss=val, val_ppl=math.exp(val))
-            print(f"step {step:6d} | validation loss {val:.3f} (ppl {math.exp(val):.1f})")
+            progress.write(f"step {step:6d} | validation loss {val:.3f} (ppl {math.exp(val):.1f})")
             plot_losses(log.rows, out / "loss.png")
         if step % args.ckpt_every == 0 or step == stop_at:
             last_ckpt = save_checkpoint(out, step, payload(), args.keep)
+    progress.close()
 
     plot = out / "loss.png"
     summary = {"steps": step, "final_val_loss": log.rows[-1].get("val_loss"), "checkpoint": str(last_ckpt),

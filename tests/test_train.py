@@ -137,3 +137,36 @@ def test_bad_arguments_fail_early(corpus, tmp_path):
         train_mod.parse_args(["--warmup", "500", "--steps", "10"])
     with pytest.raises(ValueError, match="max_position_embeddings"):
         train_mod.train(_args(corpus, tmp_path / "run", "--seq-len", "100"))
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_low_precision_recipes_run(corpus, tmp_path, dtype):
+    out = tmp_path / dtype
+    summary = train_mod.train(_args(corpus, out, "--dtype", dtype, "--steps", "6", "--sample-tokens", "0"))
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
+    ckpt = torch.load(train_mod.checkpoint_paths(out)[-1], map_location="cpu", weights_only=False)
+    assert all(v.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+               for k, v in ckpt["model"].items() if v.is_floating_point())
+    if dtype == "fp16":  # OPT's recipe: dynamic loss scaling from 4, metaseq's window and floor
+        assert ckpt["scaler"]["min_scale"] == 2.0**-5 and ckpt["scaler"]["growth_interval_follows_scale"]
+    else:
+        assert ckpt["scaler"] is None
+
+
+def test_gradient_accumulation_equals_one_big_batch(corpus, tmp_path):
+    common = ("--dropout", "0.0", "--steps", "3", "--sample-tokens", "0", "--eval-every", "3")
+    train_mod.train(_args(corpus, tmp_path / "big", "--batch-size", "8", *common))
+    train_mod.train(_args(corpus, tmp_path / "accum", "--batch-size", "4", "--grad-accum", "2", *common))
+
+    def trained(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["loss"], r["grad_norm"]) for r in rows if r["loss"] is not None]
+
+    # Same data, same loss and the same gradient norm each step (a missing 1/grad_accum would
+    # double the norm; Adam itself is blind to a gradient's scale).
+    for (loss_a, norm_a), (loss_b, norm_b) in zip(trained(tmp_path / "big"), trained(tmp_path / "accum")):
+        assert loss_a == pytest.approx(loss_b, rel=1e-6) and norm_a == pytest.approx(norm_b, rel=1e-5)
+    a = _params_of(train_mod.checkpoint_paths(tmp_path / "big")[-1])
+    b = _params_of(train_mod.checkpoint_paths(tmp_path / "accum")[-1])
+    for key in a:  # summation order differs; far below one update of lr 3e-3
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
