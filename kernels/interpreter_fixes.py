@@ -13,7 +13,14 @@ and not the interpreter's quirks.  Seen with Triton 3.6; re-check on upgrades.
 2. fp32 -> bf16 casts (Triton 3.6): the interpreter truncates; compiled Triton
    rounds to nearest even.  Truncation doubles the rounding error of every bf16
    store, which a numerics test would otherwise blame on the kernel.
-3. NumPy >= 2.4 with Triton < 3.8: the interpreter turns loop bounds into ints
+3. ``tl.maximum``/``tl.minimum`` without ``propagate_nan`` (Triton 3.6): on
+   a GPU they lower to maxnum/minnum, which return the other operand when one
+   is NaN; the interpreter used np.maximum/np.minimum, which propagate it.  A
+   kernel that drops NaN on the GPU (a ReLU written as tl.maximum(x, 0)
+   hiding an fp16 overflow from the loss scaler) passed its CPU NaN tests.
+   Now np.fmax/np.fmin, the GPU's semantics.  (``tl.max`` reductions already
+   used np.nanmax.)
+4. NumPy >= 2.4 with Triton < 3.8: the interpreter turns loop bounds into ints
    with ``int()`` of a 1-element array, which NumPy 2.4 refuses; every kernel
    with a runtime loop would die with a message about scalars.  Not patched:
    refused up front with the fix in the message.
@@ -76,4 +83,6 @@ def apply() -> None:
 
     builder.create_dot = dot_with_bf16_widened
     builder.cast_impl = cast_rounding_to_nearest
+    builder.create_maxnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmax)
+    builder.create_minnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmin)
     _APPLIED = True

@@ -98,6 +98,22 @@ def test_down_casts_round_to_nearest_even_like_torch(dtype, device):
     assert torch.equal(y, x.to(dtype))
 
 
+@triton.jit
+def _max_kernel(X, Y, Z, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(X + offs)
+    tl.store(Y + offs, tl.maximum(x, 0.0))
+    tl.store(Z + offs, tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL))
+
+
+def test_maximum_drops_nan_unless_asked_like_the_gpu(device):
+    # Under the interpreter this checks interpreter_fixes' maxnum semantics.
+    x = torch.tensor([1.0, -1.0, float("nan"), 0.0] * 4, device=device)
+    y, z = torch.empty_like(x), torch.empty_like(x)
+    _max_kernel[(1,)](x, y, z, N=16)
+    assert not y.isnan().any() and torch.equal(z.isnan(), x.isnan())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_tl_dot_is_right_in_every_dtype(dtype, device):
     # Under the interpreter this checks interpreter_fixes' bf16 dot; on a GPU, the real dot.
