@@ -1,7 +1,8 @@
 """Hugging Face OPT compatibility: state-dict conversion both ways and local checkpoint loading.
 
 Our modules differ from transformers' OPTForCausalLM in two places: q/k/v are
-one fused ``qkv_proj`` (rows q, then k, then v) and fc1/fc2 live in an ``mlp``
+one fused ``qkv_proj`` (rows grouped per head: (heads, 3, head_dim), see
+``opt_core.layers.FusedSelfAttention``) and fc1/fc2 live in an ``mlp``
 submodule.  Everything else keeps its name.  Keys are accepted with or without
 the ``model.`` prefix (both exist among published OPT checkpoints); the tied
 ``lm_head.weight`` is optional on input and written on output.
@@ -19,6 +20,7 @@ from typing import Optional
 import torch
 
 from opt_core.config import OPTConfig
+from opt_core.layers import interleave_qkv, split_qkv
 
 _LAYER_RENAMES = {"fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 
@@ -49,8 +51,8 @@ def from_hf_state_dict(state_dict: dict[str, torch.Tensor], config: OPTConfig) -
             missing = {"q_proj", "k_proj", "v_proj"} - parts.keys()
             if missing:
                 raise KeyError(f"layer {i}: {kind} of {sorted(missing)} missing from the state dict")
-            out[f"decoder.layers.{i}.self_attn.qkv_proj.{kind}"] = torch.cat(
-                [parts["q_proj"], parts["k_proj"], parts["v_proj"]], dim=0)
+            out[f"decoder.layers.{i}.self_attn.qkv_proj.{kind}"] = interleave_qkv(
+                parts["q_proj"], parts["k_proj"], parts["v_proj"], config.num_heads)
     if head is not None and "decoder.embed_tokens.weight" in out:
         if not torch.equal(head, out["decoder.embed_tokens.weight"]):
             raise ValueError("lm_head.weight differs from decoder.embed_tokens.weight: OPT ties them")
@@ -60,7 +62,6 @@ def from_hf_state_dict(state_dict: dict[str, torch.Tensor], config: OPTConfig) -
 
 def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: OPTConfig) -> dict[str, torch.Tensor]:
     """opt_core OPTForCausalLM keys -> transformers OPTForCausalLM keys (with the ``model.`` prefix)."""
-    d = config.hidden_size
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key == "lm_head.weight":
@@ -72,8 +73,8 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: OPTConfig) -> 
             prefix = f"model.decoder.layers.{parts[2]}."
             if rest.startswith("self_attn.qkv_proj."):
                 kind = rest.split(".")[-1]
-                for name, chunk in zip(("q_proj", "k_proj", "v_proj"), value.split(d, dim=0)):
-                    out[f"{prefix}self_attn.{name}.{kind}"] = chunk.clone()
+                for name, chunk in zip(("q_proj", "k_proj", "v_proj"), split_qkv(value, config.num_heads)):
+                    out[f"{prefix}self_attn.{name}.{kind}"] = chunk
                 continue
             if rest.startswith("mlp."):
                 rest = rest[len("mlp."):]

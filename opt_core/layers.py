@@ -89,11 +89,26 @@ class ReLUMLP(nn.Module):
                 f"bias={self.fc1.bias is not None}")
 
 
+def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Separate q/k/v projection weights (or biases), rows head-major, -> the fused per-head layout."""
+    parts = [t.reshape(num_heads, -1, *t.shape[1:]) for t in (q, k, v)]  # (heads, head_dim, ...)
+    return torch.stack(parts, dim=1).reshape(-1, *q.shape[1:])
+
+
+def split_qkv(fused: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of ``interleave_qkv``: contiguous q, k, v."""
+    per_head = fused.reshape(num_heads, 3, -1, *fused.shape[1:])
+    return tuple(per_head[:, i].reshape(-1, *fused.shape[1:]).contiguous() for i in range(3))
+
+
 class FusedSelfAttention(nn.Module):
     """OPT's self-attention block over ``kernels.attention``.
 
-    One ``qkv_proj`` Linear (embed_dim -> 3 * embed_dim: q, k, v stacked, each
-    head-major as Hugging Face's projections are), the fused attention kernel
+    One ``qkv_proj`` Linear (embed_dim -> 3 * embed_dim) whose output rows are
+    grouped per head, Megatron's layout: (heads, 3, head_dim), q, k, v of head 0,
+    then of head 1 ...  A tensor-parallel shard of its rows is then whole heads
+    with their own q, k and v, under the same name and global shape as here, so
+    checkpoints reshard between layouts.  Then the fused attention kernel
     (softmax_scale = head_dim ** -0.5: HF OPT scales q after its bias, the same
     product), and ``out_proj``.  q, k and v are strided views of the one QKV
     activation; the kernels read them in place.
@@ -143,8 +158,8 @@ class FusedSelfAttention(nn.Module):
                 raise TypeError(f"key_padding_mask must be bool or integer 0/1, got {key_padding_mask.dtype}")
             key_padding_mask = key_padding_mask != 0
         B, S, _ = hidden_states.shape
-        qkv = self.qkv_proj(hidden_states).view(B, S, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(2)
+        qkv = self.qkv_proj(hidden_states).view(B, S, -1, 3, self.head_dim)  # local heads under tensor parallel
+        q, k, v = qkv.unbind(3)
         out = attention(
             q, k, v, causal=causal, softmax_scale=self.head_dim ** -0.5, key_padding_mask=key_padding_mask,
             dropout_p=self.dropout if self.training else 0.0,
@@ -179,17 +194,19 @@ class FusedSelfAttention(nn.Module):
             if tuple(state_dict[n].shape) != expected:
                 raise ValueError(f"{n} must have shape {expected}, got {tuple(state_dict[n].shape)}")
         with torch.no_grad():
-            self.qkv_proj.weight.copy_(torch.cat([state_dict[f"{prefix}{p}.weight"] for p in self.HF_PROJECTIONS]))
+            self.qkv_proj.weight.copy_(interleave_qkv(*(state_dict[f"{prefix}{p}.weight"] for p in self.HF_PROJECTIONS),
+                                                      self.num_heads))
             self.out_proj.weight.copy_(state_dict[f"{prefix}out_proj.weight"])
             if self.qkv_proj.bias is not None:
-                self.qkv_proj.bias.copy_(torch.cat([state_dict[f"{prefix}{p}.bias"] for p in self.HF_PROJECTIONS]))
+                self.qkv_proj.bias.copy_(interleave_qkv(*(state_dict[f"{prefix}{p}.bias"] for p in self.HF_PROJECTIONS),
+                                                        self.num_heads))
                 self.out_proj.bias.copy_(state_dict[f"{prefix}out_proj.bias"])
 
     def hf_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The weights under HF OPT's keys (copies, not views of ``qkv_proj``)."""
         out = {}
-        weights = self.qkv_proj.weight.detach().chunk(3)
-        biases = self.qkv_proj.bias.detach().chunk(3) if self.qkv_proj.bias is not None else (None,) * 3
+        weights = split_qkv(self.qkv_proj.weight.detach(), self.num_heads)
+        biases = split_qkv(self.qkv_proj.bias.detach(), self.num_heads) if self.qkv_proj.bias is not None else (None,) * 3
         for p, w, b in zip(self.HF_PROJECTIONS, weights, biases):
             out[f"{prefix}{p}.weight"] = w.clone()
             if b is not None:

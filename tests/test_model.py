@@ -173,3 +173,15 @@ def test_bad_inputs_raise_named_errors(tmp_path):
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         OPTForCausalLM.from_pretrained(tmp_path)
+
+
+def test_fused_qkv_rows_are_grouped_per_head_so_a_row_shard_is_whole_heads():
+    from opt_core.layers import interleave_qkv, split_qkv
+
+    heads, head_dim, d = 4, 3, 12
+    q, k, v = (torch.randn(d, 5) for _ in range(3))
+    fused = interleave_qkv(q, k, v, heads)
+    rank1_of_2 = fused.chunk(2)[1]  # tensor parallel over 2 ranks: rank 1's rows
+    assert torch.equal(rank1_of_2[:head_dim], q[2 * head_dim: 3 * head_dim])          # head 2's q
+    assert torch.equal(rank1_of_2[head_dim: 2 * head_dim], k[2 * head_dim: 3 * head_dim])  # head 2's k
+    assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, heads), (q, k, v)))
