@@ -12,6 +12,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ if not torch.cuda.is_available():
 from bench import harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS = ("layer_norm", "adamw", "attention", "relu_mlp")  # each names a bench/<op>.py with check() and cases()
+OPS = ("layer_norm", "adamw", "attention", "relu_mlp", "mfu")  # each names a bench/<op>.py with check() and cases()
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -58,19 +59,22 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {r}")
 
     print("\n== microbenchmarks")
-    copy_gbps = harness.copy_bandwidth_gbps(device)
-    env = harness.environment(device, copy_gbps)
+    ceilings = harness.measure_ceilings(device)
+    env = harness.environment(device, ceilings)
     if device.type == "cpu":
         print(harness.CPU_NOTE)
+    out = args.out or (ROOT / "bench" / "results" if device.type == "cuda" else ROOT / "runs" / "bench")
     rows = []
     for op, module in modules.items():
+        started = time.perf_counter()
         for case in module.cases(device, quick, tuple(DTYPES[d] for d in args.dtypes)):
-            rows += harness.run_case(case, device, copy_gbps)
+            rows += harness.run_case(case, device, ceilings)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        # Written after every op, so a run cut short by a time limit keeps what it measured.
+        json_path, md_path = harness.write_results(out, env, rows)
+        print(f"{op}: {time.perf_counter() - started:.0f}s", flush=True)
     print(harness.markdown(env, rows))
-    out = args.out or (ROOT / "bench" / "results" if device.type == "cuda" else ROOT / "runs" / "bench")
-    json_path, md_path = harness.write_results(out, env, rows)
     print(f"results: {json_path} and {md_path}")
     if failed:
         print(f"\n{failed} correctness comparison(s) FAILED (listed above)")

@@ -1,8 +1,10 @@
 """Microbenchmark harness: time a kernel and its peers in one process, on one device.
 
 On a GPU: device-side timing with ``triton.testing.do_bench`` (warm-up first,
-L2 flushed between calls, median with p20/p80), bandwidth as a fraction of the
-copy bandwidth measured in the same run, speed as a ratio to the named peer.
+L2 flushed between calls, median with p20/p80), speed as a ratio to the named
+peer, and the fraction of the roofline measured in the same run: GB/s over the
+device-to-device copy bandwidth for memory-bound cases, TFLOP/s over a bf16
+8192^3 matrix product on random data (cuBLAS) for compute-bound ones.
 
 On the CPU: the same cases at small shapes, timed by the wall clock.  The
 kernels run under Triton's interpreter there, so those numbers measure numpy,
@@ -42,6 +44,24 @@ class Case:
     baseline: str                    # the peer the ratio is taken against
     flops: int = 0                   # for compute-bound ops; 0 for memory-bound ones
     grad_to_none: list = dataclasses.field(default_factory=list)
+    warmup_ms: int = 25              # do_bench's warm-up and repeat budgets (longer for whole training steps)
+    rep_ms: int = 100
+
+
+class Lazy:
+    """A provider built just before it is timed and dropped right after (a whole model and
+    optimizer per provider: the large ones do not leave room for two at once)."""
+
+    def __init__(self, build: Callable[[], Callable[[], object]]):
+        self.build = build
+
+
+@dataclasses.dataclass(frozen=True)
+class Ceilings:
+    """The two rooflines, measured once per run on the device at hand."""
+
+    copy_gbps: float        # device-to-device copy, bytes read + written
+    gemm_tflops: float      # a large matrix product (bf16 on a GPU, fp32 on the CPU)
 
 
 @dataclasses.dataclass
@@ -55,19 +75,21 @@ class Row:
     ms_p20: float
     ms_p80: float
     gbps: float
-    fraction_of_copy_bw: float
     tflops: float
+    roofline: str                    # "copy" (memory-bound case) or "gemm" (compute-bound case)
+    fraction_of_roofline: float
     speedup_vs_baseline: float | None
     baseline: str
     error: str | None = None
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, *, rep_ms: int = 100) -> tuple[float, float, float]:
+def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, *, warmup_ms: int = 25,
+            rep_ms: int = 100) -> tuple[float, float, float]:
     """(median, p20, p80) milliseconds per call of ``fn``."""
     if device.type == "cuda":
         import triton.testing
 
-        p50, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, grad_to_none=grad_to_none,
+        p50, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
                                                 quantiles=[0.5, 0.2, 0.8])
         return p50, p20, p80
     fn()  # warm-up: first-call work (interpreter rewrite, allocator) is not timed
@@ -85,35 +107,49 @@ def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, *
     return statistics.median(times), q[0], q[3]
 
 
-def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None) -> float:
-    """Device-to-device copy bandwidth, GB/s (bytes read + bytes written)."""
-    if nbytes is None:
-        nbytes = 1 << 30 if device.type == "cuda" else 1 << 24
+def measure_ceilings(device: torch.device) -> Ceilings:
+    """Copy bandwidth (1 GiB on a GPU) and a large matrix product's rate, on random data (zeros run faster)."""
+    nbytes = 1 << 30 if device.type == "cuda" else 1 << 24
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     ms, _, _ = time_ms(lambda: dst.copy_(src), device)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+    copy_gbps = 2 * nbytes / (ms * 1e-3) / 1e9
+    del src, dst
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms, _, _ = time_ms(lambda: a @ b, device)
+    return Ceilings(copy_gbps, 2 * n**3 / (ms * 1e-3) / 1e12)
 
 
-def run_case(case: Case, device: torch.device, copy_gbps: float) -> list[Row]:
+def run_case(case: Case, device: torch.device, ceilings: Ceilings) -> list[Row]:
     timings: dict[str, tuple[float, float, float] | str] = {}
-    for name, fn in case.providers.items():
+    for name, provider in case.providers.items():
         try:
-            timings[name] = time_ms(fn, device, case.grad_to_none)
+            fn = provider.build() if isinstance(provider, Lazy) else provider
+            timings[name] = time_ms(fn, device, case.grad_to_none, warmup_ms=case.warmup_ms, rep_ms=case.rep_ms)
         except Exception as e:  # a peer that fails at a shape is reported, not fatal
             timings[name] = f"{type(e).__name__}: {e}"[:200]
+        finally:
+            fn = None
+            if isinstance(provider, Lazy) and device.type == "cuda":
+                torch.cuda.empty_cache()
     base = timings.get(case.baseline)
+    roofline = "gemm" if case.flops else "copy"
     rows = []
     for name, t in timings.items():
         if isinstance(t, str):
-            rows.append(Row(case.op, case.shape, _dtype(case.dtype), case.mode, name, float("nan"), float("nan"),
-                            float("nan"), float("nan"), float("nan"), float("nan"), None, case.baseline, t))
+            nan = float("nan")
+            rows.append(Row(case.op, case.shape, _dtype(case.dtype), case.mode, name, nan, nan, nan, nan, nan,
+                            roofline, nan, None, case.baseline, t))
             continue
         ms, p20, p80 = t
         gbps = case.bytes / (ms * 1e-3) / 1e9
+        tflops = case.flops / (ms * 1e-3) / 1e12
+        fraction = tflops / ceilings.gemm_tflops if case.flops else gbps / ceilings.copy_gbps
         speedup = base[0] / ms if isinstance(base, tuple) else None
-        rows.append(Row(case.op, case.shape, _dtype(case.dtype), case.mode, name, ms, p20, p80, gbps,
-                        gbps / copy_gbps, case.flops / (ms * 1e-3) / 1e12, speedup, case.baseline))
+        rows.append(Row(case.op, case.shape, _dtype(case.dtype), case.mode, name, ms, p20, p80, gbps, tflops,
+                        roofline, fraction, speedup, case.baseline))
     return rows
 
 
@@ -127,7 +163,7 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
-def environment(device: torch.device, copy_gbps: float) -> dict:
+def environment(device: torch.device, ceilings: Ceilings) -> dict:
     import triton
 
     env = {
@@ -136,9 +172,11 @@ def environment(device: torch.device, copy_gbps: float) -> dict:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
-        "copy_bandwidth_gbps": round(copy_gbps, 1),
-        "timing": "triton.testing.do_bench median (p20/p80), warm-up 25 ms, rep 100 ms, L2 flushed"
-        if device.type == "cuda" else "wall clock median on the CPU",
+        "copy_bandwidth_gbps": round(ceilings.copy_gbps, 1),
+        "gemm_tflops": round(ceilings.gemm_tflops, 1),
+        "gemm": "bf16 8192^3 torch.matmul, random data" if device.type == "cuda" else "fp32 512^3 torch.matmul",
+        "timing": "triton.testing.do_bench median (p20/p80), L2 flushed" if device.type == "cuda"
+        else "wall clock median on the CPU",
     }
     if device.type != "cuda":
         env["note"] = CPU_NOTE
@@ -150,19 +188,22 @@ def markdown(env: dict, rows: list[Row]) -> str:
     lines += [f"- {k}: {v}" for k, v in env.items() if k != "note"]
     if "note" in env:
         lines += ["", f"**{env['note']}**"]
-    lines += ["", "GB/s counts the minimal bytes each mode must move; `% copy` is that over the copy "
-              "bandwidth measured in the same run; `x base` is the baseline's time over this provider's.", ""]
-    header = "| op | shape | dtype | mode | provider | ms (p20-p80) | GB/s | % copy | TFLOP/s | x base |"
+    lines += ["", "GB/s counts the minimal bytes each mode must move, TFLOP/s the FLOPs written down in the op's "
+              "bench module; `% roof` is GB/s over the copy bandwidth (memory-bound cases) or TFLOP/s over the "
+              "GEMM rate (compute-bound cases), both measured in this run; `x base` is the baseline's time over "
+              "this provider's.", ""]
+    header = "| op | shape | dtype | mode | provider | ms (p20-p80) | GB/s | TFLOP/s | % roof | x base |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         if r.error:
             lines.append(f"| {r.op} | {r.shape} | {r.dtype} | {r.mode} | {r.provider} | failed: {r.error} | | | | |")
             continue
         speed = f"{r.speedup_vs_baseline:.2f} vs {r.baseline}" if r.speedup_vs_baseline is not None else ""
-        tflops = f"{r.tflops:.1f}" if r.tflops else ""
+        gbps = f"{r.gbps:.0f}" if r.roofline == "copy" else ""
+        tflops = f"{r.tflops:.1f}" if r.roofline == "gemm" else ""
         lines.append(
             f"| {r.op} | {r.shape} | {r.dtype} | {r.mode} | {r.provider} | {r.ms:.4f} ({r.ms_p20:.4f}-{r.ms_p80:.4f}) "
-            f"| {r.gbps:.0f} | {100 * r.fraction_of_copy_bw:.0f}% | {tflops} | {speed} |"
+            f"| {gbps} | {tflops} | {100 * r.fraction_of_roofline:.0f}% {r.roofline} | {speed} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,131 @@
+"""Training-step throughput and MFU: our kernels against the same model on plain PyTorch.
+
+One case per model size: a whole training step (forward, backward, clip, AdamW
+step) at sequence length 2048, timed with ``do_bench`` like every other case.
+
+- ``opt-core``: OPTForCausalLM with bf16 parameters and our kernels (LayerNorm
+  with the residual add fused, the attention kernel, the fused ReLU-MLP),
+  FusedAdamW with fp32 master weights and fused clipping.
+- ``torch-sdpa``: the same model and weights with each module's forward swapped
+  for PyTorch's ops (``F.layer_norm``, ``scaled_dot_product_attention`` with
+  ``is_causal``, ``F.linear`` + ``relu`` + ``dropout`` + add), fp32 parameters
+  under ``torch.autocast(bfloat16)``, ``clip_grad_norm_`` and
+  ``torch.optim.AdamW(fused=True)``: the standard AMP recipe.
+
+FLOPs are the model FLOPs of ``opt_core.flops`` (6N + 12·L·d·s per token, PaLM's
+convention, no causal halving, no recompute), so TFLOP/s over the device's
+dense bf16 peak is MFU; the harness also reports it against the GEMM rate
+measured in the same run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench.harness import Case, Lazy
+from kernels.testing import FORWARD_FACTOR, Comparison, compare
+from opt_core import flops
+from opt_core.config import OPTConfig
+from opt_core.layers import FusedLayerNorm, FusedSelfAttention, ReLUMLP
+from opt_core.model import OPTForCausalLM
+from opt_core.optim import FusedAdamW
+
+SEQ_LEN = 2048
+GPU_SIZES = (("opt-125m", 8), ("opt-1.3b", 8), ("opt-2.7b", 4))  # (preset, sequences per step)
+HYPER = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+# --------------------------------------------------------------------------- the plain-PyTorch peer
+class _TorchLayerNorm(FusedLayerNorm):
+    def forward(self, input, residual=None):
+        h = input if residual is None else input + residual
+        y = F.layer_norm(h, self.normalized_shape, self.weight, self.bias, self.eps)
+        return y if residual is None else (y, h)
+
+
+class _TorchAttention(FusedSelfAttention):
+    def forward(self, hidden_states, key_padding_mask=None, causal=True):
+        if key_padding_mask is not None:
+            raise NotImplementedError("the benchmark peer runs unpadded batches only")
+        B, S, _ = hidden_states.shape
+        q, k, v = self.qkv_proj(hidden_states).view(B, S, -1, 3, self.head_dim).unbind(3)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
+        return self.out_proj(out.transpose(1, 2).reshape(B, S, self.embed_dim))
+
+
+class _TorchMLP(ReLUMLP):
+    def forward(self, x, residual=None):
+        out = F.dropout(self.fc2(F.relu(self.fc1(x))), self.dropout, self.training)
+        return out if residual is None else residual + out
+
+
+def to_plain_pytorch(model: OPTForCausalLM) -> OPTForCausalLM:
+    """Swap every fused module's forward for PyTorch's own ops, in place (same parameters)."""
+    for module in model.modules():
+        for fused, plain in ((FusedLayerNorm, _TorchLayerNorm), (FusedSelfAttention, _TorchAttention),
+                             (ReLUMLP, _TorchMLP)):
+            if type(module) is fused:
+                module.__class__ = plain
+    return model
+
+
+# --------------------------------------------------------------------------- steps
+def _ours(config, batch, device):
+    model = OPTForCausalLM(config, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
+    opt = FusedAdamW(model.parameters(), master_weights=True, max_grad_norm=1.0, **HYPER)
+
+    def step():
+        loss = model(batch[:, :-1], labels=batch[:, 1:], shift_labels=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def _plain(config, batch, device):
+    model = to_plain_pytorch(OPTForCausalLM(config, device=device))
+    opt = torch.optim.AdamW(model.parameters(), fused=True, **HYPER)
+    params = list(model.parameters())
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(batch[:, :-1], labels=batch[:, 1:], shift_labels=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def cases(device: torch.device, quick: bool, dtypes=None):
+    """One whole-training-step case per model size; one model in memory at a time."""
+    sizes = GPU_SIZES if device.type == "cuda" else (("test", 2),)
+    if quick and device.type == "cuda":
+        sizes = sizes[:1]
+    for preset, batch_size in sizes:
+        config = OPTConfig.from_preset(preset)
+        seq = min(SEQ_LEN, config.max_position_embeddings)
+        batch = torch.randint(0, config.vocab_size, (batch_size, seq + 1), device=device)
+        step_flops = flops.flops_per_token(config, seq) * batch_size * seq
+        label = f"{preset} b{batch_size} s{seq} ({flops.matmul_parameters(config) / 1e6:.0f}M matmul params)"
+        providers = {name: Lazy(lambda build=build: build(config, batch, device))
+                     for name, build in (("opt-core", _ours), ("torch-sdpa", _plain))}
+        yield Case("train_step", label, torch.bfloat16, "fwd+bwd+adamw", 0, providers, "torch-sdpa",
+                   flops=step_flops, warmup_ms=2000, rep_ms=3000)
+
+
+# --------------------------------------------------------------------------- correctness
+def check(device: torch.device, quick: bool) -> list[Comparison]:
+    """The peer is the same model: the logits of both, in float32, against the float64 peer."""
+    config = OPTConfig.from_preset("test", dropout=0.0)
+    ours = OPTForCausalLM(config, device=device).eval()
+    plain = to_plain_pytorch(OPTForCausalLM(config, device=device, init=False)).eval()
+    plain.load_state_dict(ours.state_dict())
+    oracle = to_plain_pytorch(OPTForCausalLM(config, device=device, dtype=torch.float64, init=False)).eval()
+    oracle.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, config.vocab_size, (2, 48), device=device)
+    with torch.no_grad():
+        return [compare("model logits, ours vs the plain-PyTorch peer", ours(ids).logits, oracle(ids).logits,
+                        plain(ids).logits, factor=FORWARD_FACTOR)]
