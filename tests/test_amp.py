@@ -266,3 +266,28 @@ def test_bad_options_raise_named_errors():
         DynamicLossScaler("cpu", min_scale=2.0, max_scale=1.0)
     with pytest.raises(ValueError, match="growth_interval"):
         DynamicLossScaler("cpu", growth_interval=0)
+
+
+@pytest.mark.gpu
+def test_gpu_same_trajectory_as_grad_scaler_with_fused_adamw():
+    kwargs = dict(init_scale=2.0**10, growth_interval=2)
+
+    def run(scaler):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8)).cuda()
+        opt = FusedAdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0)
+        scales = []
+        for step in range(8):
+            opt.zero_grad()
+            scaler.scale(model(torch.ones(4, 8, device="cuda") * step).square().mean()).backward()
+            if step in (3, 4):
+                model[2].weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+        return scales, [p.detach().clone() for p in model.parameters()]
+
+    ours, theirs = run(DynamicLossScaler("cuda", **kwargs)), run(torch.amp.GradScaler("cuda", **kwargs))
+    assert ours[0] == theirs[0]
+    for a, b in zip(ours[1], theirs[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
