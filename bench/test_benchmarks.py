@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from bench.__main__ import OPS
+from bench.harness import Lazy
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = [c for op in OPS for c in importlib.import_module(f"bench.{op}").cases(DEVICE, quick=True)]
@@ -28,6 +29,8 @@ CASES = [c for op in OPS for c in importlib.import_module(f"bench.{op}").cases(D
 def test_bench(benchmark, case, provider):
     pytest.importorskip("pytest_benchmark")
     fn = case.providers[provider]
+    if isinstance(fn, Lazy):
+        fn = fn.build()
 
     def call():
         for t in case.grad_to_none:
