@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from bench.harness import Case
+from bench.harness import Case, mode_runner
 from kernels import reference
 from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, Comparison, compare
 
@@ -166,27 +166,12 @@ def _cases_for(shape, dtype, device):
     n = B * S * H * D * el
     leaves = (q, k, v)
 
-    def fwd(fn):
-        def run():
-            with torch.no_grad():
-                fn(*leaves)
-        return run
-
-    def bwd(fn):
-        out = fn(*leaves)
-        return lambda: out.backward(dout, retain_graph=True)
-
-    def full(fn):
-        def run():
-            fn(*leaves).backward(dout)
-        return run
-
     # fwd reads q, k, v and writes out; bwd reads q, k, v, out, dout and writes dq, dk, dv.
-    for mode, wrap, nbytes in (("fwd", fwd, 4 * n), ("bwd", bwd, 8 * n), ("fwd+bwd", full, 12 * n)):
+    for mode, nbytes in (("fwd", 4 * n), ("bwd", 8 * n), ("fwd+bwd", 12 * n)):
         wrapped = {}
         for name, fn in providers.items():
             try:
-                wrapped[name] = wrap(fn)
+                wrapped[name] = mode_runner(mode, fn, leaves, (dout,))
             except Exception as e:  # bwd runs the forward now: a failure is reported when timed
                 wrapped[name] = _failing(e)
         yield Case("attention", f"b{B}xs{S}xh{H}xd{D} causal", dtype, mode, nbytes, wrapped, baseline,

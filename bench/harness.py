@@ -83,6 +83,33 @@ class Row:
     error: str | None = None
 
 
+def mode_runner(mode: str, fn: Callable[..., object], leaves, grads) -> Callable[[], object]:
+    """What to time for one mode of an op ``fn(*leaves) -> output or tuple of outputs``.
+
+    "fwd": the forward without autograd; "bwd": the backward only (the forward
+    runs once now, its graph is kept and replayed); "fwd+bwd": both.  ``grads``
+    are the upstream gradients, one per output.
+    """
+    def outputs():
+        outs = fn(*leaves)
+        return outs if isinstance(outs, tuple) else (outs,)
+
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(*leaves)
+        return run
+    if mode == "bwd":
+        outs = outputs()
+        return lambda: torch.autograd.backward(outs, list(grads[: len(outs)]), retain_graph=True)
+    if mode == "fwd+bwd":
+        def run():
+            outs = outputs()
+            torch.autograd.backward(outs, list(grads[: len(outs)]))
+        return run
+    raise ValueError(f"mode must be 'fwd', 'bwd' or 'fwd+bwd', got {mode!r}")
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, *, warmup_ms: int = 25,
             rep_ms: int = 100) -> tuple[float, float, float]:
     """(median, p20, p80) milliseconds per call of ``fn``."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from bench.harness import Case
+from bench.harness import Case, mode_runner
 from kernels import reference
 from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, Comparison, compare
 
@@ -102,31 +102,10 @@ def _tensors(rows, N, dtype, device):
 def _modes(op, shape, dtype, el_bytes, passes, providers, baseline, leaves, grads):
     """fwd / bwd / fwd+bwd cases for providers that map leaves -> outputs."""
     fwd_passes, bwd_passes = passes
-    cases_ = []
-
-    def fwd(fn):
-        def run():
-            with torch.no_grad():
-                fn(*leaves)
-        return run
-
-    def bwd(fn):
-        outs = fn(*leaves)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        return lambda: torch.autograd.backward(outs, grads[: len(outs)], retain_graph=True)
-
-    def full(fn):
-        def run():
-            outs = fn(*leaves)
-            outs = outs if isinstance(outs, tuple) else (outs,)
-            torch.autograd.backward(outs, grads[: len(outs)])
-        return run
-
-    n = el_bytes
-    for mode, wrap, p in (("fwd", fwd, fwd_passes), ("bwd", bwd, bwd_passes), ("fwd+bwd", full, fwd_passes + bwd_passes)):
-        cases_.append(Case(op, shape, dtype, mode, p * n, {k: wrap(f) for k, f in providers.items()}, baseline,
-                           grad_to_none=list(leaves)))
-    return cases_
+    return [Case(op, shape, dtype, mode, p * el_bytes,
+                 {k: mode_runner(mode, f, leaves, grads) for k, f in providers.items()}, baseline,
+                 grad_to_none=list(leaves))
+            for mode, p in (("fwd", fwd_passes), ("bwd", bwd_passes), ("fwd+bwd", fwd_passes + bwd_passes))]
 
 
 def _plain_cases(rows, N, dtype, device):

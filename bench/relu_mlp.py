@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from bench.harness import Case
+from bench.harness import Case, mode_runner
 from kernels import reference
 from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, Comparison, compare
 
@@ -116,19 +116,10 @@ def _block_cases(M, d, dtype, device):
     bwd_bytes = el * (3 * M * d + 4 * d * ffn + 4 * M * ffn)
     shape = f"{M}x{d}x{ffn}"
 
-    def fwd(fn):
-        def run():
-            with torch.no_grad():
-                fn()
-        return run
-
-    def full(fn):
-        return lambda: fn().backward(dy)
-
-    yield Case("relu_mlp", shape, dtype, "fwd", fwd_bytes, {k: fwd(f) for k, f in providers.items()},
-               "torch-unfused", flops=2 * gemm_flops, grad_to_none=list(leaves))
-    yield Case("relu_mlp", shape, dtype, "fwd+bwd", fwd_bytes + bwd_bytes, {k: full(f) for k, f in providers.items()},
-               "torch-unfused", flops=6 * gemm_flops, grad_to_none=list(leaves))
+    for mode, nbytes, flops in (("fwd", fwd_bytes, 2 * gemm_flops), ("fwd+bwd", fwd_bytes + bwd_bytes, 6 * gemm_flops)):
+        yield Case("relu_mlp", shape, dtype, mode, nbytes,
+                   {k: mode_runner(mode, f, (), (dy,)) for k, f in providers.items()},
+                   "torch-unfused", flops=flops, grad_to_none=list(leaves))
 
 
 def _tensors(M, d, dtype, device):
