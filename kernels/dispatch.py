@@ -41,10 +41,11 @@ def use_triton(x: torch.Tensor, dtypes: Sequence[torch.dtype]) -> bool:
 
 
 @contextlib.contextmanager
-def reference_backend() -> Iterator[None]:
-    """Run every op on its ``kernels/reference.py`` path inside the block."""
+def reference_backend(enabled: bool = True) -> Iterator[None]:
+    """Run every op on its ``kernels/reference.py`` path inside the block (``enabled=False``: the kernels
+    again, inside an outer ``reference_backend()``)."""
     global _FORCE_REFERENCE
-    previous, _FORCE_REFERENCE = _FORCE_REFERENCE, True
+    previous, _FORCE_REFERENCE = _FORCE_REFERENCE, enabled
     try:
         yield
     finally:

@@ -25,6 +25,13 @@ With ``opt_core.FusedAdamW`` the scale goes to the fused step (the kernel
 unscales; the inf check is one fused statistics pass that also feeds the
 optimizer's ``max_grad_norm``).  Any other optimizer is unscaled with
 ``torch._amp_foreach_non_finite_check_and_unscale_``, as GradScaler does.
+
+Distributed (``torch.distributed`` initialized, world size > 1; FSDP, tensor
+parallel): an inf/NaN in any rank's gradient shard makes every rank skip the
+step and back off the scale.  FusedAdamW's statistics pass is already reduced
+over the world; for other optimizers the found-inf flag is all-reduced with
+MAX (DTensor gradients are checked and unscaled on their local shards).  Every
+rank must call ``unscale_``/``step`` together.
 """
 
 from __future__ import annotations
@@ -49,6 +56,30 @@ def _fresh_optimizer_state() -> dict[str, Any]:
 
 def _is_fused_adamw(optimizer) -> bool:
     return hasattr(optimizer, "_grad_stats_by_device")
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (what this rank holds and unscales); the tensor itself otherwise."""
+    if not _distributed():
+        return t
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _agree_across_ranks(found: dict[torch.device, torch.Tensor]) -> dict[torch.device, torch.Tensor]:
+    """Every device entry set to the MAX over all devices of all ranks, so every rank skips together."""
+    if not found or not _distributed():
+        return found
+    first = next(iter(found))
+    flag = torch.stack([f.to(first) for f in found.values()]).amax()
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return {d: flag.to(d) for d in found}
 
 
 class DynamicLossScaler:
@@ -163,7 +194,7 @@ class DynamicLossScaler:
         by_device_dtype: dict[torch.device, dict[torch.dtype, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
         with torch.no_grad():
             for param in grads:
-                grad = param.grad
+                grad = _local(param.grad)
                 if grad.is_sparse:
                     # Coalescing first: duplicates that overflow only when summed are caught.
                     if grad.dtype is torch.float16:
@@ -175,7 +206,7 @@ class DynamicLossScaler:
                 inv = inv_scale.to(device, non_blocking=True) if in_place else torch.ones((), device=device)
                 for grads_ in per_dtype.values():
                     torch._amp_foreach_non_finite_check_and_unscale_(grads_, found[device], inv)
-        return found
+        return _agree_across_ranks(found)
 
     def unscale_(self, optimizer) -> None:
         """Divide the optimizer's gradients by the scale, in place, and look for inf/NaN."""

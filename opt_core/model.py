@@ -127,6 +127,26 @@ class OPTForCausalLM(nn.Module):
         mask = attention_mask.long()
         return (torch.cumsum(mask, dim=1) * mask - 1) + POSITION_OFFSET
 
+    def checked_inputs(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                       labels: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(positions, key_padding_mask) for a batch, after checking its shapes (ValueError naming the argument).
+
+        ``key_padding_mask`` is None when nothing is padded, so the attention kernel skips the mask."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
+        batch, seqlen = input_ids.shape
+        if seqlen > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids has {seqlen} positions but the model has "
+                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+            if t is not None and tuple(t.shape) != (batch, seqlen):
+                raise ValueError(f"{name} must have shape {(batch, seqlen)}, got {tuple(t.shape)}")
+        if attention_mask is None:
+            positions = torch.arange(POSITION_OFFSET, seqlen + POSITION_OFFSET, device=input_ids.device)
+            return positions.expand(batch, -1), None
+        key_padding_mask = attention_mask.bool()
+        return self.positions(attention_mask), None if bool(key_padding_mask.all()) else key_padding_mask
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -142,24 +162,8 @@ class OPTForCausalLM(nn.Module):
         logits).  Labels of -100 and positions where ``attention_mask`` is 0 are
         ignored.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
-        batch, seqlen = input_ids.shape
-        if seqlen > self.config.max_position_embeddings:
-            raise ValueError(f"input_ids has {seqlen} positions but the model has "
-                             f"max_position_embeddings={self.config.max_position_embeddings}")
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch, seqlen):
-            raise ValueError(f"attention_mask must have shape {(batch, seqlen)}, got {tuple(attention_mask.shape)}")
+        positions, key_padding_mask = self.checked_inputs(input_ids, attention_mask, labels)
         dec = self.decoder
-        if attention_mask is None:
-            positions = torch.arange(POSITION_OFFSET, seqlen + POSITION_OFFSET, device=input_ids.device).expand(batch, -1)
-            key_padding_mask = None
-        else:
-            positions = self.positions(attention_mask)
-            key_padding_mask = attention_mask.bool()
-            if bool(key_padding_mask.all()):
-                key_padding_mask = None  # unpadded: let the kernel skip the mask
-
         x = dec.embed_tokens(input_ids)
         if dec.project_in is not None:
             x = dec.project_in(x)

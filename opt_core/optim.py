@@ -25,6 +25,15 @@ What it adds:
   ``torch.nn.utils.clip_grad_norm_`` whose clipping is applied inside the next
   ``step()`` (the ``.grad`` tensors are left as they are).
 - ``DTensor`` parameters (FSDP2, tensor parallel) step on their local shards.
+- Under ``torch.distributed`` (initialized, world size > 1) the gradient
+  statistics are global: the sum of squares behind ``max_grad_norm`` /
+  ``clip_grad_norm_`` is summed over every rank with each element counted once
+  (a DTensor shard once, a shard replicated over a mesh dimension or a plain
+  tensor -- a replica on every rank -- divided by its number of copies), and
+  the inf/NaN count is summed too, so every rank clips by the same norm and
+  skips the same steps.  Every rank must then call the gradient passes
+  (``step`` with clipping or ``skip_nonfinite``, ``clip_grad_norm_``, a loss
+  scaler's unscale) together.  Single-process behaviour is unchanged.
 """
 
 from __future__ import annotations
@@ -48,6 +57,28 @@ except ImportError:  # a torch built without distributed
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor; the tensor itself otherwise."""
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _world_size() -> int:
+    """The number of ranks whose gradient statistics are combined (1 without torch.distributed)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _copies(t: torch.Tensor, world: int) -> float:
+    """How many ranks hold each element of ``t``'s local data: the world over its number of distinct shards.
+
+    A DTensor is split by every non-Replicate placement of its mesh (Shard, and
+    FSDP's strided shard); a plain tensor is a replica on every rank."""
+    shards = 1
+    if DTensor is not None and isinstance(t, DTensor):
+        for i, placement in enumerate(t.placements):
+            if placement.is_partial():
+                raise ValueError("FusedAdamW: a gradient with a Partial placement is not reduced yet; "
+                                 "redistribute it (or let FSDP reduce it) before the optimizer runs")
+            if not placement.is_replicate():
+                shards *= t.device_mesh.size(i)
+    return world / shards
 
 
 class FusedAdamW(torch.optim.Optimizer):
@@ -166,7 +197,13 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def _grad_stats_by_device(self, inv_scale: Optional[torch.Tensor] = None, *, unscale_in_place: bool = False
                               ) -> dict[torch.device, tuple[torch.Tensor, torch.Tensor]]:
-        """{device: (sum of squares, non-finite count)} over every gradient, in one pass family."""
+        """{device: (sum of squares, non-finite count)} over every gradient, in one pass family.
+
+        Distributed (world size > 1): one entry holding the statistics of the
+        whole model over every rank (see the module docstring)."""
+        world = _world_size()
+        if world > 1:
+            return self._global_grad_stats(world, inv_scale, unscale_in_place)
         by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         for g in self._grads():
             by_device[g.device].append(g)
@@ -175,6 +212,29 @@ class FusedAdamW(torch.optim.Optimizer):
             inv = inv_scale.to(device, non_blocking=True) if inv_scale is not None else None
             out[device] = grad_stats(grads, inv_scale=inv, unscale_in_place=unscale_in_place)
         return out
+
+    def _global_grad_stats(self, world: int, inv_scale: Optional[torch.Tensor], unscale_in_place: bool
+                           ) -> dict[torch.device, tuple[torch.Tensor, torch.Tensor]]:
+        self._grads()  # rejects sparse gradients
+        # Grouped by (device, copies): a group's sum of squares is divided by its
+        # number of copies, so summing over the world counts every element once.
+        groups: dict[tuple[torch.device, float], list[torch.Tensor]] = defaultdict(list)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    local = _local(p.grad)
+                    groups[(local.device, _copies(p.grad, world))].append(local)
+        if not groups:
+            return {}
+        device = next(iter(groups))[0]
+        parts = []
+        for (dev, copies), grads in groups.items():
+            inv = inv_scale.to(dev, non_blocking=True) if inv_scale is not None else None
+            sumsq, bad = grad_stats(grads, inv_scale=inv, unscale_in_place=unscale_in_place)
+            parts.append(torch.stack([sumsq / copies, bad]).to(device))
+        total = torch.stack(parts).sum(dim=0)
+        torch.distributed.all_reduce(total)  # one collective for both: SUM of squares and of inf/NaN counts
+        return {device: (total[0], total[1])}
 
     @staticmethod
     def _total(stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

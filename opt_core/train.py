@@ -16,6 +16,17 @@ scaler, schedule, data position and RNG states.  A divergence guard skips a
 batch whose loss is non-finite or spikes above ``--spike-factor`` x its moving
 average, and stops with a clear message after ``--max-bad-steps`` in a row,
 leaving the last good checkpoint intact.
+
+Under ``torchrun`` (or with ``--dp``/``--tp``) the run is distributed through
+``dist``: a ("dp", "tp") mesh, Megatron tensor parallelism with sequence
+parallelism over tp, FSDP2 over dp (fp32 sharded parameters, bf16/fp16
+compute, fp32 gradient reduction), FusedAdamW with the norm and inf check
+reduced over all ranks.  ``--batch-size`` is then the global batch: dp rank r
+trains on rows [r*B/dp, (r+1)*B/dp) of the same batch a single process would
+draw, and every tp rank of a dp group on the same rows.  Rank 0 logs the
+all-rank tokens/s, TFLOP/s and MFU per GPU and every rank's peak memory;
+checkpoints are sharded (``torch.distributed.checkpoint`` folders) and resume
+at any other dp x tp layout.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -79,6 +91,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     t.add_argument("--master-weights", action="store_true", help="fp16: keep fp32 master weights")
     t.add_argument("--device", default="auto")
     t.add_argument("--seed", type=int, default=1)
+    par = p.add_argument_group("parallelism (under torchrun; see README 'Scaling out')")
+    par.add_argument("--dp", type=int, help="data-parallel (FSDP2) size; default: world size / tp")
+    par.add_argument("--tp", type=int, help="tensor-parallel size (default 1); keep it within a node")
+    par.add_argument("--no-sequence-parallel", action="store_true",
+                     help="with tp > 1: all-reduce instead of sequence-parallel all-gather/reduce-scatter")
     o = p.add_argument_group("output and robustness")
     o.add_argument("--out", default="runs/demo", help="run folder: metrics, plot, checkpoints")
     o.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -100,6 +117,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error("--min-lr-ratio must be in [0, 1]")
     if args.warmup < 0 or args.warmup >= args.steps + 1:
         p.error("--warmup must be in [0, --steps]")
+    for name in ("dp", "tp"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
     return args
 
 
@@ -125,9 +145,13 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def build_optimizer(model, args, device, dtype):
+def build_optimizer(model, args, device, dtype, distributed: bool = False):
     hyper = dict(lr=args.lr, betas=tuple(args.betas), eps=args.eps, weight_decay=args.weight_decay)
     params = list(model.parameters())  # one group: metaseq decayed everything, biases and LayerNorms included
+    if distributed:
+        # FSDP keeps the sharded parameters in fp32 (they are the master copy) and computes in
+        # `dtype`; FusedAdamW steps the DTensor shards with the norm and inf check over all ranks.
+        return FusedAdamW(params, max_grad_norm=args.clip or None, **hyper)
     # FusedAdamW on a GPU, and for the low-precision recipes anywhere (fp32 moments, masters,
     # the loss scale unscaled inside the step); torch's AdamW for fp32 on the CPU.
     if device.type == "cuda" or dtype != torch.float32:
@@ -149,6 +173,98 @@ def set_rng_state(state: dict, device) -> None:
     np.random.set_state(state["numpy"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --------------------------------------------------------------------------- distributed runs
+def wants_distributed(args) -> bool:
+    """Launched by torchrun, or asked for a layout: the dist path (sharded model and checkpoints)."""
+    return "WORLD_SIZE" in os.environ or args.dp is not None or args.tp is not None
+
+
+def peak_memory_gib(device) -> float:
+    """This process's peak: CUDA memory allocated on a GPU, the resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+@dataclasses.dataclass
+class Runtime:
+    """One process, or one rank of a dp x tp job (every rank runs the same loop on its own rows)."""
+
+    device: torch.device
+    distributed: bool = False
+    layout: Any = None  # dist.Layout
+    owns_process_group: bool = False
+
+    @classmethod
+    def start(cls, args, device) -> "Runtime":
+        if not wants_distributed(args):
+            return cls(device=device)
+        import torch.distributed as c10d
+
+        import dist
+
+        owns = not c10d.is_initialized()
+        mesh = dist.init_mesh(dp=args.dp, tp=args.tp or 1, device_type=device.type)
+        layout = dist.Layout.of(mesh)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        rt = cls(device=device, distributed=True, layout=layout, owns_process_group=owns)
+        if args.batch_size % layout.dp:
+            rt.close()
+            raise ValueError(f"--batch-size {args.batch_size} (the global batch) is not divisible by dp={layout.dp}")
+        return rt
+
+    @property
+    def rank(self) -> int:
+        return torch.distributed.get_rank() if self.distributed else 0
+
+    @property
+    def world(self) -> int:
+        return torch.distributed.get_world_size() if self.distributed else 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, block: torch.Tensor) -> torch.Tensor:
+        """This dp rank's contiguous slice of a global batch."""
+        if not self.distributed or self.layout.dp == 1:
+            return block
+        return block.view(self.layout.dp, -1, *block.shape[1:])[self.layout.dp_rank]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def max(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        from dist.mesh import object_device
+
+        t = torch.tensor([value], dtype=torch.float64, device=object_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t)
+
+    def gather(self, value: float) -> list[float]:
+        if not self.distributed:
+            return [value]
+        from dist.mesh import object_device
+
+        device = object_device()
+        out = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(self.world)]
+        torch.distributed.all_gather(out, torch.tensor([value], dtype=torch.float64, device=device))
+        return [float(t) for t in out]
+
+    def close(self) -> None:
+        if self.distributed and self.owns_process_group and torch.distributed.is_initialized():
+            # Every rank done with its last collective before any rank tears its sockets down: a gloo
+            # peer closing under another's pending receive aborts that process at exit.
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -182,19 +298,43 @@ def load_latest_checkpoint(out: Path, device) -> Optional[dict]:
     return torch.load(paths[-1], map_location=device, weights_only=False)
 
 
+def sharded_checkpoint_paths(out: Path) -> list[Path]:
+    """Complete sharded (DCP) checkpoint folders of a distributed run, oldest first."""
+    from dist.checkpoint import is_checkpoint
+
+    return sorted(p for p in (out / "checkpoints").glob("step-*") if p.is_dir() and is_checkpoint(p))
+
+
+def save_sharded_checkpoint(out: Path, step: int, model, optimizer, extra: dict, keep: int, rt: Runtime) -> Path:
+    """Every rank writes its shards (atomically, see dist.checkpoint); rank 0 prunes to the newest ``keep``."""
+    from dist.checkpoint import save_checkpoint as save_shards
+
+    path = save_shards(out / "checkpoints" / f"step-{step:08d}", model, optimizer, extra=extra)
+    if rt.main:
+        for old in sharded_checkpoint_paths(out)[:-keep]:
+            shutil.rmtree(old)
+    rt.barrier()
+    return path
+
+
 # --------------------------------------------------------------------------- logging
 class MetricsLog:
     """metrics.jsonl and metrics.csv, appended row by row (rows past a resumed step are dropped first)."""
 
+    # tokens_per_s: all ranks together; tflops and mfu: per device; peak_mem_gib: the largest rank's,
+    # mem_gib_by_rank: every rank's (space-separated, rank order).
     FIELDS = ["step", "tokens", "loss", "val_loss", "val_ppl", "lr", "grad_norm", "loss_scale", "skipped",
-              "tokens_per_s", "tflops", "mfu", "seconds"]
+              "tokens_per_s", "tflops", "mfu", "seconds", "peak_mem_gib", "mem_gib_by_rank"]
 
-    def __init__(self, out: Path, resume_step: Optional[int]):
+    def __init__(self, out: Path, resume_step: Optional[int], write: bool = True):
         self.jsonl, self.csv = out / "metrics.jsonl", out / "metrics.csv"
+        self.write = write  # rank 0 writes; the other ranks of a distributed run only keep the rows
         rows = []
         if resume_step is not None and self.jsonl.exists():
             rows = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] <= resume_step]
         self.rows = rows
+        if not write:
+            return
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
         with open(self.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.FIELDS)
@@ -204,6 +344,8 @@ class MetricsLog:
     def add(self, **row: Any) -> None:
         row = {k: row.get(k) for k in self.FIELDS}
         self.rows.append(row)
+        if not self.write:
+            return
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
         with open(self.csv, "a", newline="") as f:
@@ -240,9 +382,10 @@ def plot_losses(rows: list[dict], path: Path) -> Optional[Path]:
 class Progress:
     """A tqdm bar with the latest metrics when attached to a terminal; plain log lines otherwise."""
 
-    def __init__(self, total: int, start: int):
+    def __init__(self, total: int, start: int, enabled: bool = True):
         self.bar = None
-        if sys.stdout.isatty():
+        self.enabled = enabled  # False on the ranks of a distributed run other than 0
+        if enabled and sys.stdout.isatty():
             try:
                 from tqdm import tqdm
 
@@ -257,11 +400,12 @@ class Progress:
     def metrics(self, line: str) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(line.split(" | ", 1)[1])
-        else:
+        elif self.enabled:
             print(line)
 
     def write(self, line: str) -> None:
-        (self.bar.write if self.bar is not None else print)(line)
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(line)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -269,7 +413,8 @@ class Progress:
 
 
 @torch.no_grad()
-def evaluate(model, split, args, device) -> float:
+def evaluate(model, split, args, device, rows=lambda block: block) -> float:
+    """Mean validation loss; ``rows`` picks this rank's slice of each batch (the model's loss is global)."""
     from opt_core.data import BatchIterator
 
     model.eval()
@@ -277,7 +422,7 @@ def evaluate(model, split, args, device) -> float:
     total = 0.0
     n = min(args.eval_batches, max(1, split.num_sequences(args.seq_len) // args.batch_size))
     for _ in range(n):
-        block = next(batches).to(device)
+        block = rows(next(batches).to(device))
         total += float(model(block[:, :-1], labels=block[:, 1:], shift_labels=False).loss)
     model.train()
     return total / n
@@ -285,17 +430,34 @@ def evaluate(model, split, args, device) -> float:
 
 # --------------------------------------------------------------------------- main loop
 def train(args: argparse.Namespace) -> dict:
+    device, dtype = resolve_device_dtype(args)
+    rt = Runtime.start(args, device)
+    try:
+        return _train(args, rt, dtype)
+    finally:
+        rt.close()
+
+
+def _train(args: argparse.Namespace, rt: Runtime, dtype: torch.dtype) -> dict:
     from opt_core.data import BatchIterator, DataConfig, load_tokenizer, prepare
 
-    device, dtype = resolve_device_dtype(args)
+    device = rt.device
+    say = print if rt.main else (lambda *a, **k: None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # The same seed on every rank: every rank draws the same numbers in the same order (the initial
+    # weights, of which each keeps its shards, and the dropout seeds, which each then offsets by rank).
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
 
-    data = prepare(DataConfig(source=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                              max_bytes=args.max_bytes, seed=args.seed), args.data_cache)
+    data_config = DataConfig(source=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                             max_bytes=args.max_bytes, seed=args.seed)
+    if rt.main:  # rank 0 builds the cache; the others then find it
+        data = prepare(data_config, args.data_cache)
+    rt.barrier()
+    if not rt.main:
+        data = prepare(data_config, args.data_cache, log=None)
 
     config = OPTConfig.from_file(args.config) if args.config else OPTConfig.from_preset(args.preset)
     overrides = dict(vocab_size=data.padded_vocab_size, pad_token_id=data.pad_id, eos_token_id=data.eos_id,
@@ -306,10 +468,25 @@ def train(args: argparse.Namespace) -> dict:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
                          f"({config.max_position_embeddings})")
     config = dataclasses.replace(config, **overrides)
-    model = OPTForCausalLM(config, device=device).to(dtype)
+    # Built on the meta device (no memory, no random draws) and initialised once, right after the seed:
+    # a distributed run draws the same numbers for its shards (dist.init_weights), so every layout
+    # starts from the single-process model's weights, and no rank ever holds the full model.
+    model = OPTForCausalLM(config, device="meta", init=False)
     model.activation_checkpointing = args.activation_checkpointing
+    if rt.distributed:
+        import dist
+
+        model = dist.parallelize(model, rt.layout.mesh, sequence_parallel=not args.no_sequence_parallel,
+                                 param_dtype=None if dtype == torch.float32 else dtype)
+        model.to_empty(device=device)
+        dist.init_weights(model)
+    else:
+        model.to_empty(device=device)
+        model.lm_head.weight = model.decoder.embed_tokens.weight  # to_empty gives each module its own tensor
+        model.init_weights()
+        model = model.to(dtype)
     model.train()
-    optimizer = build_optimizer(model, args, device, dtype)
+    optimizer = build_optimizer(model, args, device, dtype, distributed=rt.distributed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup, args.steps, args.min_lr_ratio))
     scaler = None
     if dtype == torch.float16:
@@ -321,51 +498,78 @@ def train(args: argparse.Namespace) -> dict:
                          f"{args.seq_len + 1} tokens, fewer than one batch of {args.batch_size}")
 
     step, tokens, ema, bad_streak, skipped = 0, 0, None, 0, 0
-    resumed = load_latest_checkpoint(out, device) if args.resume else None
+    resumed = None
+    if args.resume and rt.distributed:
+        from dist.checkpoint import load_checkpoint as load_shards
+
+        found = sharded_checkpoint_paths(out)
+        if found:  # any layout's checkpoint: the shards are resharded to this one
+            resumed, _ = load_shards(found[-1], model, optimizer)
+    elif args.resume:
+        resumed = load_latest_checkpoint(out, device)
     if args.resume and resumed is None:
-        print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
+        other = checkpoint_paths(out) if rt.distributed else sharded_checkpoint_paths(out)
+        hint = ""
+        if other:  # a checkpoint of the other kind: say how to use it instead of silently ignoring it
+            hint = (" (it holds single-process .pt checkpoints: resume without torchrun/--dp/--tp)" if rt.distributed
+                    else " (it holds sharded checkpoints of a distributed run: resume with torchrun or --dp/--tp, "
+                         "e.g. --dp 1 --tp 1 in one process)")
+        say(f"--resume: no checkpoint in {out / 'checkpoints'}{hint}; starting from scratch")
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
+        if not rt.distributed:
+            model.load_state_dict(resumed["model"])
+            optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         if scaler is not None and resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
         train_batches.load_state_dict(resumed["data"])
         step, tokens, ema = resumed["step"], resumed["tokens"], resumed["ema"]
         bad_streak, skipped = resumed["bad_streak"], resumed["skipped"]
-        set_rng_state(resumed["rng"], device)
-        print(f"resumed from step {step}")
-    log = MetricsLog(out, step if resumed is not None else None)
+        set_rng_state(resumed["rng"], device)  # rank 0's: every rank draws the same numbers
+        say(f"resumed from step {step}")
+    log = MetricsLog(out, step if resumed is not None else None, write=rt.main)
 
     n_params = model.num_parameters()
     fpt = flops.flops_per_token(config, args.seq_len)
     peak = flops.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    tokens_per_step = args.batch_size * args.grad_accum * args.seq_len
-    print(f"model: {n_params / 1e6:.2f}M parameters ({config.num_layers} layers, d={config.hidden_size}, "
-          f"{config.num_heads} heads), {dtype}, {device}; {tokens_per_step} tokens/step")
-    print(f"{flops.CONVENTION}: {fpt / 1e6:.1f} MFLOP/token"
-          + ("" if peak else "; no MFU on this device (unknown peak)"))
+    tokens_per_step = args.batch_size * args.grad_accum * args.seq_len  # over all ranks
+    say(f"model: {n_params / 1e6:.2f}M parameters ({config.num_layers} layers, d={config.hidden_size}, "
+        f"{config.num_heads} heads), {dtype}, {device}; {tokens_per_step} tokens/step")
+    if rt.distributed:
+        lay = rt.layout
+        say(f"parallel: {rt.world} ranks = dp {lay.dp} (FSDP2) x tp {lay.tp} (tensor parallel"
+            + (", sequence parallel" if model._parallel.sp else "") + f"); {args.batch_size // lay.dp} "
+            f"sequences per dp rank per micro-batch")
+    say(f"{flops.CONVENTION}: {fpt / 1e6:.1f} MFLOP/token"
+        + ("" if peak else "; no MFU on this device (unknown peak)"))
 
-    def payload() -> dict:
+    def train_state() -> dict:
         return {"step": step, "tokens": tokens, "ema": ema, "bad_streak": bad_streak, "skipped": skipped,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                 "data": train_batches.state_dict(), "rng": rng_state(device),
                 "config": config.to_dict(), "args": vars(args)}
 
+    def save(at: int) -> Path:
+        if not rt.distributed:
+            payload = {**train_state(), "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            return save_checkpoint(out, at, payload, args.keep)
+        extra = {**train_state(), "layout": {"dp": rt.layout.dp, "tp": rt.layout.tp}}  # rank 0's copy is kept
+        return save_sharded_checkpoint(out, at, model, optimizer, extra, args.keep, rt)
+
     if resumed is None:
-        val = evaluate(model, data.val, args, device)
+        val = evaluate(model, data.val, args, device, rt.rows)
         log.add(step=0, tokens=0, val_loss=val, val_ppl=math.exp(val))
-        print(f"step {0:6d} | validation loss {val:.3f} (ppl {math.exp(val):.1f})")
-    last_ckpt = checkpoint_paths(out)[-1] if checkpoint_paths(out) else None
+        say(f"step {0:6d} | validation loss {val:.3f} (ppl {math.exp(val):.1f})")
+    existing = sharded_checkpoint_paths(out) if rt.distributed else checkpoint_paths(out)
+    last_ckpt = existing[-1] if existing else None
     window_t, window_tokens = time.perf_counter(), 0
 
     stop_at = min(args.steps, args.stop_at) if args.stop_at else args.steps
-    progress = Progress(args.steps, step)
+    progress = Progress(args.steps, step, enabled=rt.main)
     while step < stop_at:
         loss_sum = torch.zeros((), device=device)
         for _ in range(args.grad_accum):
-            block = next(train_batches).to(device, non_blocking=True)
+            block = rt.rows(next(train_batches).to(device, non_blocking=True))
             loss = model(block[:, :-1], labels=block[:, 1:], shift_labels=False).loss / args.grad_accum
             (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.detach()
@@ -414,27 +618,33 @@ def train(args: argparse.Namespace) -> dict:
         if step % args.log_every == 0 or step == args.steps:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - window_t
+            seconds = rt.max(time.perf_counter() - window_t)  # the slowest rank's time: all-rank throughput
             tps = window_tokens / seconds
             window_t, window_tokens = time.perf_counter(), 0
-            util = flops.mfu(tps, config, args.seq_len, peak)
+            per_device = tps / rt.world
+            util = flops.mfu(per_device, config, args.seq_len, peak)
+            memory = rt.gather(peak_memory_gib(device))
             row = dict(step=step, tokens=tokens, loss=loss_value, lr=scheduler.get_last_lr()[0],
                        grad_norm=float(grad_norm) if grad_norm is not None else None,
                        loss_scale=scaler.get_scale() if scaler else None, skipped=skipped, tokens_per_s=tps,
-                       tflops=tps * fpt / 1e12, mfu=util, seconds=seconds)
+                       tflops=per_device * fpt / 1e12, mfu=util, seconds=seconds, peak_mem_gib=max(memory),
+                       mem_gib_by_rank=" ".join(f"{m:.3f}" for m in memory))
             log.add(**row)
             progress.metrics(f"step {step:6d} | loss {loss_value:.3f} | lr {row['lr']:.2e}"
                   + (f" | gnorm {row['grad_norm']:.2f}" if row["grad_norm"] is not None else "")
                   + (f" | scale {row['loss_scale']:g}" if scaler else "")
-                  + f" | {tps:,.0f} tok/s | {row['tflops']:.3f} TFLOP/s"
-                  + (f" | MFU {100 * util:.1f}%" if util is not None else ""))
+                  + f" | {tps:,.0f} tok/s" + (f" (all {rt.world} ranks)" if rt.distributed else "")
+                  + f" | {row['tflops']:.3f} TFLOP/s" + ("/GPU" if rt.distributed else "")
+                  + (f" | MFU {100 * util:.1f}%" if util is not None else "")
+                  + (f" | peak mem GiB by rank {row['mem_gib_by_rank']}" if rt.distributed else ""))
         if step % args.eval_every == 0 or step == args.steps:
-            val = evaluate(model, data.val, args, device)
+            val = evaluate(model, data.val, args, device, rt.rows)
             log.add(step=step, tokens=tokens, val_loss=val, val_ppl=math.exp(val))
             progress.write(f"step {step:6d} | validation loss {val:.3f} (ppl {math.exp(val):.1f})")
-            plot_losses(log.rows, out / "loss.png")
+            if rt.main:
+                plot_losses(log.rows, out / "loss.png")
         if step % args.ckpt_every == 0 or step == stop_at:
-            last_ckpt = save_checkpoint(out, step, payload(), args.keep)
+            last_ckpt = save(step)
     progress.close()
 
     plot = out / "loss.png"
@@ -455,11 +665,15 @@ def train(args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     try:
         summary = train(args)
     except DivergenceError as e:
-        print(f"\nDIVERGENCE: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"\nDIVERGENCE: {e}", file=sys.stderr)
         return 2
+    if not main_rank:
+        return 0
     if summary["steps"] < args.steps:
         print(f"\nstopped at step {summary['steps']} of {args.steps}; continue with --resume "
               f"(checkpoint: {summary['checkpoint']})")

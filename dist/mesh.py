@@ -1,0 +1,122 @@
+"""The 2-D device mesh ("dp", "tp") that every other piece of ``dist`` works on.
+
+``init_mesh(dp=..., tp=...)`` reads what ``torchrun`` puts in the environment
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``),
+starts the default process group if nobody has (NCCL for CUDA tensors with gloo
+beside it for CPU-side objects, gloo alone on a CPU machine) and returns
+``init_device_mesh(device, (dp, tp), mesh_dim_names=("dp", "tp"))``.  A plain
+``python`` process (no ``torchrun``) gets a world of one on an in-memory store,
+so the same code runs unlaunched.
+
+Rank layout: ``tp`` is the inner (fastest-varying) dimension, so the ranks of a
+tensor-parallel group are consecutive and, with ``--nproc-per-node`` a
+multiple of ``tp``, on one node: TP's per-layer collectives stay on NVLink
+while FSDP's larger, overlappable ones cross the network.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as c10d
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+MESH_DIM_NAMES = ("dp", "tp")
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def default_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_mesh(dp: Optional[int] = None, tp: int = 1, *, device_type: Optional[str] = None) -> DeviceMesh:
+    """A ``("dp", "tp")`` DeviceMesh over every process of this job.
+
+    ``dp`` defaults to ``world_size // tp``.  Raises ``ValueError`` at once when
+    ``dp * tp`` is not the world size (the job was launched with the wrong
+    ``--nproc-per-node`` / ``--nnodes``), before any collective could hang.
+    """
+    tp = _positive_int("tp", tp)
+    if dp is not None:
+        dp = _positive_int("dp", dp)
+    device_type = device_type or default_device_type()
+    if device_type not in ("cpu", "cuda"):
+        raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}")
+
+    if c10d.is_initialized():
+        world = c10d.get_world_size()
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dp is None:
+        if world % tp:
+            raise ValueError(f"world size {world} is not divisible by tp={tp}; launch dp x tp processes")
+        dp = world // tp
+    if dp * tp != world:
+        raise ValueError(f"world size {world} != dp x tp = {dp} x {tp} = {dp * tp}; launch exactly dp x tp "
+                         f"processes (torchrun --nnodes N --nproc-per-node P with N x P = {dp * tp})")
+
+    if device_type == "cuda":
+        # Before the process group exists, so NCCL binds each rank to its own GPU.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not c10d.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+        if "RANK" in os.environ or "MASTER_ADDR" in os.environ:
+            c10d.init_process_group(backend)  # env:// from torchrun
+        else:
+            c10d.init_process_group(backend, store=c10d.HashStore(), rank=0, world_size=1)
+    return init_device_mesh(device_type, (dp, tp), mesh_dim_names=MESH_DIM_NAMES)
+
+
+def object_device() -> torch.device:
+    """Where small control tensors (flags, timings) go for a collective on the default group: the CPU
+    (gloo, also beside NCCL as init_mesh sets it up), or this rank's GPU when the group is NCCL only."""
+    if c10d.is_initialized() and str(c10d.get_backend()) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_mesh(mesh: DeviceMesh) -> None:
+    """``mesh`` must be the 2-D ("dp", "tp") mesh over the whole world that ``init_mesh`` builds."""
+    if not isinstance(mesh, DeviceMesh):
+        raise TypeError(f"mesh must be a DeviceMesh (from dist.init_mesh), got {type(mesh).__name__}")
+    if tuple(mesh.mesh_dim_names or ()) != MESH_DIM_NAMES:
+        raise ValueError(f"mesh must have dimensions named {MESH_DIM_NAMES}, got {mesh.mesh_dim_names}")
+    if mesh.size() != c10d.get_world_size():
+        raise ValueError(f"mesh covers {mesh.size()} ranks but the world has {c10d.get_world_size()}; "
+                         "dist.parallelize needs a mesh over every process")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this rank sits: its dp and tp coordinates and the groups the collectives use."""
+
+    mesh: DeviceMesh
+    dp: int
+    tp: int
+    dp_rank: int
+    tp_rank: int
+    dp_group: c10d.ProcessGroup
+    tp_group: c10d.ProcessGroup
+
+    @classmethod
+    def of(cls, mesh: DeviceMesh) -> "Layout":
+        check_mesh(mesh)
+        dp_mesh, tp_mesh = mesh["dp"], mesh["tp"]
+        return cls(mesh=mesh, dp=dp_mesh.size(), tp=tp_mesh.size(), dp_rank=dp_mesh.get_local_rank(),
+                   tp_rank=tp_mesh.get_local_rank(), dp_group=dp_mesh.get_group(), tp_group=tp_mesh.get_group())
+
+    @property
+    def tp_mesh(self) -> DeviceMesh:
+        return self.mesh["tp"]
+
+    @property
+    def dp_mesh(self) -> DeviceMesh:
+        return self.mesh["dp"]
