@@ -6,7 +6,9 @@ this PyTorch and device offer (``sdpa-flash``, ``sdpa-cudnn``,
 takes (batch, heads, seqlen, head_dim), so it gets transposed views of the same
 tensors.  Baseline: ``sdpa-flash`` (FlashAttention-2 inside PyTorch) where it
 runs, else cuDNN, else the memory-efficient kernel; every provider's time is in
-the table, so the ratio to the fastest SDPA backend can be read off too.  On the
+the table, so the ratio to the fastest SDPA backend can be read off too.  On
+sm_90 and newer, ``opt-core-no-tma`` is our kernels with the TMA loads switched
+off (``kernels.attention.TMA = "off"``): what the descriptor path buys.  On the
 CPU: one tiny shape against the math SDPA.
 
 Shapes: OPT's head layouts (heads x head_dim = 12x64 for 125M, 32x80 for 2.7B,
@@ -21,6 +23,9 @@ backward (our dQ kernel recomputes two products) is not counted.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +34,7 @@ from bench.harness import Case, mode_runner
 from kernels import reference
 from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, Comparison, compare
 
+_attention_module = importlib.import_module("kernels.attention")  # kernels.attention is the function
 OPT_HEADS = ((12, 64), (32, 80), (32, 128), (96, 128))  # heads x head_dim
 TOKENS = 16384
 SEQLENS = (2048, 8192)
@@ -117,6 +123,22 @@ def _sdpa(backend):
     return run
 
 
+@contextlib.contextmanager
+def _tma_off():
+    previous, _attention_module.TMA = _attention_module.TMA, "off"
+    try:
+        yield
+    finally:
+        _attention_module.TMA = previous
+
+
+def _calls_with_tma_off(runner):
+    def run():
+        with _tma_off():
+            return runner()
+    return run
+
+
 def _failing(error):
     def run():
         raise error
@@ -174,5 +196,9 @@ def _cases_for(shape, dtype, device):
                 wrapped[name] = mode_runner(mode, fn, leaves, (dout,))
             except Exception as e:  # bwd runs the forward now: a failure is reported when timed
                 wrapped[name] = _failing(e)
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 and dtype != torch.float32:
+            with _tma_off():
+                runner = mode_runner(mode, providers["opt-core"], leaves, (dout,))
+            wrapped["opt-core-no-tma"] = _calls_with_tma_off(runner)
         yield Case("attention", f"b{B}xs{S}xh{H}xd{D} causal", dtype, mode, nbytes, wrapped, baseline,
                    flops=flops(B, H, S, D, mode), grad_to_none=list(leaves))

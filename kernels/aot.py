@@ -9,7 +9,9 @@ explicit ``GPUTarget`` and reads off what matters:
   and STACK per kernel; a non-zero STACK means local memory, i.e. spills;
 - shared memory: ``metadata.shared`` against the target's per-block limit;
 - tensor cores: ``wgmma`` (sm_90) or ``mma`` (sm_80) in the PTX of kernels that
-  do matrix products.
+  do matrix products;
+- TMA: ``cp.async.bulk.tensor`` in the PTX of kernels that take tensor
+  descriptors (sm_90 only).
 
 Arguments are specialised the way Triton's launcher specialises them at run
 time (integers equal to 1 become constants, pointers and integers divisible by
@@ -57,6 +59,15 @@ class Case:
     num_stages: int = 1
     tensor_cores: bool = False
     archs: tuple = ARCHS      # the targets this config is used on (a Hopper-only tile lists only 90)
+    tma: bool = False         # takes tensor descriptors: the PTX must load through TMA
+
+
+@dataclasses.dataclass(frozen=True)
+class Descriptor:
+    """A TMA tensor descriptor argument: element dtype and block shape (what the launch's pre-hook sets)."""
+
+    dtype: torch.dtype
+    block_shape: tuple
 
 
 def case(name: str, fn: Any, args: dict, constexprs: dict, *, num_warps: int, num_stages: int = 1,
@@ -64,9 +75,11 @@ def case(name: str, fn: Any, args: dict, constexprs: dict, *, num_warps: int, nu
     """Build a case from the values a launch passes.
 
     ``args`` maps each runtime argument to what would be passed: a torch dtype
-    for a tensor of that dtype, None for an absent tensor, an int or a float.
+    for a tensor of that dtype, a ``Descriptor`` for a tensor descriptor, None
+    for an absent tensor, an int or a float.
     """
     signature, consts, div16 = {}, dict(constexprs), []
+    tma = False
     for arg in fn.arg_names:
         if arg in constexprs:
             signature[arg] = "constexpr"
@@ -74,7 +87,10 @@ def case(name: str, fn: Any, args: dict, constexprs: dict, *, num_warps: int, nu
         if arg not in args:
             raise ValueError(f"AOT case {name}: no value for argument {arg!r} of {fn.__name__}")
         value = args[arg]
-        if value is None:
+        if isinstance(value, Descriptor):
+            signature[arg] = f"tensordesc<{_TYPES[value.dtype]}[{', '.join(map(str, value.block_shape))}]>"
+            tma = True
+        elif value is None:
             signature[arg], consts[arg] = "constexpr", None
         elif isinstance(value, torch.dtype):
             signature[arg] = "*" + _TYPES[value]
@@ -92,8 +108,10 @@ def case(name: str, fn: Any, args: dict, constexprs: dict, *, num_warps: int, nu
             signature[arg] = "fp32"
         else:
             raise TypeError(f"AOT case {name}: cannot specialise {arg!r}={value!r}")
+    if tma and any(a < 90 for a in archs):
+        raise ValueError(f"AOT case {name}: tensor descriptors (TMA) need sm_90 or newer, got archs {archs}")
     return Case(name, fn.__module__, fn.__name__, signature, consts, tuple(div16), num_warps, num_stages,
-                tensor_cores, tuple(archs))
+                tensor_cores, tuple(archs), tma)
 
 
 _PROVIDERS: list[Callable[[], list[Case]]] = []
@@ -140,7 +158,7 @@ def compile_case(c: Case, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    result = {"case": c.name, "arch": arch, "tensor_cores_required": c.tensor_cores}
+    result = {"case": c.name, "arch": arch, "tensor_cores_required": c.tensor_cores, "tma_required": c.tma}
     start = time.perf_counter()
     try:
         fn = getattr(importlib.import_module(c.module), c.kernel)
@@ -158,6 +176,7 @@ def compile_case(c: Case, arch: int) -> dict:
             max_shared=MAX_SHARED[arch],
             wgmma=bool(re.search(r"\bwgmma\.", ptx)),
             mma=bool(re.search(r"\bmma\.sync\.", ptx)),
+            tma="cp.async.bulk.tensor" in ptx,
             error=None,
         )
     except Exception as e:  # reported per case; one failure must not hide the others
@@ -180,6 +199,8 @@ def problems(result: dict) -> list[str]:
             found.append("no wgmma in the sm_90 PTX")
         if result["arch"] < 90 and not result["mma"]:
             found.append("no mma in the sm_80 PTX")
+    if result.get("tma_required") and not result["tma"]:
+        found.append("no TMA load (cp.async.bulk.tensor) in the PTX")
     return found
 
 

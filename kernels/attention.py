@@ -62,14 +62,29 @@ Design record (newest last):
             they get smaller tiles.  The tuner keys on head_dim, the flags, the
             dtype and the power-of-two bucket of the longer sequence (not the
             exact length: variable-length batches would retune every call).
-            TMA / tensor descriptors on sm_90: not used yet; the pointer
-            kernels get wgmma from Triton 3.6.
+            (Superseded for sm_90 by the TMA entry below.)
 2026-11-29  Seeds are launch arguments that are never specialised
             (do_not_specialize), so a seed divisible by 16 does not compile a
             variant of its own.
 2026-11-29  Interpreter cost: every nested jit call re-patches triton.language
             in the interpreter, so the loops inline their loads rather than call
             a helper per tile (2.5x faster CPU tests, same compiled code).
+2026-11-29  TMA on sm_90: each kernel streams its loop operands (K, V in the
+            forward and dQ kernels; Q, dO in the dK/dV kernel) through 4-D
+            (batch, seqlen, heads, head_dim) host tensor descriptors, so the
+            loads are bulk copies into shared memory, pipelined over
+            num_stages, feeding wgmma without a register round trip (checked
+            in the TTGIR: no local_load of K/V).  The zero fill of a box past
+            seqlen or head_dim is exactly what the masked loads give, so
+            results are bitwise those of the pointer path (a test checks it).
+            Descriptors need 16-byte aligned bases and strides: head_dim 111
+            in fp16, or a misaligned slice, takes the pointer path; fp32
+            (exact FMA, operands in registers) always does.  The block shape is
+            set per autotune config by a pre-hook.  The tile held once per
+            program (q, or k and v in dK/dV) stays a pointer load, as do the
+            stores.  Freed registers admit Hopper-only tiles (lower-case
+            letters in the tables).  sm_80 keeps the pointer kernels (mma).
+            Switch: kernels.attention.TMA = "auto" | "on" | "off".
 2026-11-29  NaN semantics (the kernels are what a FlashAttention kernel does; the
             math SDPA differs and is documented in the public docstring): a NaN
             in q row i makes output row i NaN if that row sees any key; a NaN in
@@ -88,6 +103,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import aot, dispatch
 from kernels import reference
@@ -123,17 +139,26 @@ SEED_LIMIT = 2 ** 63
 # score element) takes the big tiles over the register file, so it gets smaller
 # ones.  fp32 inputs multiply on the FMA units (exact fp32) with every operand
 # in registers: small tiles only.
+#
+# Lower-case letters keep a shape for the TMA path only (sm_90): K/V tiles that
+# arrive in shared memory by TMA need no registers for addresses or masks, so
+# tiles that spill or overflow through pointer loads fit there (the forward's
+# 128x128 at head_dim 128: 210 registers, 230 KB of shared memory at 3 stages).
 _FWD_TABLE = {
-    (64, False): {(128, 64, 8, 3): "PKD", (128, 64, 8, 4): "PKD", (128, 128, 8, 3): "P", (64, 64, 4, 3): "PKD"},
-    (128, False): {(128, 64, 8, 3): "P", (128, 64, 8, 4): "P", (128, 32, 8, 3): "PKD", (64, 64, 8, 3): "PKD"},
+    (64, False): {(128, 64, 8, 3): "PKD", (128, 64, 8, 4): "PKD", (128, 128, 8, 3): "Pk", (64, 64, 4, 3): "PKD",
+                  (128, 128, 8, 4): "pk"},
+    (128, False): {(128, 64, 8, 3): "P", (128, 64, 8, 4): "P", (128, 32, 8, 3): "PKD", (64, 64, 8, 3): "PKD",
+                   (128, 128, 8, 2): "pk", (128, 128, 8, 3): "pk"},
     (256, False): {(64, 32, 8, 3): "PKD"},
     (64, True): {(32, 16, 4, 2): "PKD"},
     (128, True): {(32, 16, 4, 2): "PKD"},
     (256, True): {(32, 16, 8, 2): "PKD"},
 }
 _DKDV_TABLE = {
-    (64, False): {(32, 128, 8, 2): "PKD", (64, 128, 8, 2): "P", (32, 64, 4, 2): "PKD"},
-    (128, False): {(32, 64, 8, 2): "PKD", (64, 64, 8, 2): "P", (32, 64, 8, 3): "PKD"},
+    (64, False): {(32, 128, 8, 2): "PKD", (64, 128, 8, 2): "P", (32, 64, 4, 2): "PKD", (64, 128, 8, 3): "pk",
+                  (32, 128, 8, 3): "pk"},
+    (128, False): {(32, 64, 8, 2): "PKD", (64, 64, 8, 2): "P", (32, 64, 8, 3): "PKD", (32, 128, 8, 3): "pk",
+                   (64, 64, 8, 3): "pk"},
     # With dropout at 256 no 64-key block fits: 32 keys, mma.sync instead of wgmma.
     (256, False): {(16, 64, 8, 2): "PK", (16, 32, 8, 2): "D"},
     (64, True): {(16, 32, 4, 2): "PKD"},
@@ -141,8 +166,9 @@ _DKDV_TABLE = {
     (256, True): {(16, 32, 8, 2): "PKD"},
 }
 _DQ_TABLE = {
-    (64, False): {(128, 32, 8, 2): "PKD", (128, 64, 8, 2): "P"},
-    (128, False): {(128, 32, 8, 2): "PK", (64, 64, 8, 2): "PK", (64, 32, 4, 2): "PKD"},
+    (64, False): {(128, 32, 8, 2): "PKD", (128, 64, 8, 2): "P", (128, 64, 8, 3): "pk"},
+    (128, False): {(128, 32, 8, 2): "PK", (64, 64, 8, 2): "PK", (64, 32, 4, 2): "PKD", (128, 64, 8, 2): "pk",
+                   (128, 64, 8, 3): "pk", (64, 64, 8, 3): "pk"},
     (256, False): {(64, 32, 8, 2): "PKD"},
     (64, True): {(64, 16, 4, 2): "PKD"},
     (128, True): {(32, 16, 4, 2): "PKD"},
@@ -150,14 +176,34 @@ _DQ_TABLE = {
 }
 
 
-def _table_configs(table):
+def _descriptor_blocks(names, rows):
+    """Autotune pre-hook: the TMA descriptors among ``names`` get this config's block, [1, rows, 1, BLOCK_D] of
+    (batch, seqlen, heads, head_dim).  A launch builds them before the config is known (pointer launches
+    pass tensors, which the hook leaves alone)."""
+    def hook(nargs):
+        for name in names:
+            if isinstance(nargs[name], TensorDescriptor):
+                nargs[name].block_shape = [1, nargs[rows], 1, nargs["BLOCK_D"]]
+    return hook
+
+
+# The operands each kernel streams through its loop, and the block that sizes their tile.
+_STREAMED = {"fwd": (("K", "V"), "BLOCK_N"), "dkdv": (("Q", "DO"), "BLOCK_M"), "dq": (("K", "V"), "BLOCK_N")}
+
+
+def _config(kind, m, n, warps, stages):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages,
+                         pre_hook=_descriptor_blocks(*_STREAMED[kind]))
+
+
+def _table_configs(table, kind):
     shapes = sorted({shape for entries in table.values() for shape in entries})
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    return [_config(kind, *shape) for shape in shapes]
 
 
-FWD_CONFIGS = _table_configs(_FWD_TABLE)
-BWD_DKDV_CONFIGS = _table_configs(_DKDV_TABLE)
-BWD_DQ_CONFIGS = _table_configs(_DQ_TABLE)
+FWD_CONFIGS = _table_configs(_FWD_TABLE, "fwd")
+BWD_DKDV_CONFIGS = _table_configs(_DKDV_TABLE, "dkdv")
+BWD_DQ_CONFIGS = _table_configs(_DQ_TABLE, "dq")
 # delta = rowsum(dO * O) reads two tiles: one shape per tile width.
 BWD_PRE_CONFIGS = [triton.Config({"BLOCK_M": 64}, num_warps=4), triton.Config({"BLOCK_M": 32}, num_warps=4)]
 
@@ -179,7 +225,8 @@ def _shape(c):
 def _kept(configs, table, kwargs):
     wanted = table[_table_key(kwargs)]
     variant = _variant(kwargs)
-    return [c for c in configs if variant in wanted.get(_shape(c), "")]
+    letters = variant + variant.lower() if kwargs.get("TMA") else variant
+    return [c for c in configs if any(letter in wanted.get(_shape(c), "") for letter in letters)]
 
 
 def _prune(configs, table, kwargs):
@@ -212,9 +259,9 @@ def prune_bwd_pre_configs(configs, nargs, **kwargs):
 # with the number of blocks, not their size, so they are production-sized;
 # tests swap in smaller ones where they need more blocks.
 _INTERPRETER_CONFIGS = {
-    "fwd": [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)],
-    "dkdv": [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=1)],
-    "dq": [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)],
+    "fwd": [_config("fwd", 64, 32, 4, 1)],
+    "dkdv": [_config("dkdv", 32, 64, 4, 1)],
+    "dq": [_config("dq", 64, 32, 4, 1)],
     "pre": [triton.Config({"BLOCK_M": 64}, num_warps=4)],
 }
 
@@ -286,12 +333,15 @@ def _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, B
 # --------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_blocks(
-    acc, l_i, m_i, q, K, V, KPM, stride_ks, stride_vs, stride_mn,
+    acc, l_i, m_i, q, K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32,
     rows, drop_rows, lo, hi, seqlen_k, diag, qk_scale, dropout_p, seed,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """Online-softmax update of (acc, l_i, m_i) over the key blocks [lo, hi)."""
+    """Online-softmax update of (acc, l_i, m_i) over the key blocks [lo, hi).  With TMA, K and V are
+    (batch, seqlen, heads, head_dim) descriptors read at (b32, start_n, h32, 0); otherwise pointers
+    already at this (batch, head)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
@@ -300,7 +350,9 @@ def _fwd_blocks(
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
         n64 = tl.cast(start_n, tl.int64)
-        if MASKED or HEAD_DIM != BLOCK_D:
+        if TMA:  # rows past seqlen_k and columns past head_dim arrive as zeros
+            k = K.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
+        elif MASKED or HEAD_DIM != BLOCK_D:
             kv_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
             k = tl.load(K + n64 * stride_ks + k_offs, mask=kv_mask, other=0.0)
         else:
@@ -325,7 +377,9 @@ def _fwd_blocks(
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
             p = tl.where(_keep(seed, drop_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
-        if MASKED or HEAD_DIM != BLOCK_D:
+        if TMA:
+            v = V.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
+        elif MASKED or HEAD_DIM != BLOCK_D:
             v = tl.load(V + n64 * stride_vs + v_offs, mask=kv_mask, other=0.0)
         else:
             v = tl.load(V + n64 * stride_vs + v_offs)
@@ -342,6 +396,7 @@ def _attn_fwd_kernel(
     heads, seqlen_q, seqlen_k, seqlen_bucket, qk_scale, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # seqlen_bucket only keys the autotuner.  One flat grid (no 65535 limit on
     # batch * heads); consecutive programs share a head, last query block first.
@@ -349,11 +404,14 @@ def _attn_fwd_kernel(
     pid = tl.program_id(0)
     bh = pid // num_m
     start_m = (num_m - 1 - pid % num_m) * BLOCK_M
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
+    b32 = bh // heads
+    h32 = bh % heads
+    b = b32.to(tl.int64)
+    h = h32.to(tl.int64)
     m64 = start_m.to(tl.int64)
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    if not TMA:
+        K += b * stride_kb + h * stride_kh
+        V += b * stride_vb + h * stride_vh
     KPM += b * stride_mb
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -371,14 +429,14 @@ def _attn_fwd_kernel(
     diag = seqlen_k - seqlen_q
     full, hi = _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, K, V, KPM, stride_ks, stride_vs, stride_mn,
+        acc, l_i, m_i, q, K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32,
         rows, drop_rows, 0, full, seqlen_k, diag, qk_scale, dropout_p, seed,
-        False, CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D,
+        False, CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D, TMA,
     )
     acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, K, V, KPM, stride_ks, stride_vs, stride_mn,
+        acc, l_i, m_i, q, K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32,
         rows, drop_rows, full, hi, seqlen_k, diag, qk_scale, dropout_p, seed,
-        True, CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D,
+        True, CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D, TMA,
     )
 
     empty = l_i == 0.0  # sees no key: 0 out, even if a shared tile held 0 * NaN
@@ -423,12 +481,14 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_blocks(
-    dk, dv, k, v, key_real, Q, DO, LSE, DELTA, stride_qs, stride_dos,
+    dk, dv, k, v, key_real, Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32,
     cols, drop_base, lo, hi, seqlen_q, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
     MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key block over the query blocks [lo, hi)."""
+    """Accumulate dK, dV of one key block over the query blocks [lo, hi) (Q and dO: descriptors with TMA,
+    as K and V in the forward)."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_offs = offs_m[:, None] * stride_qs + offs_d[None, :]
@@ -437,12 +497,16 @@ def _dkdv_blocks(
         rows = start_m + offs_m
         row_ok = rows < seqlen_q
         m64 = tl.cast(start_m, tl.int64)
-        if HEAD_DIM == BLOCK_D:
-            qd_mask = row_ok[:, None]
+        if TMA:
+            q = Q.load([b32, start_m, h32, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = DO.load([b32, start_m, h32, 0]).reshape(BLOCK_M, BLOCK_D)
         else:
-            qd_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-        q = tl.load(Q + m64 * stride_qs + q_offs, mask=qd_mask, other=0.0)
-        do = tl.load(DO + m64 * stride_dos + do_offs, mask=qd_mask, other=0.0)
+            if HEAD_DIM == BLOCK_D:
+                qd_mask = row_ok[:, None]
+            else:
+                qd_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+            q = tl.load(Q + m64 * stride_qs + q_offs, mask=qd_mask, other=0.0)
+            do = tl.load(DO + m64 * stride_dos + do_offs, mask=qd_mask, other=0.0)
         # Rows past seqlen_q load q = dO = 0 and delta = 0, so they add nothing;
         # lse = +inf makes their P 0 as well rather than exp2(0 - 0) = 1.
         lse2 = tl.load(LSE + rows, mask=row_ok, other=float("inf")) * _LOG2E
@@ -475,14 +539,17 @@ def _attn_bwd_dkdv_kernel(
     heads, seqlen_q, seqlen_k, seqlen_bucket, sm_scale, qk_scale, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # Causal: the first key blocks are seen by the most queries; they start first.
     num_n = tl.cdiv(seqlen_k, BLOCK_N)
     pid = tl.program_id(0)
     bh = pid // num_n
     start_n = (pid % num_n) * BLOCK_N
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
+    b32 = bh // heads
+    h32 = bh % heads
+    b = b32.to(tl.int64)
+    h = h32.to(tl.int64)
     n64 = start_n.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -512,20 +579,21 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    Q += b * stride_qb + h * stride_qh
-    DO += b * stride_dob + h * stride_doh
+    if not TMA:
+        Q += b * stride_qb + h * stride_qh
+        DO += b * stride_dob + h * stride_doh
     LSE += bh.to(tl.int64) * seqlen_q
     DELTA += bh.to(tl.int64) * seqlen_q
     drop_base = bh.to(tl.int64) * seqlen_q * seqlen_k
     dk, dv = _dkdv_blocks(
-        dk, dv, k, v, key_real, Q, DO, LSE, DELTA, stride_qs, stride_dos,
+        dk, dv, k, v, key_real, Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32,
         cols, drop_base, lo, mid, seqlen_q, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
-        True, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_M, BLOCK_D,
+        True, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_M, BLOCK_D, TMA,
     )
     dk, dv = _dkdv_blocks(
-        dk, dv, k, v, key_real, Q, DO, LSE, DELTA, stride_qs, stride_dos,
+        dk, dv, k, v, key_real, Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32,
         cols, drop_base, mid, seqlen_q, seqlen_q, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
-        False, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_M, BLOCK_D,
+        False, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_M, BLOCK_D, TMA,
     )
 
     dk = dk * sm_scale
@@ -537,12 +605,13 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_blocks(
-    dq, q, do, lse2, delta, K, V, KPM, stride_ks, stride_vs, stride_mn,
+    dq, q, do, lse2, delta, K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32,
     rows, drop_rows, lo, hi, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """Accumulate dQ of one query block over the key blocks [lo, hi)."""
+    """Accumulate dQ of one query block over the key blocks [lo, hi) (K and V as in the forward)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
@@ -551,7 +620,10 @@ def _dq_blocks(
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
         n64 = tl.cast(start_n, tl.int64)
-        if MASKED or HEAD_DIM != BLOCK_D:
+        if TMA:
+            k = K.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = V.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
+        elif MASKED or HEAD_DIM != BLOCK_D:
             kv_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
             k = tl.load(K + n64 * stride_ks + k_offs, mask=kv_mask, other=0.0)
             v = tl.load(V + n64 * stride_vs + v_offs, mask=kv_mask, other=0.0)
@@ -584,14 +656,17 @@ def _attn_bwd_dq_kernel(
     heads, seqlen_q, seqlen_k, seqlen_bucket, sm_scale, qk_scale, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # Grid and order as in the forward.
     num_m = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // num_m
     start_m = (num_m - 1 - pid % num_m) * BLOCK_M
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
+    b32 = bh // heads
+    h32 = bh % heads
+    b = b32.to(tl.int64)
+    h = h32.to(tl.int64)
     m64 = start_m.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -610,18 +685,19 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     diag = seqlen_k - seqlen_q
     full, hi = _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    if not TMA:
+        K += b * stride_kb + h * stride_kh
+        V += b * stride_vb + h * stride_vh
     KPM += b * stride_mb
     dq = _dq_blocks(
-        dq, q, do, lse2, delta, K, V, KPM, stride_ks, stride_vs, stride_mn,
+        dq, q, do, lse2, delta, K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32,
         rows, drop_rows, 0, full, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
-        False, CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D,
+        False, CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D, TMA,
     )
     dq = _dq_blocks(
-        dq, q, do, lse2, delta, K, V, KPM, stride_ks, stride_vs, stride_mn,
+        dq, q, do, lse2, delta, K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32,
         rows, drop_rows, full, hi, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
-        True, CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D,
+        True, CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D, TMA,
     )
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + m64 * stride_dqs + offs_m[:, None] * stride_dqs + offs_d[None, :],
@@ -641,7 +717,7 @@ def _dropout_mask_kernel(OUT, seqlen_q, seqlen_k, dropout_p, seed, BLOCK_M: tl.c
 
 _fwd = triton.autotune(
     _for_launch(FWD_CONFIGS, "fwd"),
-    key=["HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "seqlen_bucket"],
+    key=["HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "TMA", "seqlen_bucket"],
     prune_configs_by={"early_config_prune": prune_fwd_configs},
 )(_attn_fwd_kernel)
 _bwd_pre = triton.autotune(
@@ -650,12 +726,12 @@ _bwd_pre = triton.autotune(
 )(_attn_bwd_preprocess_kernel)
 _bwd_dkdv = triton.autotune(
     _for_launch(BWD_DKDV_CONFIGS, "dkdv"),
-    key=["HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "seqlen_bucket"],
+    key=["HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "TMA", "seqlen_bucket"],
     prune_configs_by={"early_config_prune": prune_bwd_dkdv_configs},
 )(_attn_bwd_dkdv_kernel)
 _bwd_dq = triton.autotune(
     _for_launch(BWD_DQ_CONFIGS, "dq"),
-    key=["HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "seqlen_bucket"],
+    key=["HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "TMA", "seqlen_bucket"],
     prune_configs_by={"early_config_prune": prune_bwd_dq_configs},
 )(_attn_bwd_dq_kernel)
 
@@ -692,6 +768,43 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+# Where the loops stream their operands through TMA descriptors instead of pointer loads:
+# "auto": on GPUs that have TMA (sm_90 and newer), "on": there and under the interpreter
+# (the tests run the descriptor path this way), "off": nowhere (A/B measurements).
+TMA = "auto"
+_TMA_MODES = ("auto", "on", "off")
+_TMA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _tma_usable(*tensors) -> bool:
+    """True when the streamed operands can go through TMA: the mode allows it on this device, fp16/bf16
+    (fp32 runs the exact-FMA path, operands in registers), and the layout TMA needs: no empty axis, a
+    16-byte aligned base and 16-byte multiples as strides, unit stride along head_dim."""
+    if TMA not in _TMA_MODES:
+        raise ValueError(f"kernels.attention.TMA must be one of {_TMA_MODES}, got {TMA!r}")
+    t0 = tensors[0]
+    if TMA == "off" or t0.dtype not in _TMA_DTYPES:
+        return False
+    if t0.device.type == "cuda":
+        if torch.cuda.get_device_capability(t0.device)[0] < 9:
+            return False
+    elif not (TMA == "on" and dispatch.INTERPRET):
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.numel() == 0 or t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any(stride * size % 16 for stride in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _descriptor(t):
+    # A 4-D (batch, seqlen, heads, head_dim) descriptor; the autotune pre-hook sets its block for the
+    # chosen config.  Out-of-range rows and head_dim columns read as zeros, as the masked loads do.
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 1, 1])
+
+
 def _dropout_args(dropout_p, seed):
     if dropout_p > 0:
         return dropout_p, 1.0 / (1.0 - dropout_p), seed
@@ -708,12 +821,13 @@ def _launch_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, see
         return out, lse
     mask, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
     p, p_scale, seed = _dropout_args(dropout_p, seed)
+    tma = _tma_usable(k, v)
     _fwd[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]) * B * H,)](
-        q, k, v, mask, out, lse,
+        q, _descriptor(k) if tma else k, _descriptor(v) if tma else v, mask, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_mb, stride_mn,
         H, Sq, Sk, _seqlen_bucket(Sq, Sk), softmax_scale * LOG2E, p, p_scale, seed,
         HEAD_DIM=D, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0,
-        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block_d(D),
+        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block_d(D), TMA=tma,
     )
     return out, lse
 
@@ -740,15 +854,17 @@ def _launch_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale
     mask, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
     p, p_scale, seed = _dropout_args(dropout_p, seed)
     common = (H, Sq, Sk, _seqlen_bucket(Sq, Sk), softmax_scale, softmax_scale * LOG2E, p, p_scale, seed)
+    tma = _tma_usable(q, dout)  # the dK/dV kernel streams Q and dO
     _bwd_dkdv[lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]) * B * H,)](
-        q, k, v, mask, dout, lse, delta, dk, dv,
+        _descriptor(q) if tma else q, k, v, mask, _descriptor(dout) if tma else dout, lse, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-        stride_mb, stride_mn, *common, **flags,
+        stride_mb, stride_mn, *common, **flags, TMA=tma,
     )
+    tma = _tma_usable(k, v)  # the dQ kernel streams K and V
     _bwd_dq[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]) * B * H,)](
-        q, k, v, mask, dout, lse, delta, dq,
+        q, _descriptor(k) if tma else k, _descriptor(v) if tma else v, mask, dout, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-        stride_mb, stride_mn, *common, **flags,
+        stride_mb, stride_mn, *common, **flags, TMA=tma,
     )
     return dq, dk, dv
 
@@ -1024,23 +1140,24 @@ def _strided(prefix, strides):
     return {f"stride_{prefix}{axis}": s for axis, s in zip("bsh", strides)}
 
 
-def _aot_flags(dtype, head_dim, causal, kpm, dropout):
+def _aot_flags(dtype, head_dim, causal, kpm, dropout, tma):
     return dict(
         HEAD_DIM=head_dim, CAUSAL=causal, HAS_KPM=kpm, HAS_DROPOUT=dropout,
-        DOT_PRECISION=_dot_precision(dtype), BLOCK_D=_block_d(head_dim),
+        DOT_PRECISION=_dot_precision(dtype), BLOCK_D=_block_d(head_dim), TMA=tma,
     )
 
 
 def _aot_kernel_cases(kind, dtype, head_dim, *, causal=True, kpm=False, dropout=False, only_mask=False,
-                      configs=None):
+                      configs=None, tma=False):
     """AOT cases of one kernel ("fwd", "dkdv", "dq", "pre") for ``configs`` (by
-    default the ones the prune function keeps at this shape)."""
+    default the ones the prune function keeps at this shape); with ``tma``, the
+    streamed operands as descriptors, for sm_90 only."""
     heads = AOT_HEAD_DIMS.get(head_dim, 16)
     common, st = _aot_common(head_dim, heads, kpm, dropout)
     mask_dtype = torch.uint8 if kpm else dtype
-    flags = _aot_flags(dtype, head_dim, causal, kpm, dropout)
+    flags = _aot_flags(dtype, head_dim, causal, kpm, dropout, tma)
     tag = (f"D={head_dim},{_dtype_tag(dtype)}{',causal' if causal else ''}"
-           f"{',kpm' if kpm else ''}{',dropout' if dropout else ''}")
+           f"{',kpm' if kpm else ''}{',dropout' if dropout else ''}{',tma' if tma else ''}")
     if kind == "pre":
         fn, all_configs, prune, table = _attn_bwd_preprocess_kernel, BWD_PRE_CONFIGS, prune_bwd_pre_configs, None
         args = dict(O=dtype, DO=dtype, DELTA=torch.float32, heads=heads, seqlen_q=AOT_SEQLEN,
@@ -1076,10 +1193,16 @@ def _aot_kernel_cases(kind, dtype, head_dim, *, causal=True, kpm=False, dropout=
         rows = cfg.kwargs["BLOCK_N"] if kind == "dkdv" else cfg.kwargs["BLOCK_M"]
         tensor_cores = kind != "pre" and dtype != torch.float32 and rows >= 64
         meta = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+        launch = {k: v for k, v in args.items() if k in fn.arg_names}
+        if tma:
+            names, block = _STREAMED[kind]
+            for name in names:
+                launch[name] = aot.Descriptor(dtype, (1, cfg.kwargs[block], 1, flags["BLOCK_D"]))
         cases.append(aot.case(
             f"attention_{kind}[{tag},{meta},warps={cfg.num_warps},stages={cfg.num_stages}]",
-            fn, {k: v for k, v in args.items() if k in fn.arg_names}, dict(flags, **cfg.kwargs),
+            fn, launch, dict(flags, **cfg.kwargs),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_cores=tensor_cores,
+            archs=(90,) if tma else aot.ARCHS,
         ))
     return cases
 
@@ -1103,6 +1226,12 @@ def aot_cases():
                                                only_mask=variant == "K")
     for kind in ("fwd", "dkdv", "dq"):
         cases += _aot_kernel_cases(kind, torch.float16, 128)[:1]
+    # The TMA path (sm_90; bf16 and fp16 share it): every kept shape and variant at OPT's head dims.
+    for head_dim in (64, 80, 128):
+        for kind in ("fwd", "dkdv", "dq"):
+            for variant in (("P",) if head_dim == 80 else ("P", "K", "D")):
+                cases += _aot_kernel_cases(kind, torch.bfloat16, head_dim, kpm=variant != "P",
+                                           dropout=variant == "D", only_mask=variant == "K", tma=True)
     for head_dim in (64, 80, 128, 256):
         cases += _aot_kernel_cases("pre", torch.bfloat16, head_dim)
     return cases

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         failed += bool(issues)
         facts = ("" if r.get("error") else
                  f"REG {r['registers']:3d} STACK {r['stack']:4d} smem {r['shared']:6d}"
-                 f"{' wgmma' if r['wgmma'] else ''}{' mma' if r['mma'] else ''}")
+                 f"{' wgmma' if r['wgmma'] else ''}{' mma' if r['mma'] else ''}{' tma' if r.get('tma') else ''}")
         print(f"sm_{r['arch']} {r['case']:<60} {facts} {'; '.join(issues) or 'ok'}")
     if args.json:
         with open(args.json, "w") as f:

@@ -175,8 +175,8 @@ BLOCK_SHAPES = [
 @pytest.mark.parametrize("shapes", BLOCK_SHAPES, ids=lambda s: "-".join(f"{m}x{n}" for m, n in s))
 def test_other_block_shapes(shapes, device, monkeypatch):
     fwd, dkdv, dq = shapes
-    for tuner, (m, n) in ((attn._fwd, fwd), (attn._bwd_dkdv, dkdv), (attn._bwd_dq, dq)):
-        monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4)])
+    for kind, tuner, (m, n) in (("fwd", attn._fwd, fwd), ("dkdv", attn._bwd_dkdv, dkdv), ("dq", attn._bwd_dq, dq)):
+        monkeypatch.setattr(tuner, "configs", [attn._config(kind, m, n, 4, 1)])
         monkeypatch.setattr(tuner, "cache", {})
     _check(2, 93, 121, 2, 40, torch.float32, device, causal=True, pad="left")
     _check(2, 121, 93, 2, 40, torch.float32, device, causal=True, pad="right")
@@ -309,6 +309,72 @@ def test_dropout_matches_reference_with_the_same_mask(seqlens, pad, dtype, devic
     assert_close_to_reference("out", ours, ref, plain, factor=FORWARD_FACTOR)
     for name, o, r, pl in zip(("dq", "dk", "dv"), ours_g, ref_g, plain_g):
         assert_close_to_reference(name, o, r, pl, factor=GRADIENT_FACTOR)
+
+
+# --------------------------------------------------------------------------- TMA descriptors
+@pytest.fixture
+def tma_on(monkeypatch):
+    """The descriptor path (sm_90's TMA loads) under the interpreter; yields the list of the tensors each
+    launch built a descriptor for, so a test can tell which path ran."""
+    if not dispatch.INTERPRET:
+        pytest.skip("TMA='on' reaches the CPU only under the interpreter; GPUs take it by capability")
+    built = []
+    make = attn._descriptor
+
+    def counted(t):
+        built.append(t)
+        return make(t)
+
+    monkeypatch.setattr(attn, "TMA", "on")
+    monkeypatch.setattr(attn, "_descriptor", counted)
+    yield built
+
+
+TMA_CASES = [((113, 203), True, "left", 80, 3), ((200, 200), False, "right", 64, 2), ((1, 239), True, "none", 128, 2),
+             ((128, 128), True, "none", 64, 2), ((17, 17), False, "left", 128, 3), ((203, 113), True, "right", 64, 2)]
+
+
+@pytest.mark.parametrize("seqlens, causal, pad, D, H", TMA_CASES, ids=str)
+def test_tma_descriptor_path_matches_float64_reference(seqlens, causal, pad, D, H, device, tma_on):
+    """K/V (forward, dQ) and Q/dO (dK/dV) streamed through 4-D descriptors: the zero fill past seqlen and
+    head_dim (80 on a 128-wide tile) must stand in for the masked loads exactly."""
+    Sq, Sk = seqlens
+    _check(2, Sq, Sk, H, D, torch.float16, device, causal=causal, pad=pad)
+    assert len(tma_on) == 6, "forward (k, v), dK/dV (q, dout) and dQ (k, v) descriptors"
+
+
+def test_tma_descriptor_path_with_dropout(device, tma_on):
+    test_dropout_matches_reference_with_the_same_mask((113, 203), "left", torch.float16, device)
+    assert len(tma_on) == 6
+
+
+def test_tma_path_equals_the_pointer_path(device, tma_on, monkeypatch):
+    """Same loads, same arithmetic: the two paths agree bit for bit (a fused QKV tensor's strided views)."""
+    qkv = torch.randn(2, 150, 3, 3, 64, dtype=torch.float16, device=device)  # (batch, seq, heads, 3, head_dim)
+    q, k, v = qkv.unbind(3)
+    mask = _padding_mask(2, 150, "left", device)
+    grad = torch.randn(2, 150, 3, 64, dtype=torch.float64, device=device)
+    runs = []
+    for mode in ("on", "off"):
+        monkeypatch.setattr(attn, "TMA", mode)
+        runs.append(_run(lambda *t: kernels.attention(*t, key_padding_mask=mask), (q, k, v), grad))
+    assert len(tma_on) == 6
+    (o1, g1), (o2, g2) = runs
+    assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_tma_falls_back_where_the_layout_does_not_allow_it(device, tma_on, monkeypatch):
+    # head_dim 111 in fp16: 222-byte row strides, not 16-byte multiples
+    _check(1, 40, 40, 2, 111, torch.float16, device, causal=True)
+    # a base 2 bytes past a 16-byte boundary
+    k = torch.randn(1, 41 * 2 * 64 + 1, dtype=torch.float16, device=device)[:, 1:].view(1, 41, 2, 64)
+    assert not attn._tma_usable(k)
+    # fp32 multiplies on the FMA units with its operands in registers: no descriptors
+    _check(1, 40, 40, 2, 64, torch.float32, device, causal=True)
+    assert tma_on == []
+    monkeypatch.setattr(attn, "TMA", "sometimes")
+    with pytest.raises(ValueError, match="kernels.attention.TMA must be one of"):
+        kernels.attention(*_qkv(1, 4, 4, 1, 16, torch.float16, device))
 
 
 # --------------------------------------------------------------------------- NaN
@@ -600,6 +666,14 @@ def test_torch_compile_fullgraph_has_no_graph_break():
 def test_gpu_matches_float64_reference(D, dtype, causal, pad):
     _check(2, 1024, 1024, 4, D, dtype, torch.device("cuda"), causal=causal, pad=pad)
     _check(2, 777, 1031, 4, D, dtype, torch.device("cuda"), causal=causal, pad=pad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 80, 128])
+def test_gpu_pointer_path_where_tma_is_available(D, monkeypatch):
+    """On sm_90 the tests above take the TMA path; this keeps the pointer path (sm_80's) checked there too."""
+    monkeypatch.setattr(attn, "TMA", "off")
+    _check(2, 777, 1031, 4, D, torch.bfloat16, torch.device("cuda"), causal=True, pad="left")
 
 
 @pytest.mark.gpu
