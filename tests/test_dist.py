@@ -507,7 +507,12 @@ def _check_parity_4_and_save(rank, world, ckpt, ref_file):
     gradient and 10 steps; found-inf agreement; then a run that saves at dp2 x tp2 and carries on."""
     assert world == 4
     _check_mappings(rank, world)
+    _check_linears(rank, world)
     _check_vocab_parallel(rank, world, prime=31)
+    # tp4: one head per rank, vocabulary 124 = 4 x 31 and ffn 76 = 4 x 19 (prime slices), 21 tokens padded to 24.
+    dense, par = _models(_mesh(1, 4), _config(vocab_size=124, ffn_dim=76))
+    ids, mask = _batch(torch.Generator().manual_seed(16), 1, masked=True)
+    _check_loss_and_grads(dense, par, ids, mask, "tp4")
     mesh = _mesh(2, 2)
     dense, par = _models(mesh)
     gen = torch.Generator().manual_seed(9)
@@ -578,6 +583,17 @@ def _after_load_matches(model, opt, ref, what, rows=lambda t: t):
         _close(full, expected, f"{what}: {name} after the step after loading", rtol=1e-4, atol=1e-5)
 
 
+def _load_at_tp2(rank, world, ckpt, ref_file):
+    import dist
+
+    ref = torch.load(ref_file, weights_only=False)
+    _, model = _models(_mesh(1, 2), seed=321)
+    opt = FusedAdamW(model.parameters(), lr=5e-3, betas=(0.8, 0.9), weight_decay=0.0, max_grad_norm=0.5)
+    extra, rank_state = dist.load_checkpoint(ckpt, model, opt)
+    assert extra == {"step": 2} and rank_state == {"rank": rank}
+    _after_load_matches(model, opt, ref, "saved at dp2 x tp2, loaded at tp2")
+
+
 def _load_at_dp4(rank, world, ckpt, ref_file):
     import dist
 
@@ -596,14 +612,15 @@ def test_tp2_and_dp2_equal_the_single_process_model(tmp_path):
 
 
 def test_dp2_x_tp2_parity_found_inf_and_a_checkpoint_that_reshards(tmp_path):
-    """4 processes: dp2 x tp2 parity, found-inf on one rank, save; 4 processes again at dp4: load; then one
-    process without torch.distributed: load into a plain OPTForCausalLM."""
+    """4 processes: tp4 and dp2 x tp2 parity, found-inf on one rank, save; load at dp4 (4 processes), at tp2
+    (2 processes), and in one process without torch.distributed into a plain OPTForCausalLM."""
     import dist
 
     ckpt, ref_file = tmp_path / "ckpt", tmp_path / "ref.pt"
     spawn(4, _check_parity_4_and_save, tmp_path, ckpt, ref_file)
     assert dist.checkpoint.is_checkpoint(ckpt) and not (tmp_path / ".ckpt.tmp").exists()
     spawn(4, _load_at_dp4, tmp_path, ckpt, ref_file)
+    spawn(2, _load_at_tp2, tmp_path, ckpt, ref_file)
 
     ref = torch.load(ref_file, weights_only=False)
     with dispatch.reference_backend(), pytest.warns(UserWarning, match="single process"):
