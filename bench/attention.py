@@ -23,14 +23,13 @@ backward (our dQ kernel recomputes two products) is not counted.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 
 import torch
 import torch.nn.functional as F
 
 import kernels
-from bench.harness import Case, mode_runner
+from bench.harness import Case, has_tma, mode_runner, with_switch
 from kernels import reference
 from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, Comparison, compare
 
@@ -123,22 +122,6 @@ def _sdpa(backend):
     return run
 
 
-@contextlib.contextmanager
-def _tma_off():
-    previous, _attention_module.TMA = _attention_module.TMA, "off"
-    try:
-        yield
-    finally:
-        _attention_module.TMA = previous
-
-
-def _calls_with_tma_off(runner):
-    def run():
-        with _tma_off():
-            return runner()
-    return run
-
-
 def _failing(error):
     def run():
         raise error
@@ -196,9 +179,8 @@ def _cases_for(shape, dtype, device):
                 wrapped[name] = mode_runner(mode, fn, leaves, (dout,))
             except Exception as e:  # bwd runs the forward now: a failure is reported when timed
                 wrapped[name] = _failing(e)
-        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 and dtype != torch.float32:
-            with _tma_off():
-                runner = mode_runner(mode, providers["opt-core"], leaves, (dout,))
-            wrapped["opt-core-no-tma"] = _calls_with_tma_off(runner)
+        if has_tma(device) and dtype != torch.float32:
+            wrapped["opt-core-no-tma"] = with_switch(
+                _attention_module, "TMA", "off", lambda: mode_runner(mode, providers["opt-core"], leaves, (dout,)))
         yield Case("attention", f"b{B}xs{S}xh{H}xd{D} causal", dtype, mode, nbytes, wrapped, baseline,
                    flops=flops(B, H, S, D, mode), grad_to_none=list(leaves))

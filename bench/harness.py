@@ -13,6 +13,7 @@ not kernels; every CPU report says so.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -108,6 +109,34 @@ def mode_runner(mode: str, fn: Callable[..., object], leaves, grads) -> Callable
             torch.autograd.backward(outs, list(grads[: len(outs)]))
         return run
     raise ValueError(f"mode must be 'fwd', 'bwd' or 'fwd+bwd', got {mode!r}")
+
+
+def has_tma(device: torch.device) -> bool:
+    """A GPU with TMA (sm_90 or newer), where the kernels' descriptor paths run by default."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@contextlib.contextmanager
+def _switched(module, name: str, value):
+    previous = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, previous)
+
+
+def with_switch(module, name: str, value, build: Callable[[], Callable[[], object]]) -> Callable[[], object]:
+    """A runner built by ``build()`` and timed with ``module.name = value`` (a kernel module's switch, such
+    as ``TMA = "off"`` for an A/B row): set while building (a "bwd" runner runs its forward then) and
+    around every call."""
+    with _switched(module, name, value):
+        runner = build()
+
+    def run():
+        with _switched(module, name, value):
+            return runner()
+    return run
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, *, warmup_ms: int = 25,

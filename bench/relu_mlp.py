@@ -4,8 +4,9 @@ The block, ``residual + dropout(fc2(relu(fc1(x))))`` with dropout 0.1, against
 the unfused PyTorch sequence (``F.linear``, ``relu``, ``F.dropout``, add; the
 baseline), forward and forward+backward.  Each of our six GEMM kernels (with
 its fused epilogue) against ``torch.matmul`` alone on the same operand views
-(cuBLAS on a GPU).  FLOPs count 2*M*d*ffn per GEMM: 2 in the forward, 4 in the
-backward.
+(cuBLAS on a GPU).  On sm_90 and newer, ``opt-core-no-tma`` is ours with the
+TMA loads switched off (``kernels.relu_mlp.TMA = "off"``).  FLOPs count
+2*M*d*ffn per GEMM: 2 in the forward, 4 in the backward.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from bench.harness import Case, mode_runner
+from bench.harness import Case, has_tma, mode_runner, with_switch
 from kernels import reference
 from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, Comparison, compare
 
@@ -117,9 +118,12 @@ def _block_cases(M, d, dtype, device):
     shape = f"{M}x{d}x{ffn}"
 
     for mode, nbytes, flops in (("fwd", fwd_bytes, 2 * gemm_flops), ("fwd+bwd", fwd_bytes + bwd_bytes, 6 * gemm_flops)):
-        yield Case("relu_mlp", shape, dtype, mode, nbytes,
-                   {k: mode_runner(mode, f, (), (dy,)) for k, f in providers.items()},
-                   "torch-unfused", flops=flops, grad_to_none=list(leaves))
+        runners = {k: mode_runner(mode, f, (), (dy,)) for k, f in providers.items()}
+        if has_tma(device) and dtype != torch.float32:
+            runners["opt-core-no-tma"] = with_switch(mlp, "TMA", "off",
+                                                     lambda: mode_runner(mode, providers["opt-core"], (), (dy,)))
+        yield Case("relu_mlp", shape, dtype, mode, nbytes, runners, "torch-unfused", flops=flops,
+                   grad_to_none=list(leaves))
 
 
 def _tensors(M, d, dtype, device):
@@ -160,6 +164,9 @@ def _gemm_cases(M, d, dtype, device):
     for name, (ours, (a, b), out, (rows, cols, inner)) in gemms.items():
         def theirs(a=a, b=b, out=out):
             return torch.matmul(a, b, out=out)
+        runners = {"opt-core": ours, "torch.matmul": theirs}
+        if has_tma(device) and dtype != torch.float32:
+            runners["opt-core-no-tma"] = with_switch(mlp, "TMA", "off", lambda ours=ours: ours)
         yield Case(f"relu_mlp gemm {name}", f"{rows}x{cols}x{inner}", dtype, "fwd",
-                   el * (rows * inner + inner * cols + rows * cols), {"opt-core": ours, "torch.matmul": theirs},
-                   "torch.matmul", flops=2 * rows * cols * inner)
+                   el * (rows * inner + inner * cols + rows * cols), runners, "torch.matmul",
+                   flops=2 * rows * cols * inner)

@@ -768,35 +768,16 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-# Where the loops stream their operands through TMA descriptors instead of pointer loads:
-# "auto": on GPUs that have TMA (sm_90 and newer), "on": there and under the interpreter
-# (the tests run the descriptor path this way), "off": nowhere (A/B measurements).
+# Where the loops stream their operands through TMA descriptors instead of pointer loads
+# ("auto" | "on" | "off", see dispatch.tma_enabled).
 TMA = "auto"
-_TMA_MODES = ("auto", "on", "off")
-_TMA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _tma_usable(*tensors) -> bool:
-    """True when the streamed operands can go through TMA: the mode allows it on this device, fp16/bf16
-    (fp32 runs the exact-FMA path, operands in registers), and the layout TMA needs: no empty axis, a
-    16-byte aligned base and 16-byte multiples as strides, unit stride along head_dim."""
-    if TMA not in _TMA_MODES:
-        raise ValueError(f"kernels.attention.TMA must be one of {_TMA_MODES}, got {TMA!r}")
-    t0 = tensors[0]
-    if TMA == "off" or t0.dtype not in _TMA_DTYPES:
-        return False
-    if t0.device.type == "cuda":
-        if torch.cuda.get_device_capability(t0.device)[0] < 9:
-            return False
-    elif not (TMA == "on" and dispatch.INTERPRET):
-        return False
-    for t in tensors:
-        size = t.element_size()
-        if t.numel() == 0 or t.stride(-1) != 1 or t.data_ptr() % 16:
-            return False
-        if any(stride * size % 16 for stride in t.stride()[:-1]):
-            return False
-    return True
+    """True when the streamed operands go through TMA: the switch allows it on this device and dtype, and
+    each has the layout a (batch, seqlen, heads, head_dim) descriptor needs."""
+    return (dispatch.tma_enabled(TMA, tensors[0], "kernels.attention.TMA")
+            and all(dispatch.tma_aligned(t) for t in tensors))
 
 
 def _descriptor(t):

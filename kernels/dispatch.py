@@ -120,3 +120,31 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+# TMA (sm_90's tensor memory accelerator): kernels with a descriptor path read a module switch,
+# "auto": on GPUs that have TMA, "on": there and under the interpreter (how the CPU tests run the
+# descriptor path), "off": nowhere (A/B measurements).
+TMA_MODES = ("auto", "on", "off")
+TMA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def tma_enabled(mode: str, x: torch.Tensor, switch: str) -> bool:
+    """Whether a kernel whose switch ``switch`` is set to ``mode`` takes its TMA path for operands like ``x``:
+    fp16/bf16 only (fp32 multiplies on the FMA units with its operands in registers)."""
+    if mode not in TMA_MODES:
+        raise ValueError(f"{switch} must be one of {TMA_MODES}, got {mode!r}")
+    if mode == "off" or x.dtype not in TMA_DTYPES:
+        return False
+    if x.device.type == "cuda":
+        return torch.cuda.get_device_capability(x.device)[0] >= 9
+    return mode == "on" and INTERPRET
+
+
+def tma_aligned(t: torch.Tensor, contiguous_dim: int = -1) -> bool:
+    """TMA's layout rules for a descriptor over ``t`` with unit stride along ``contiguous_dim``: no empty
+    axis, a 16-byte aligned base, and every other stride a multiple of 16 bytes."""
+    if t.numel() == 0 or t.stride(contiguous_dim) != 1 or t.data_ptr() % 16:
+        return False
+    other = [s for i, s in enumerate(t.stride()) if i != contiguous_dim % t.dim()]
+    return all(s * t.element_size() % 16 == 0 for s in other)

@@ -79,11 +79,26 @@ Design record (newest last):
             the graph); reading a CPU tensor never syncs the GPU.  The kernels
             do not specialise on it (do_not_specialize), so a new seed never
             recompiles.
+2026-11-29  TMA on sm_90: the mainloop reads A and B through 2-D host tensor
+            descriptors over the operands as stored (a transposed view, W^T,
+            g^T or dh^T, is a descriptor over its storage with the tile
+            transposed after the load), so tiles arrive in shared memory by
+            bulk copies pipelined over num_stages and feed wgmma directly.
+            Tiles past M, N or K arrive as zeros, so no wrap-around or K mask
+            is needed, and the products are bitwise the pointer path's (a test
+            checks it).  Each GEMM decides alone: both operands need 16-byte
+            aligned bases and row strides (d = 100 in fp16 leaves fc1, dh, dx
+            and the weight gradients on pointers, fc2 on TMA); fp32 never takes
+            it.  Block shapes come from the config's pre-hook.  Two 4-stage
+            configs that only sm_90's shared memory holds join the pool there.
+            Epilogues and stores stay pointer-based.  sm_80 keeps the pointer
+            mainloop (mma).  Switch: kernels.relu_mlp.TMA = "auto" | "on" | "off".
 2026-11-29  AOT: every kernel at d = 768, 2560, 12288 (ffn = 4d, 16k tokens) for
             each config the pruner keeps, bf16, fp16 and fp32.  Those widths
             specialise identically (multiples of 16), and dW1/dW2 share one
             kernel and layout, so each distinct compile is listed once with
-            every role and width it covers: 72 cases, 144 compiles.
+            every role and width it covers: 72 cases, 144 compiles, plus the TMA
+            path in bf16 for sm_90 only: 35 more (179 compiles).
 """
 
 from __future__ import annotations
@@ -95,6 +110,7 @@ from typing import Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import aot, dispatch
 from kernels import reference
@@ -102,17 +118,29 @@ from kernels.validation import check_float, check_same_device, check_shape, chec
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Shared memory a config may use: below sm_80's 163 KiB per block, with room for
-# the epilogue's layout conversions.
+# the epilogue's layout conversions; the TMA-only (sm_90) configs below sm_90's 227 KiB.
 SMEM_BUDGET = 160 * 1024
+TMA_SMEM_BUDGET = 220 * 1024
 # Largest seed the public function accepts: Philox's key is 64 bits, and the
 # seed travels as an int64.
 MAX_SEED = 2**63 - 1
 
 
 # --------------------------------------------------------------------------- configs
+def _descriptor_blocks(nargs):
+    """Autotune pre-hook: TMA descriptors get this config's tiles, [BLOCK_M, BLOCK_K] of A and [BLOCK_K,
+    BLOCK_N] of B, or their transposes where the operand is stored the other way round (A_T, B_T).  Pointer
+    launches pass tensors, which it leaves alone."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    if isinstance(nargs["A"], TensorDescriptor):
+        nargs["A"].block_shape = [bk, bm] if nargs["A_T"] else [bm, bk]
+    if isinstance(nargs["B"], TensorDescriptor):
+        nargs["B"].block_shape = [bn, bk] if nargs["B_T"] else [bk, bn]
+
+
 def _gemm_config(bm, bn, bk, warps, stages, group_m=8):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-                         num_warps=warps, num_stages=stages)
+                         num_warps=warps, num_stages=stages, pre_hook=_descriptor_blocks)
 
 
 # fp16/bf16: wgmma/mma tiles.  128x256 and 256x128 with two warpgroups are the
@@ -132,8 +160,15 @@ FP32_CONFIGS = [
     _gemm_config(64, 64, 16, 4, 3),
     _gemm_config(128, 64, 32, 8, 3),
 ]
-GEMM_CONFIGS = HALF_CONFIGS + FP32_CONFIGS
+# The TMA path only (sm_90, 227 KiB of shared memory): a fourth stage for the two-warpgroup tiles.  Loads
+# by TMA need no address registers: these compile at 154-222 registers without spills (AOT check).
+TMA_ONLY_CONFIGS = [
+    _gemm_config(128, 256, 64, 8, 4),
+    _gemm_config(256, 128, 64, 8, 4),
+]
+GEMM_CONFIGS = HALF_CONFIGS + FP32_CONFIGS + TMA_ONLY_CONFIGS
 _FP32_IDS = {id(c) for c in FP32_CONFIGS}
+_TMA_ONLY_IDS = {id(c) for c in TMA_ONLY_CONFIGS}
 
 DROPOUT_BWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w)
@@ -154,7 +189,10 @@ def prune_gemm_configs(configs, nargs, **kwargs):
     and is not the smallest on offer: a 256-row tile for 40 tokens only wastes
     the SM.  The smallest tile if nothing is left."""
     fp32 = kwargs["INPUT_PRECISION"] == "ieee"
-    pool = [c for c in configs if (id(c) in _FP32_IDS) == fp32 and _smem_bytes(c, 4 if fp32 else 2) <= SMEM_BUDGET]
+    tma = bool(kwargs.get("TMA"))
+    budget = TMA_SMEM_BUDGET if tma else SMEM_BUDGET
+    pool = [c for c in configs if (id(c) in _FP32_IDS) == fp32 and (tma or id(c) not in _TMA_ONLY_IDS)
+            and _smem_bytes(c, 4 if fp32 else 2) <= budget]
     M, N = nargs["M"], nargs["N"]
     min_m = min(c.kwargs["BLOCK_M"] for c in pool)
     min_n = min(c.kwargs["BLOCK_N"] for c in pool)
@@ -272,8 +310,42 @@ def _tile_coordinates(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 @triton.jit
 def _mainloop(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_N] tile (pid_m, pid_n) of A @ B."""
+              INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] tile (pid_m, pid_n) of A @ B.  With TMA, A and B are 2-D descriptors over the
+    operands as stored (A_T: A is stored (K, M); B_T: B is stored (N, K)), tiles past the edges arrive as
+    zeros; otherwise pointers read through the strides."""
+    if TMA:
+        acc = _tma_mainloop(A, B, K, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, A_T, B_T)
+    else:
+        acc = _pointer_mainloop(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
+                                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _tma_mainloop(A, B, K, pid_m, pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr):
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        off_k = k * BLOCK_K
+        if A_T:
+            a = tl.trans(A.load([off_k, off_m]))
+        else:
+            a = A.load([off_m, off_k])
+        if B_T:
+            b = tl.trans(B.load([off_n, off_k]))
+        else:
+            b = B.load([off_k, off_n])
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _pointer_mainloop(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr):
     # Rows and columns past the edge wrap around (rm % M) instead of being
     # masked: they load valid memory and their results are never stored, and
     # without the row/column predicates the 128-register-accumulator configs
@@ -340,14 +412,14 @@ def _fwd_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_rn, stride_cm,
     seed, drop_threshold, drop_scale,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, DROPOUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C = [RES +] [dropout]([relu](A @ B [+ BIAS])): GEMM 1 with bias and ReLU,
     GEMM 2 with bias, dropout and the residual add."""
     pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _mainloop(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, TMA, A_T, B_T)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     col0 = pid_n * BLOCK_N
     if BLOCK_N >= 128:
@@ -386,14 +458,15 @@ def _dh_kernel(
     A, B, H, DH, DB_PART,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_hm, stride_dhm,
-    HAS_DBIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_DBIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr, A_T: tl.constexpr,
+    B_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """DH = where(H <= 0, 0, A @ B) (A = g, B = W2) and, per row tile, the fp32
     column sums of DH (the db1 partials)."""
     pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _mainloop(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, TMA, A_T, B_T)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     col0 = pid_n * BLOCK_N
     if BLOCK_N >= 128:
@@ -419,13 +492,13 @@ def _matmul_kernel(
     A, B, C,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C = A @ B: dx = dh @ W1 and the weight gradients dW2 = g^T @ h, dW1 = dh^T @ x."""
     pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _mainloop(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, TMA, A_T, B_T)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     col0 = pid_n * BLOCK_N
     if BLOCK_N >= 128:
@@ -471,7 +544,7 @@ def _dropout_bwd_kernel(
         tl.store(DB_PART + pid_r.to(tl.int64) * N + cols, db, mask=col_ok)
 
 
-_GEMM_KEY = ["M", "N", "K", "INPUT_PRECISION"]
+_GEMM_KEY = ["M", "N", "K", "INPUT_PRECISION", "TMA", "A_T", "B_T"]
 _GEMM_PRUNE = {"early_config_prune": prune_gemm_configs}
 _fwd = triton.autotune(_for_launch(GEMM_CONFIGS, _INTERP_GEMM), key=_GEMM_KEY + ["RELU", "DROPOUT", "HAS_RESIDUAL"],
                        prune_configs_by=_GEMM_PRUNE)(_fwd_kernel)
@@ -488,6 +561,31 @@ def _input_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Whether the GEMMs read their operands through TMA descriptors ("auto" | "on" | "off", see
+# dispatch.tma_enabled).
+TMA = "auto"
+
+
+def _tma_operand(t):
+    """(descriptor, stored transposed) for a 2-D operand view, or None where TMA cannot read it: the view
+    itself when its rows are contiguous, else the transposed storage it is a view of (W^T, g^T, dh^T)."""
+    if t.stride(1) == 1 and dispatch.tma_aligned(t, 1):
+        return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [1, 1]), False
+    if t.stride(0) == 1 and dispatch.tma_aligned(t, 0):
+        return TensorDescriptor(t, [t.shape[1], t.shape[0]], [t.stride(1), 1], [1, 1]), True
+    return None
+
+
+def _operands(a, b):
+    """(A, B, flags) to launch a GEMM on the views a (M, K) and b (K, N): descriptors where the switch, the
+    device and both layouts allow (the block shapes are set by the config's pre-hook), else the tensors."""
+    if dispatch.tma_enabled(TMA, a, "kernels.relu_mlp.TMA"):
+        da, db = _tma_operand(a), _tma_operand(b)
+        if da is not None and db is not None:
+            return da[0], db[0], dict(TMA=True, A_T=da[1], B_T=db[1])
+    return a, b, dict(TMA=False, A_T=False, B_T=False)
+
+
 def _gemm_grid(M, N):
     return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
@@ -502,9 +600,10 @@ def _launch_matmul(a, b, c):
     """c = a @ b for 2-D views with any strides (c contiguous)."""
     M, K = a.shape
     N = b.shape[1]
+    A, B, layout = _operands(a, b)
     _matmul[_gemm_grid(M, N)](
-        a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
-        INPUT_PRECISION=_input_precision(a.dtype),
+        A, B, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+        INPUT_PRECISION=_input_precision(a.dtype), **layout,
     )
 
 
@@ -512,12 +611,13 @@ def _launch_fc1(x, w1, b1, h):
     """GEMM 1: h = relu(x @ W1^T + b1); W1^T is W1 read with its strides swapped."""
     M, d = x.shape
     ffn = w1.shape[0]
+    A, B, layout = _operands(x, w1.t())
     _fwd[_gemm_grid(M, ffn)](
-        x, w1, b1, None, h, M, ffn, d,
+        A, B, b1, None, h, M, ffn, d,
         x.stride(0), x.stride(1), w1.stride(1), w1.stride(0), 0, 0, h.stride(0),
         0, 0, 1.0,
         HAS_BIAS=b1 is not None, RELU=True, DROPOUT=False, HAS_RESIDUAL=False,
-        INPUT_PRECISION=_input_precision(x.dtype),
+        INPUT_PRECISION=_input_precision(x.dtype), **layout,
     )
 
 
@@ -526,14 +626,15 @@ def _launch_fc2(h, w2, b2, residual, seed, p, out):
     M, ffn = h.shape
     d = w2.shape[0]
     seed_, threshold, scale = _dropout_args(seed, p)
+    A, B, layout = _operands(h, w2.t())
     _fwd[_gemm_grid(M, d)](
-        h, w2, b2, residual, out, M, d, ffn,
+        A, B, b2, residual, out, M, d, ffn,
         h.stride(0), h.stride(1), w2.stride(1), w2.stride(0),
         residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
         out.stride(0),
         seed_, threshold, scale,
         HAS_BIAS=b2 is not None, RELU=False, DROPOUT=p > 0.0, HAS_RESIDUAL=residual is not None,
-        INPUT_PRECISION=_input_precision(h.dtype),
+        INPUT_PRECISION=_input_precision(h.dtype), **layout,
     )
 
 
@@ -547,10 +648,11 @@ def _launch_dh(g, w2, h, dh, has_db1):
         # config it runs with writes the first cdiv(M, its BLOCK_M) rows.
         min_block_m = min(c.kwargs["BLOCK_M"] for c in _dh.configs)
         db1_part = dispatch.empty((triton.cdiv(M, min_block_m), ffn), dtype=torch.float32, device=g.device)
+    A, B, layout = _operands(g, w2)
     _dh[_gemm_grid(M, ffn)](
-        g, w2, h, dh, db1_part, M, ffn, d,
+        A, B, h, dh, db1_part, M, ffn, d,
         g.stride(0), g.stride(1), w2.stride(0), w2.stride(1), h.stride(0), dh.stride(0),
-        HAS_DBIAS=has_db1, INPUT_PRECISION=_input_precision(g.dtype),
+        HAS_DBIAS=has_db1, INPUT_PRECISION=_input_precision(g.dtype), **layout,
     )
     if not has_db1:
         return None
@@ -823,9 +925,9 @@ AOT_SEED = 0x5DEECE66D  # odd and above 2^31: an unspecialised int64, as a drawn
 
 
 def _gemm_cases(d, dtype):
-    """(name, kernel, args, flags) for every GEMM of the block at width d."""
+    """(name, kernel, args, flags) for every GEMM of the block at width d, on the pointer path."""
     M, ffn = AOT_TOKENS, 4 * d
-    common = dict(INPUT_PRECISION=_input_precision(dtype))
+    common = dict(INPUT_PRECISION=_input_precision(dtype), TMA=False, A_T=False, B_T=False)
     fwd = dict(BIAS=dtype, seed=0, drop_threshold=0, drop_scale=1.0)
     return [
         ("fc1", _fwd_kernel,
@@ -881,13 +983,25 @@ def aot_cases():
         dname = str(dtype).replace("torch.", "")
         for d in AOT_WIDTHS:
             for base, kernel, args, flags in _gemm_cases(d, dtype):
-                for cfg in prune_gemm_configs(GEMM_CONFIGS, args, **flags):
-                    k = cfg.kwargs
-                    tag = f"{dname},{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']},w{cfg.num_warps},s{cfg.num_stages}"
-                    named.append((base, tag, d, aot.case(
-                        base, kernel, args, dict(flags, **k), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                        tensor_cores=dtype != torch.float32,
-                    )))
+                # The TMA path (sm_90, fp16/bf16 share it; compiled in bf16): the operands as descriptors
+                # in the orientation they are stored in.
+                tma_layouts = [False, True] if dtype == torch.bfloat16 else [False]
+                for tma in tma_layouts:
+                    layout = dict(TMA=tma, A_T=tma and args["stride_am"] == 1, B_T=tma and args["stride_bk"] == 1)
+                    for cfg in prune_gemm_configs(GEMM_CONFIGS, args, **dict(flags, **layout)):
+                        k = cfg.kwargs
+                        tag = (f"{dname}{',tma' if tma else ''},{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']},"
+                               f"w{cfg.num_warps},s{cfg.num_stages}")
+                        launch = dict(args)
+                        if tma:
+                            bm, bn, bk = k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"]
+                            launch["A"] = aot.Descriptor(dtype, (bk, bm) if layout["A_T"] else (bm, bk))
+                            launch["B"] = aot.Descriptor(dtype, (bn, bk) if layout["B_T"] else (bk, bn))
+                        named.append((base, tag, d, aot.case(
+                            base, kernel, launch, dict(flags, **layout, **k), num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages, tensor_cores=dtype != torch.float32,
+                            archs=(90,) if tma else aot.ARCHS,
+                        )))
             args = dict(DY=dtype, G=dtype, DB_PART=torch.float32, M=AOT_TOKENS, N=d, stride_dym=d, stride_dyn=1,
                         rows_per_program=AOT_TOKENS // 8, seed=AOT_SEED, drop_threshold=dropout_threshold(0.1),
                         drop_scale=1 / 0.9)

@@ -45,3 +45,22 @@ def test_compute_bound_cases_are_measured_against_the_gemm_rate(device):
 def test_ceilings_are_measured(device):
     c = harness.measure_ceilings(device)
     assert c.copy_gbps > 0 and c.gemm_tflops > 0
+
+
+def test_with_switch_sets_a_module_switch_while_building_and_around_each_call():
+    import types
+
+    from bench.harness import with_switch
+
+    module = types.SimpleNamespace(TMA="auto")
+    seen = []
+
+    def build():
+        seen.append(("build", module.TMA))
+        return lambda: seen.append(("call", module.TMA))
+
+    run = with_switch(module, "TMA", "off", build)
+    assert module.TMA == "auto"
+    run()
+    run()
+    assert seen == [("build", "off"), ("call", "off"), ("call", "off")] and module.TMA == "auto"

@@ -229,6 +229,65 @@ def test_forward_and_backward_are_bitwise_repeatable(device):
         assert torch.equal(x, y), name
 
 
+# --------------------------------------------------------------------------- TMA descriptors
+@pytest.fixture
+def tma_on(monkeypatch):
+    """The GEMMs' descriptor path (sm_90's TMA loads) under the interpreter; yields the (TMA, A_T, B_T)
+    layout of every GEMM launched, so a test can tell which path each one took."""
+    if not dispatch.INTERPRET:
+        pytest.skip("TMA='on' reaches the CPU only under the interpreter; GPUs take it by capability")
+    layouts = []
+    operands = mlp._operands
+
+    def recorded(a, b):
+        A, B, layout = operands(a, b)
+        layouts.append((layout["TMA"], layout["A_T"], layout["B_T"]))
+        return A, B, layout
+
+    monkeypatch.setattr(mlp, "TMA", "on")
+    monkeypatch.setattr(mlp, "_operands", recorded)
+    yield layouts
+
+
+# fc1 (B = W1^T), fc2 (B = W2^T), dh, dW2 (A = g^T), dx, dW1 (A = dh^T): every operand orientation.
+ALL_GEMMS_ON_TMA = [(True, False, True), (True, False, True), (True, False, False), (True, True, False),
+                    (True, False, False), (True, True, False)]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize("M, d", [(1, 64), (33, 96), (128, 1000), (150, 40)])
+def test_tma_descriptor_path_matches_float64_reference(M, d, p, device, tma_on):
+    """Tiles past M, N and K arrive as TMA's zeros instead of the pointer path's wrapped rows and masked K."""
+    _check_against_oracle(M, d, torch.float16, device, p=p)
+    assert tma_on == ALL_GEMMS_ON_TMA
+
+
+def test_tma_path_equals_the_pointer_path(device, tma_on, monkeypatch):
+    tensors = _inputs(70, 96, torch.float16, device)
+    grad = torch.randn(70, 96, dtype=torch.float64, device=device)
+    runs = []
+    for mode in ("on", "off"):
+        monkeypatch.setattr(mlp, "TMA", mode)
+        runs.append(_run(_ours(0.1, 1234), _leaves(tensors), grad))
+    assert tma_on[:6] == ALL_GEMMS_ON_TMA and not any(tma for tma, _, _ in tma_on[6:])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_tma_falls_back_where_the_layout_does_not_allow_it(device, tma_on, monkeypatch):
+    # d = 100 in fp16: x, g, W1 have 200-byte rows, not a multiple of 16 bytes; each GEMM decides for
+    # itself, so only fc2 (h and W2, 800-byte rows) reads through TMA.
+    _check_against_oracle(20, 100, torch.float16, device)
+    off = (False, False, False)
+    assert tma_on == [off, (True, False, True), off, off, off, off]
+    # fp32 (exact FMA, operands in registers) never takes it
+    tma_on.clear()
+    _check_against_oracle(20, 64, torch.float32, device)
+    assert tma_on == [off] * 6
+    monkeypatch.setattr(mlp, "TMA", "always")
+    with pytest.raises(ValueError, match="kernels.relu_mlp.TMA must be one of"):
+        _ours(0.0, 0)(*_inputs(4, 16, torch.float16, device))
+
+
 # --------------------------------------------------------------------------- dropout
 def test_dropout_mask_is_the_kernels_mask_forward_and_backward(device):
     # Without residual, out = dropout(z): exactly 0 where dropped, and with an
@@ -350,7 +409,11 @@ def test_config_pruning():
     fp32 = mlp.prune_gemm_configs(mlp.GEMM_CONFIGS, dict(M=16384, N=3072), INPUT_PRECISION="ieee")
     assert fp32 == mlp.FP32_CONFIGS
     for c in mlp.GEMM_CONFIGS:
-        assert mlp._smem_bytes(c, 4 if c in mlp.FP32_CONFIGS else 2) <= mlp.SMEM_BUDGET
+        budget = mlp.TMA_SMEM_BUDGET if c in mlp.TMA_ONLY_CONFIGS else mlp.SMEM_BUDGET
+        assert mlp._smem_bytes(c, 4 if c in mlp.FP32_CONFIGS else 2) <= budget
+    # sm_90's TMA path adds the 4-stage tiles only its shared memory holds; fp32 never takes it
+    tma = mlp.prune_gemm_configs(mlp.GEMM_CONFIGS, dict(M=16384, N=3072), INPUT_PRECISION="tf32", TMA=True)
+    assert tma == mlp.HALF_CONFIGS + mlp.TMA_ONLY_CONFIGS
     tiny = mlp.prune_gemm_configs(mlp.GEMM_CONFIGS, dict(M=1, N=64), INPUT_PRECISION="tf32")
     assert all(c.kwargs["BLOCK_M"] == 64 for c in tiny) and tiny
 
@@ -358,11 +421,17 @@ def test_config_pruning():
 def test_aot_cases_cover_every_gemm_at_the_issue_widths():
     cases = mlp.aot_cases()
     names = [c.name for c in cases]
-    assert len(names) == len(set(names)) and len(cases) < 100
+    assert len(names) == len(set(names)) and len(cases) < 120
     for role in ("fc1", "fc2", "dh", "dx", "dw2+dw1", "dropout_bwd"):
         for dtype in ("bfloat16", "float16", "float32"):
             assert any(n.startswith(f"relu_mlp_{role}[d=768/2560/12288,{dtype},") for n in names), (role, dtype)
     assert all(c.tensor_cores for c in cases if "float32" not in c.name and "dropout_bwd" not in c.name)
+    # The TMA path: every GEMM role, sm_90 only, descriptors for both operands, the 4-stage tiles included.
+    tma = [c for c in cases if c.tma]
+    for role in ("fc1", "fc2", "dh", "dx", "dw2+dw1"):
+        assert any(c.name.startswith(f"relu_mlp_{role}[d=768/2560/12288,bfloat16,tma,") for c in tma), role
+    assert all(c.archs == (90,) and c.signature["A"].startswith("tensordesc") for c in tma)
+    assert any("128x256x64,w8,s4" in c.name for c in tma)
 
 
 # --------------------------------------------------------------------------- errors
@@ -502,6 +571,14 @@ def test_torch_compile_fullgraph_has_no_graph_break(dropout):
 @pytest.mark.parametrize("M, d", [(4096, 768), (1000, 1000), (2048, 2560), (333, 5120)])
 def test_gpu_large(M, d, dtype, p):
     _check_against_oracle(M, d, dtype, torch.device("cuda"), p=p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M, d", [(1000, 1000), (333, 5120)])
+def test_gpu_pointer_path_where_tma_is_available(M, d, monkeypatch):
+    """On sm_90 the tests above take the TMA path; this keeps the pointer path (sm_80's) checked there too."""
+    monkeypatch.setattr(mlp, "TMA", "off")
+    _check_against_oracle(M, d, torch.bfloat16, torch.device("cuda"), p=0.1)
 
 
 @pytest.mark.gpu
