@@ -46,12 +46,16 @@ class _TorchLayerNorm(FusedLayerNorm):
 
 class _TorchAttention(FusedSelfAttention):
     def forward(self, hidden_states, key_padding_mask=None, causal=True):
-        if key_padding_mask is not None:
-            raise NotImplementedError("the benchmark peer runs unpadded batches only")
         B, S, _ = hidden_states.shape
         q, k, v = self.qkv_proj(hidden_states).view(B, S, -1, 3, self.head_dim).unbind(3)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
+        mask = None
+        if key_padding_mask is not None:  # SDPA takes one boolean mask: causal and padding together
+            mask = key_padding_mask[:, None, None, :]
+            if causal:
+                mask = mask & torch.ones(S, S, dtype=torch.bool, device=mask.device).tril()
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0,
+                                             is_causal=causal and mask is None)
         return self.out_proj(out.transpose(1, 2).reshape(B, S, self.embed_dim))
 
 

@@ -330,6 +330,18 @@ def _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, B
 #   which costs more than the numpy work of a small tile.
 
 
+@triton.jit
+def _query_block_program(seqlen_q, heads, BLOCK_M: tl.constexpr):
+    """(bh, start_m, b, h) of this program in the forward and dQ grids: one flat grid (no 65535 limit on
+    batch * heads), consecutive programs share a head, last query block first.  b and h are int32 (TMA
+    coordinates); callers widen them for pointer offsets."""
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    start_m = (num_m - 1 - pid % num_m) * BLOCK_M
+    return bh, start_m, bh // heads, bh % heads
+
+
 # --------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_blocks(
@@ -398,14 +410,8 @@ def _attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    # seqlen_bucket only keys the autotuner.  One flat grid (no 65535 limit on
-    # batch * heads); consecutive programs share a head, last query block first.
-    num_m = tl.cdiv(seqlen_q, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    start_m = (num_m - 1 - pid % num_m) * BLOCK_M
-    b32 = bh // heads
-    h32 = bh % heads
+    # seqlen_bucket only keys the autotuner.
+    bh, start_m, b32, h32 = _query_block_program(seqlen_q, heads, BLOCK_M)
     b = b32.to(tl.int64)
     h = h32.to(tl.int64)
     m64 = start_m.to(tl.int64)
@@ -659,12 +665,7 @@ def _attn_bwd_dq_kernel(
     TMA: tl.constexpr,
 ):
     # Grid and order as in the forward.
-    num_m = tl.cdiv(seqlen_q, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    start_m = (num_m - 1 - pid % num_m) * BLOCK_M
-    b32 = bh // heads
-    h32 = bh % heads
+    bh, start_m, b32, h32 = _query_block_program(seqlen_q, heads, BLOCK_M)
     b = b32.to(tl.int64)
     h = h32.to(tl.int64)
     m64 = start_m.to(tl.int64)

@@ -64,3 +64,27 @@ def test_with_switch_sets_a_module_switch_while_building_and_around_each_call():
     run()
     run()
     assert seen == [("build", "off"), ("call", "off"), ("call", "off")] and module.TMA == "auto"
+
+
+def test_mfu_peer_is_the_same_model_on_plain_pytorch():
+    """bench/mfu.py's peer (SDPA, F.layer_norm, F.linear) computes what our model computes, padded batch
+    included, so the MFU ratio compares kernels, not models."""
+    import copy
+
+    from bench.mfu import to_plain_pytorch
+    from kernels import dispatch
+    from opt_core import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    ours = OPTForCausalLM(OPTConfig.from_preset("test")).eval()
+    peer = to_plain_pytorch(copy.deepcopy(ours))
+    ids = torch.randint(0, ours.config.vocab_size, (2, 24))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding: the real rows must not see the pad keys (pad rows are not compared)
+    with torch.no_grad(), dispatch.reference_backend():
+        expected = ours(ids, attention_mask=mask).logits
+        for attention_mask in (mask, None):
+            got = peer(ids, attention_mask=attention_mask).logits
+            want = expected if attention_mask is not None else ours(ids).logits
+            real = (attention_mask if attention_mask is not None else torch.ones_like(ids)).bool()
+            torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
