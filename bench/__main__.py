@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results folder (default: bench/results on a GPU, runs/bench on the CPU)")
     args = parser.parse_args(argv)
 
-    from kernels import dispatch  # noqa: F401  (imports Triton after the switch above)
+    from opt_core.kernels import dispatch  # noqa: F401  (imports Triton after the switch above)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"

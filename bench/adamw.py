@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from bench.harness import Case
-from kernels.testing import FORWARD_FACTOR, Comparison, compare
+from opt_core.kernels.testing import FORWARD_FACTOR, Comparison, compare
 from opt_core import FusedAdamW
 
 # (d_model, layers) of the OPT sizes the issue names; vocab 50272, 2048 positions + 2.

@@ -25,17 +25,16 @@ backward (our dQ kernel recomputes two products) is not counted.
 
 from __future__ import annotations
 
-import importlib
 
 import torch
 import torch.nn.functional as F
 
-import kernels
+from opt_core import functional
 from bench.harness import Case, has_tma, mode_runner, with_switch
-from kernels import reference
-from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, Comparison, compare
+from opt_core.kernels import reference
+from opt_core.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, Comparison, compare
 
-_attention_module = importlib.import_module("kernels.attention")  # kernels.attention is the function
+from opt_core.kernels import attention as _attention_module
 OPT_HEADS = ((12, 64), (32, 80), (32, 128), (96, 128))  # heads x head_dim
 AB_SHAPE = (8192, 32, 128)  # seqlen, heads, head_dim of the TMA on/off rows
 TOKENS = 16384
@@ -77,7 +76,7 @@ def _check_one(shape, dtype, device, padded) -> list[Comparison]:
         out.backward(dout.to(out.dtype))
         return [out] + [t.grad for t in xs]
 
-    ours = run(lambda *t: kernels.attention(*t, causal=True, key_padding_mask=mask))
+    ours = run(lambda *t: functional.attention(*t, causal=True, key_padding_mask=mask))
     oracle = run(lambda *t: reference.attention(*t, True, None, mask), torch.float64)
     plain = run(lambda *t: reference.attention(*t, True, None, mask, upcast=False))
     tag = f"attention {tuple(shape)} {str(dtype).replace('torch.', '')}{' padded' if padded else ''}"
@@ -166,7 +165,7 @@ def _cases_for(shape, dtype, device):
     B, S, H, D = shape
     q, k, v = (torch.randn(B, S, H, D, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
     dout = torch.randn(B, S, H, D, dtype=dtype, device=device)
-    providers = {"opt-core": lambda q_, k_, v_: kernels.attention(q_, k_, v_, causal=True)}
+    providers = {"opt-core": lambda q_, k_, v_: functional.attention(q_, k_, v_, causal=True)}
     for name, backend in _sdpa_backends(device, dtype, D).items():
         providers[name] = _sdpa(backend)
     baseline = _baseline(providers)

@@ -4,12 +4,14 @@
 #      peers, then the training-step MFU run; results written after each op to $OUT (default
 #      runs/gpu) as <date>-<gpu>.{json,md}: copy them to bench/results/ and commit them.
 #   2. the tests marked gpu, with the time that is left.
-# The device machine has python3 with torch, triton, pytest and transformers, no network:
-# nothing is installed, the repository is used in place.  Edit the timeouts to fit the lease.
+# The device machine has python3 with torch, triton, pytest and transformers, no network: nothing
+# comes from a registry; this checkout is installed editable into that python (offline, no build
+# isolation, no dependencies), so `opt_core.kernels` / `opt_core.dist` map onto kernels/ and dist/.
+# Edit the timeouts to fit the lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
+"$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . || { echo "install failed"; exit 1; }
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import kernels
+from opt_core import functional
 from bench.harness import Case, mode_runner
-from kernels import reference
-from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, Comparison, compare
+from opt_core.kernels import reference
+from opt_core.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, Comparison, compare
 
 OPT_WIDTHS = (768, 1024, 2048, 2560, 4096, 5120, 7168, 9216, 12288)
 EPS = 1e-5
@@ -45,7 +45,7 @@ def _check_one(shape, dtype, device) -> list[Comparison]:
         torch.autograd.backward([y, h], [dy.to(y.dtype), dh.to(h.dtype)])
         return [y, h] + [t.grad for t in xs]
 
-    ours = run(lambda x, w, b, r: kernels.layer_norm(x, w, b, EPS, residual=r))
+    ours = run(lambda x, w, b, r: functional.layer_norm(x, w, b, EPS, residual=r))
     oracle = run(lambda x, w, b, r: reference.layer_norm(x, w, b, EPS, r), torch.float64)
     plain = run(lambda x, w, b, r: (F.layer_norm(x + r, (N,), w, b, EPS), x + r))
     tag = f"layer_norm {tuple(shape)} {str(dtype).replace('torch.', '')}"
@@ -112,7 +112,7 @@ def _plain_cases(rows, N, dtype, device):
     x, w, b = _tensors(rows, N, dtype, device)
     dy = torch.randn_like(x)
     providers = {
-        "opt-core": lambda x_, w_, b_: kernels.layer_norm(x_, w_, b_, EPS),
+        "opt-core": lambda x_, w_, b_: functional.layer_norm(x_, w_, b_, EPS),
         "torch": lambda x_, w_, b_: F.layer_norm(x_, (N,), w_, b_, EPS),
     }
     for name, peer in (("apex", _apex(N, w.detach(), b.detach())), ("liger", _liger())):
@@ -133,7 +133,7 @@ def _residual_cases(rows, N, dtype, device):
         return F.layer_norm(h, (N,), w_, b_, EPS), h
 
     providers = {
-        "opt-core": lambda x_, w_, b_, r_: kernels.layer_norm(x_, w_, b_, EPS, residual=r_),
+        "opt-core": lambda x_, w_, b_, r_: functional.layer_norm(x_, w_, b_, EPS, residual=r_),
         "torch": unfused,
     }
     mn = rows * N * x.element_size()

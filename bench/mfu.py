@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import Case, Lazy
-from kernels.testing import FORWARD_FACTOR, Comparison, compare
+from opt_core.kernels.testing import FORWARD_FACTOR, Comparison, compare
 from opt_core import flops
 from opt_core.config import OPTConfig
 from opt_core.layers import FusedLayerNorm, FusedSelfAttention, ReLUMLP

@@ -12,18 +12,17 @@ of the run only (more rows mean more autotuning compiles).  FLOPs count
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-import kernels
+from opt_core import functional
 from bench.harness import Case, has_tma, mode_runner, with_switch
-from kernels import reference
-from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, Comparison, compare
+from opt_core.kernels import reference
+from opt_core.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, Comparison, compare
 
-mlp = importlib.import_module("kernels.relu_mlp")  # the module; kernels.relu_mlp is the function
+from opt_core.kernels import relu_mlp as mlp
 
 OPT_WIDTHS = (768, 2560, 5120, 12288)
 TOKENS = 16384
@@ -73,7 +72,7 @@ def _check_one(M, d, dtype, device) -> list[Comparison]:
         out.backward(dy.to(out.dtype))
         return [out] + [t.grad for t in xs]
 
-    ours = run(lambda x, w1, b1, w2, b2, r: kernels.relu_mlp(x, w1, b1, w2, b2, residual=r, dropout_p=DROPOUT,
+    ours = run(lambda x, w1, b1, w2, b2, r: functional.relu_mlp(x, w1, b1, w2, b2, residual=r, dropout_p=DROPOUT,
                                                              seed=seed))
     oracle = run(lambda x, w1, b1, w2, b2, r: reference.relu_mlp(x, w1, b1, w2, b2, r, mask, DROPOUT), torch.float64)
     plain = run(lambda x, w1, b1, w2, b2, r: F.linear(F.linear(x, w1, b1).relu(), w2, b2) * mask.to(dtype)
@@ -107,7 +106,7 @@ def _block_cases(M, d, dtype, device, ab=False):
     leaves = (x, w1, b1, w2, b2, r)
     dy = torch.randn(M, d, dtype=dtype, device=device)
     providers = {
-        "opt-core": lambda: kernels.relu_mlp(x, w1, b1, w2, b2, residual=r, dropout_p=DROPOUT),
+        "opt-core": lambda: functional.relu_mlp(x, w1, b1, w2, b2, residual=r, dropout_p=DROPOUT),
         "torch-unfused": lambda: F.dropout(F.linear(F.relu(F.linear(x, w1, b1)), w2, b2), DROPOUT, training=True) + r,
     }
     gemm_flops = 2 * M * d * ffn

@@ -42,11 +42,11 @@ Design record (newest last):
             param_dtype, gradient reduction in fp32.
 """
 
-from dist.checkpoint import load_checkpoint, save_checkpoint
-from dist.init import init_weights
-from dist.mesh import Layout, init_mesh
-from dist.parallelize import parallelize
-from dist.tensor_parallel import ParallelOPTForCausalLM, check_tp_layout
+from opt_core.dist.checkpoint import load_checkpoint, save_checkpoint
+from opt_core.dist.init import init_weights
+from opt_core.dist.mesh import Layout, init_mesh
+from opt_core.dist.parallelize import parallelize
+from opt_core.dist.tensor_parallel import ParallelOPTForCausalLM, check_tp_layout
 
 __all__ = ["Layout", "ParallelOPTForCausalLM", "check_tp_layout", "init_mesh", "init_weights", "load_checkpoint",
            "parallelize", "save_checkpoint"]

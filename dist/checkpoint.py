@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from dist.mesh import object_device
+from opt_core.dist.mesh import object_device
 
 EXTRA = "extra.pt"
 METADATA = ".metadata"  # DCP's index, written last by its coordinator

@@ -26,8 +26,8 @@ import torch.distributed as c10d
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from dist.mesh import Layout
-from dist.tensor_parallel import ParallelOPTForCausalLM, apply_tensor_parallel, check_tp_layout
+from opt_core.dist.mesh import Layout
+from opt_core.dist.tensor_parallel import ParallelOPTForCausalLM, apply_tensor_parallel, check_tp_layout
 from opt_core.model import OPTForCausalLM
 
 

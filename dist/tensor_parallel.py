@@ -59,11 +59,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
-from dist.collectives import (copy_to_tp, gather_from_sp, global_mean_loss, reduce_from_tp, reduce_grad_of,
+from opt_core.dist.collectives import (copy_to_tp, gather_from_sp, global_mean_loss, reduce_from_tp, reduce_grad_of,
                               scatter_to_sp, all_reduce)
-from dist.mesh import Layout
-from dist.vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_embedding, vocab_range
-from kernels import attention, layer_norm, relu_mlp
+from opt_core.dist.mesh import Layout
+from opt_core.dist.vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_embedding, vocab_range
+from opt_core.functional import attention, layer_norm, relu_mlp
 from opt_core.model import POSITION_OFFSET, CausalLMOutput, OPTDecoderLayer, OPTForCausalLM
 
 IGNORE_INDEX = -100

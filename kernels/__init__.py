@@ -1,13 +1,7 @@
-"""Triton kernels for OPT-style training: one module per op family.
+"""Triton kernels for OPT-style training, one module per op family (installed as ``opt_core.kernels``).
 
-Each op is a plain function backed by a ``torch.library`` custom op with its
-autograd registered; ``kernels.dispatch`` decides whether a call runs the
-Triton kernel (CUDA, or the CPU interpreter) or ``kernels.reference``.
+The modules are never shadowed by the functions they define: ``opt_core.kernels.attention`` is the
+module (its ``TMA`` switch works), ``opt_core.functional.attention`` the op.  ``dispatch`` decides
+where every op runs (the Triton kernel, or a plain-PyTorch path), ``reference`` is the float64
+oracle of the tests.  Importing this package imports nothing else, not the model stack.
 """
-
-from kernels.adamw import adamw_step, grad_stats
-from kernels.attention import attention
-from kernels.layer_norm import layer_norm
-from kernels.relu_mlp import relu_mlp
-
-__all__ = ["adamw_step", "attention", "grad_stats", "layer_norm", "relu_mlp"]

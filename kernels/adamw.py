@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import aot, dispatch
-from kernels import reference
+from opt_core.kernels import aot, dispatch
+from opt_core.kernels import reference
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Elements per program, and per inner iteration of a program.  Small under the

@@ -17,7 +17,7 @@ Arguments are specialised the way Triton's launcher specialises them at run
 time (integers equal to 1 become constants, pointers and integers divisible by
 16 get the divisibility hint), so the compiled code is the code a launch gets.
 
-The compile must run with the interpreter off: ``python -m kernels.compile_check``
+The compile must run with the interpreter off: ``python -m opt_core.kernels.compile_check``
 (the test suite starts it in a subprocess without ``TRITON_INTERPRET``).
 """
 
@@ -114,6 +114,7 @@ def case(name: str, fn: Any, args: dict, constexprs: dict, *, num_warps: int, nu
                 tensor_cores, tuple(archs), tma)
 
 
+KERNEL_MODULES = tuple(f"opt_core.kernels.{m}" for m in ("adamw", "attention", "layer_norm", "relu_mlp"))
 _PROVIDERS: list[Callable[[], list[Case]]] = []
 
 
@@ -124,7 +125,8 @@ def register(provider: Callable[[], list[Case]]) -> Callable[[], list[Case]]:
 
 
 def all_cases() -> list[Case]:
-    import kernels  # noqa: F401  (importing the package registers every kernel module)
+    for module in KERNEL_MODULES:  # importing a kernel module registers its cases
+        importlib.import_module(module)
 
     cases = [c for provider in _PROVIDERS for c in provider()]
     names = [c.name for c in cases]

@@ -84,7 +84,7 @@ Design record (newest last):
             program (q, or k and v in dK/dV) stays a pointer load, as do the
             stores.  Freed registers admit Hopper-only tiles (lower-case
             letters in the tables).  sm_80 keeps the pointer kernels (mma).
-            Switch: kernels.attention.TMA = "auto" | "on" | "off".
+            Switch: opt_core.kernels.attention.TMA = "auto" | "on" | "off".
 2026-11-29  NaN semantics (the kernels are what a FlashAttention kernel does; the
             math SDPA differs and is documented in the public docstring): a NaN
             in q row i makes output row i NaN if that row sees any key; a NaN in
@@ -105,9 +105,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels import aot, dispatch
-from kernels import reference
-from kernels.validation import check_float, check_same_device, check_tensor
+from opt_core.kernels import aot, dispatch
+from opt_core.kernels import reference
+from opt_core.kernels.validation import check_float, check_same_device, check_tensor
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -125,7 +125,7 @@ SEED_LIMIT = 2 ** 63
 # dropout (and a mask).  BLOCK_M counts query rows and BLOCK_N key rows in every
 # kernel.  Each (shape, variant) was compiled for sm_80 and sm_90 at seqlen 8192
 # with no spills, shared memory within both limits and mma / wgmma present, and
-# aot_cases() below keeps it so (python -m kernels.compile_check --filter
+# aot_cases() below keeps it so (python -m opt_core.kernels.compile_check --filter
 # attention).  Every kept shape is compiled for both targets, so a tile only
 # sm_90 can hold is not listed: the forward's 128x128 at head_dim 128 (234
 # registers on sm_90, spills on sm_80), or 128x64 with a mask (203 registers on
@@ -777,7 +777,7 @@ TMA = "auto"
 def _tma_usable(*tensors) -> bool:
     """True when the streamed operands go through TMA: the switch allows it on this device and dtype, and
     each has the layout a (batch, seqlen, heads, head_dim) descriptor needs."""
-    return (dispatch.tma_enabled(TMA, tensors[0], "kernels.attention.TMA")
+    return (dispatch.tma_enabled(TMA, tensors[0], "opt_core.kernels.attention.TMA")
             and all(dispatch.tma_aligned(t) for t in tensors))
 
 
@@ -1002,7 +1002,7 @@ def attention(
 
     fp16/bf16 run the Triton kernels with fp32 accumulation and softmax
     statistics; fp32 runs them with exact (not TF32) fp32 products; fp64, and
-    CPU tensors without the interpreter, run ``kernels.reference.attention``.
+    CPU tensors without the interpreter, run ``opt_core.kernels.reference.attention``.
     head_dim may be 1 to 256 (tiles are padded to a power of two).
 
     NaN: a NaN in q row i gives a NaN output row i; a NaN in k or v at key j

@@ -1,4 +1,4 @@
-"""``python -m kernels.compile_check``: the AOT compile check from the command line.
+"""``python -m opt_core.kernels.compile_check``: the AOT compile check from the command line.
 
 Compiles every registered kernel case for sm_80 and sm_90 (no GPU needed) and
 prints registers, spills, shared memory and tensor-core use per case; exits 1
@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from kernels import aot
+from opt_core.kernels import aot
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("kernels.aot: unset TRITON_INTERPRET; the interpreter compiles nothing", file=sys.stderr)
+        print("opt_core.kernels.compile_check: unset TRITON_INTERPRET; the interpreter compiles nothing", file=sys.stderr)
         return 2
 
     cases = [c for c in aot.all_cases() if args.filter in c.name]

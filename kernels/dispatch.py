@@ -23,7 +23,7 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 if INTERPRET:
-    from kernels import interpreter_fixes
+    from opt_core.kernels import interpreter_fixes
 
     interpreter_fixes.apply()
 

@@ -1,6 +1,6 @@
 """Workarounds for defects of Triton's CPU interpreter, applied in one place.
 
-Only used when ``TRITON_INTERPRET=1`` (``kernels.dispatch`` calls ``apply()``
+Only used when ``TRITON_INTERPRET=1`` (``opt_core.kernels.dispatch`` calls ``apply()``
 then); compiled kernels are untouched.  Each fix makes the interpreter compute
 what the compiled kernel computes on a GPU, so the CPU suite tests the kernels
 and not the interpreter's quirks.  Seen with Triton 3.6; re-check on upgrades.

@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import aot, dispatch
-from kernels import reference
-from kernels.validation import check_float, check_same_device, check_shape, check_tensor
+from opt_core.kernels import aot, dispatch
+from opt_core.kernels import reference
+from opt_core.kernels.validation import check_float, check_same_device, check_shape, check_tensor
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Widest row the forward keeps in registers (fp32 math): OPT-175B is 12288.

@@ -92,7 +92,7 @@ Design record (newest last):
             it.  Block shapes come from the config's pre-hook.  Two 4-stage
             configs that only sm_90's shared memory holds join the pool there.
             Epilogues and stores stay pointer-based.  sm_80 keeps the pointer
-            mainloop (mma).  Switch: kernels.relu_mlp.TMA = "auto" | "on" | "off".
+            mainloop (mma).  Switch: opt_core.kernels.relu_mlp.TMA = "auto" | "on" | "off".
 2026-11-29  AOT: every kernel at d = 768, 2560, 12288 (ffn = 4d, 16k tokens) for
             each config the pruner keeps, bf16, fp16 and fp32.  Those widths
             specialise identically (multiples of 16), and dW1/dW2 share one
@@ -112,9 +112,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels import aot, dispatch
-from kernels import reference
-from kernels.validation import check_float, check_same_device, check_shape, check_tensor
+from opt_core.kernels import aot, dispatch
+from opt_core.kernels import reference
+from opt_core.kernels.validation import check_float, check_same_device, check_shape, check_tensor
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Shared memory a config may use: below sm_80's 163 KiB per block, with room for
@@ -579,7 +579,7 @@ def _tma_operand(t):
 def _operands(a, b):
     """(A, B, flags) to launch a GEMM on the views a (M, K) and b (K, N): descriptors where the switch, the
     device and both layouts allow (the block shapes are set by the config's pre-hook), else the tensors."""
-    if dispatch.tma_enabled(TMA, a, "kernels.relu_mlp.TMA"):
+    if dispatch.tma_enabled(TMA, a, "opt_core.kernels.relu_mlp.TMA"):
         da, db = _tma_operand(a), _tma_operand(b)
         if da is not None and db is not None:
             return da[0], db[0], dict(TMA=True, A_T=da[1], B_T=db[1])
@@ -1012,8 +1012,3 @@ def aot_cases():
                                        dict(DROPOUT=True, WRITE_G=True, HAS_DBIAS=True, **k),
                                        num_warps=cfg.num_warps)))
     return _merge_widths(named)
-
-
-# ``kernels.relu_mlp`` is this function once the package has imported it, so
-# the mask helper also hangs off it: kernels.relu_mlp.dropout_mask(seed, p, shape).
-relu_mlp.dropout_mask = dropout_mask

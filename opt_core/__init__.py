@@ -1,10 +1,43 @@
-"""opt-core: a thin OPT model and the drop-in layers a trainer touches."""
+"""opt-core: Triton kernels for OPT-style training, a thin OPT model over them and the drop-in layers,
+optimizer and loss scaler a trainer touches.
 
-from opt_core.amp import DynamicLossScaler
-from opt_core.config import OPTConfig
-from opt_core.layers import FusedLayerNorm, FusedSelfAttention, ReLUMLP
-from opt_core.model import OPTForCausalLM
-from opt_core.optim import FusedAdamW
+The classes below are imported on first use (PEP 562), so ``import opt_core.kernels`` or
+``import opt_core.functional`` does not build the model stack.
+"""
 
-__all__ = ["DynamicLossScaler", "FusedAdamW", "FusedLayerNorm", "FusedSelfAttention", "OPTConfig",
-           "OPTForCausalLM", "ReLUMLP"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "DynamicLossScaler": "opt_core.amp",
+    "OPTConfig": "opt_core.config",
+    "FusedLayerNorm": "opt_core.layers",
+    "FusedSelfAttention": "opt_core.layers",
+    "ReLUMLP": "opt_core.layers",
+    "OPTForCausalLM": "opt_core.model",
+    "FusedAdamW": "opt_core.optim",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from opt_core.amp import DynamicLossScaler
+    from opt_core.config import OPTConfig
+    from opt_core.layers import FusedLayerNorm, FusedSelfAttention, ReLUMLP
+    from opt_core.model import OPTForCausalLM
+    from opt_core.optim import FusedAdamW
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'opt_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,4 +1,4 @@
-"""nn.Modules over ``kernels/``: drop-in replacements for their torch.nn twins."""
+"""nn.Modules over ``opt_core.functional``: drop-in replacements for their torch.nn twins."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import math
 import torch
 from torch import nn
 
-from kernels import attention, layer_norm
-from kernels import relu_mlp
+from opt_core.functional import attention, layer_norm, relu_mlp
 
 
 class FusedLayerNorm(nn.LayerNorm):

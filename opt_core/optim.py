@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from kernels.adamw import adamw_step, grad_stats
+from opt_core.kernels.adamw import adamw_step, grad_stats
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 

@@ -205,8 +205,7 @@ class Runtime:
             return cls(device=device)
         import torch.distributed as c10d
 
-        import dist
-
+        from opt_core import dist
         owns = not c10d.is_initialized()
         mesh = dist.init_mesh(dp=args.dp, tp=args.tp or 1, device_type=device.type)
         layout = dist.Layout.of(mesh)
@@ -243,7 +242,7 @@ class Runtime:
     def max(self, value: float) -> float:
         if not self.distributed:
             return value
-        from dist.mesh import object_device
+        from opt_core.dist.mesh import object_device
 
         t = torch.tensor([value], dtype=torch.float64, device=object_device())
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
@@ -252,7 +251,7 @@ class Runtime:
     def gather(self, value: float) -> list[float]:
         if not self.distributed:
             return [value]
-        from dist.mesh import object_device
+        from opt_core.dist.mesh import object_device
 
         device = object_device()
         out = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(self.world)]
@@ -300,14 +299,14 @@ def load_latest_checkpoint(out: Path, device) -> Optional[dict]:
 
 def sharded_checkpoint_paths(out: Path) -> list[Path]:
     """Complete sharded (DCP) checkpoint folders of a distributed run, oldest first."""
-    from dist.checkpoint import is_checkpoint
+    from opt_core.dist.checkpoint import is_checkpoint
 
     return sorted(p for p in (out / "checkpoints").glob("step-*") if p.is_dir() and is_checkpoint(p))
 
 
 def save_sharded_checkpoint(out: Path, step: int, model, optimizer, extra: dict, keep: int, rt: Runtime) -> Path:
     """Every rank writes its shards (atomically, see dist.checkpoint); rank 0 prunes to the newest ``keep``."""
-    from dist.checkpoint import save_checkpoint as save_shards
+    from opt_core.dist.checkpoint import save_checkpoint as save_shards
 
     path = save_shards(out / "checkpoints" / f"step-{step:08d}", model, optimizer, extra=extra)
     if rt.main:
@@ -474,8 +473,7 @@ def _train(args: argparse.Namespace, rt: Runtime, dtype: torch.dtype) -> dict:
     model = OPTForCausalLM(config, device="meta", init=False)
     model.activation_checkpointing = args.activation_checkpointing
     if rt.distributed:
-        import dist
-
+        from opt_core import dist
         model = dist.parallelize(model, rt.layout.mesh, sequence_parallel=not args.no_sequence_parallel,
                                  param_dtype=None if dtype == torch.float32 else dtype)
         model.to_empty(device=device)
@@ -500,7 +498,7 @@ def _train(args: argparse.Namespace, rt: Runtime, dtype: torch.dtype) -> dict:
     step, tokens, ema, bad_streak, skipped = 0, 0, None, 0, 0
     resumed = None
     if args.resume and rt.distributed:
-        from dist.checkpoint import load_checkpoint as load_shards
+        from opt_core.dist.checkpoint import load_checkpoint as load_shards
 
         found = sharded_checkpoint_paths(out)
         if found:  # any layout's checkpoint: the shards are resharded to this one

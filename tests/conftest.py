@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import triton  # noqa: E402
 
-from kernels import dispatch  # noqa: E402
+from opt_core.kernels import dispatch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 

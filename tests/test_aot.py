@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels import aot
+from opt_core.kernels import aot
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = aot.all_cases()
@@ -26,7 +26,7 @@ def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "results.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "opt_core.kernels.compile_check", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     if not out.exists():
         pytest.fail(f"the AOT compile produced no results:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")

@@ -9,7 +9,6 @@ and a ragged tail; test_other_block_shapes swaps in smaller and square ones.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import math
 
@@ -18,12 +17,12 @@ import torch
 import torch.nn.functional as F
 import triton
 
-import kernels
-from kernels import dispatch, reference
-from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
+from opt_core import functional
+from opt_core.kernels import dispatch, reference
+from opt_core.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
 from opt_core import FusedSelfAttention
 
-attn = importlib.import_module("kernels.attention")  # the module (kernels.attention is the function)
+from opt_core.kernels import attention as attn
 
 LOWP = [torch.float16, torch.float32]
 
@@ -76,7 +75,7 @@ def _check(B, Sq, Sk, H, D, dtype, device, *, causal, pad="none", sum_grad=False
     mask = _padding_mask(B, Sk, pad, device)
     grad = None if sum_grad else torch.randn(B, Sq, H, D, dtype=torch.float64, device=device)
 
-    ours, ours_g = _run(lambda *t: kernels.attention(*t, causal=causal, softmax_scale=scale, key_padding_mask=mask),
+    ours, ours_g = _run(lambda *t: functional.attention(*t, causal=causal, softmax_scale=scale, key_padding_mask=mask),
                         (q, k, v), grad)
     ref, ref_g = _run(lambda *t: reference.attention(*t, causal, scale, mask), (q, k, v), grad, torch.float64)
     plain, plain_g = _run(lambda *t: reference.attention(*t, causal, scale, mask, upcast=False), (q, k, v), grad)
@@ -198,10 +197,10 @@ def test_bottom_right_causal_alignment(device):
     # seqlen_q < seqlen_k: query i sees keys 0 .. i + (Sk - Sq), so the last query
     # sees every key; a key only the last query sees must change only that row.
     q, k, v = _qkv(1, 4, 9, 1, 16, torch.float32, device)
-    base = kernels.attention(q, k, v, causal=True)
+    base = functional.attention(q, k, v, causal=True)
     v2 = v.clone()
     v2[:, 8] += 1.0
-    moved = (kernels.attention(q, k, v2, causal=True) - base).abs().amax(dim=(0, 2, 3))
+    moved = (functional.attention(q, k, v2, causal=True) - base).abs().amax(dim=(0, 2, 3))
     assert moved[:3].eq(0).all() and moved[3] > 0
     torch.testing.assert_close(base, reference.attention(q, k, v, True), rtol=1e-5, atol=1e-5)
 
@@ -220,10 +219,10 @@ def test_padded_batch_equals_each_sequence_alone(side, device):
     grad = torch.randn(B, S, H, D, device=device)
     for b, span in enumerate(spans):
         grad[b, ~mask[b]] = 0  # only real positions feed the loss
-    out, (dq, dk, dv) = _run(lambda *t: kernels.attention(*t, causal=True, key_padding_mask=mask), (q, k, v), grad)
+    out, (dq, dk, dv) = _run(lambda *t: functional.attention(*t, causal=True, key_padding_mask=mask), (q, k, v), grad)
     for b, span in enumerate(spans):
         alone = [t[b:b + 1, span] for t in (q, k, v)]
-        out_b, (dq_b, dk_b, dv_b) = _run(lambda *t: kernels.attention(*t, causal=True), alone, grad[b:b + 1, span])
+        out_b, (dq_b, dk_b, dv_b) = _run(lambda *t: functional.attention(*t, causal=True), alone, grad[b:b + 1, span])
         for name, padded, single in (("out", out, out_b), ("dq", dq, dq_b), ("dk", dk, dk_b), ("dv", dv, dv_b)):
             torch.testing.assert_close(padded[b:b + 1, span], single, rtol=1e-5, atol=2e-6, msg=name)
         pads = ~mask[b]
@@ -239,7 +238,7 @@ def test_rows_that_see_no_key_are_zero_and_finite(device):
     mask = torch.ones(B, Sk, dtype=torch.bool, device=device)
     mask[1] = False  # batch 1: every key padded
     grad = torch.randn(B, Sq, H, D, dtype=torch.float16, device=device)
-    out, (dq, dk, dv) = _run(lambda *t: kernels.attention(*t, causal=True, key_padding_mask=mask), (q, k, v), grad)
+    out, (dq, dk, dv) = _run(lambda *t: functional.attention(*t, causal=True, key_padding_mask=mask), (q, k, v), grad)
     for g in (out, dq, dk, dv):
         assert torch.isfinite(g).all()
     assert torch.equal(out[1], torch.zeros_like(out[1]))
@@ -253,7 +252,7 @@ def test_forward_and_backward_are_bitwise_repeatable(device):
     q, k, v = _qkv(2, 150, 150, 3, 64, torch.float16, device)
     mask = _padding_mask(2, 150, "right", device)
     grad = torch.randn(2, 150, 3, 64, dtype=torch.float16, device=device)
-    runs = [_run(lambda *t: kernels.attention(*t, key_padding_mask=mask, deterministic=True), (q, k, v), grad)
+    runs = [_run(lambda *t: functional.attention(*t, key_padding_mask=mask, deterministic=True), (q, k, v), grad)
             for _ in range(2)]
     (o1, g1), (o2, g2) = runs
     assert torch.equal(o1, o2)
@@ -264,16 +263,16 @@ def test_forward_and_backward_are_bitwise_repeatable(device):
 # --------------------------------------------------------------------------- dropout
 def test_dropout_same_seed_reproduces_other_seed_differs(device):
     q, k, v = _qkv(2, 60, 60, 2, 32, torch.float16, device)
-    a = kernels.attention(q, k, v, dropout_p=0.3, seed=1234)
-    b = kernels.attention(q, k, v, dropout_p=0.3, seed=1234)
-    c = kernels.attention(q, k, v, dropout_p=0.3, seed=1235)
+    a = functional.attention(q, k, v, dropout_p=0.3, seed=1234)
+    b = functional.attention(q, k, v, dropout_p=0.3, seed=1234)
+    c = functional.attention(q, k, v, dropout_p=0.3, seed=1235)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert not torch.equal(a, kernels.attention(q, k, v))
+    assert not torch.equal(a, functional.attention(q, k, v))
     # No seed: drawn from torch's CPU generator, so manual_seed reproduces.
     torch.manual_seed(7)
-    d = kernels.attention(q, k, v, dropout_p=0.3)
+    d = functional.attention(q, k, v, dropout_p=0.3)
     torch.manual_seed(7)
-    e = kernels.attention(q, k, v, dropout_p=0.3)
+    e = functional.attention(q, k, v, dropout_p=0.3)
     assert torch.equal(d, e)
 
 
@@ -301,7 +300,7 @@ def test_dropout_matches_reference_with_the_same_mask(seqlens, pad, dtype, devic
     grad = torch.randn(B, Sq, H, D, dtype=torch.float64, device=device)
 
     def ours_fn(*t):
-        return kernels.attention(*t, causal=True, key_padding_mask=mask, dropout_p=p, seed=seed)
+        return functional.attention(*t, causal=True, key_padding_mask=mask, dropout_p=p, seed=seed)
 
     ours, ours_g = _run(ours_fn, (q, k, v), grad)
     ref, ref_g = _run(lambda *t: reference.attention(*t, True, None, mask, keep, p), (q, k, v), grad, torch.float64)
@@ -361,7 +360,7 @@ def test_tma_path_equals_the_pointer_path(device, tma_on, monkeypatch):
     runs = []
     for mode in ("on", "off"):
         monkeypatch.setattr(attn, "TMA", mode)
-        runs.append(_run(lambda *t: kernels.attention(*t, key_padding_mask=mask), (q, k, v), grad))
+        runs.append(_run(lambda *t: functional.attention(*t, key_padding_mask=mask), (q, k, v), grad))
     assert len(tma_on) == 6
     (o1, g1), (o2, g2) = runs
     assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
@@ -377,8 +376,8 @@ def test_tma_falls_back_where_the_layout_does_not_allow_it(device, tma_on, monke
     _check(1, 40, 40, 2, 64, torch.float32, device, causal=True)
     assert tma_on == []
     monkeypatch.setattr(attn, "TMA", "sometimes")
-    with pytest.raises(ValueError, match="kernels.attention.TMA must be one of"):
-        kernels.attention(*_qkv(1, 4, 4, 1, 16, torch.float16, device))
+    with pytest.raises(ValueError, match="opt_core.kernels.attention.TMA must be one of"):
+        functional.attention(*_qkv(1, 4, 4, 1, 16, torch.float16, device))
 
 
 # --------------------------------------------------------------------------- NaN
@@ -409,7 +408,7 @@ def test_nan_lands_where_sdpa_puts_it(where, causal, pad, device):
     first_real = 0 if pad != "left" else S - _lengths(B, S)[1]
     t = {"q": q, "k": k, "v": v}[where]
     t[1, 30 if where == "q" else first_real, 1, 5] = float("nan")
-    ours = kernels.attention(q, k, v, causal=causal, key_padding_mask=mask)
+    ours = functional.attention(q, k, v, causal=causal, key_padding_mask=mask)
     theirs = _sdpa_math(q, k, v, causal, mask)
     assert ours.isnan().any()
     assert torch.equal(ours.isnan(), theirs.isnan())
@@ -422,7 +421,7 @@ def test_nan_semantics_where_sdpa_differs(device):
     B, S, H, D = 1, 100, 1, 16
     q, k, v = _qkv(B, S, S, H, D, torch.float32, device)
     k[0, 90, 0, 3] = float("nan")
-    ours = kernels.attention(q, k, v, causal=True)
+    ours = functional.attention(q, k, v, causal=True)
     rows = ours[0, :, 0].isnan().any(-1)
     assert rows[90:].all() and not rows[:90].any()
     assert _sdpa_math(q, k, v, True, None).isnan().all()
@@ -430,7 +429,7 @@ def test_nan_semantics_where_sdpa_differs(device):
     q2, k2, v2 = _qkv(1, 10, 6, 1, 16, torch.float32, device)
     q2[0, 1, 0, 0] = float("nan")  # causal, Sq > Sk: rows 0..3 see no key
     v2[0, 5, 0, 2] = float("nan")  # key 5: only row 9 sees it, rows 0..3 share its tile
-    out = kernels.attention(q2, k2, v2, causal=True)
+    out = functional.attention(q2, k2, v2, causal=True)
     assert torch.equal(out[0, :4], torch.zeros_like(out[0, :4]))
     assert out[0, 9].isnan().any()
 
@@ -444,7 +443,7 @@ def test_strided_inputs(device):
     k_wide = torch.randn(B, S, H, 2 * D, device=device)[..., ::2]  # head_dim stride 2: copied
     assert not q.is_contiguous() and k_wide.stride(-1) == 2
     for args in ((q, k, v), (q_t, k_wide, v)):
-        out = kernels.attention(*args, causal=True)
+        out = functional.attention(*args, causal=True)
         expected = reference.attention(*(t.double() for t in args), True)
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -454,7 +453,7 @@ def test_empty_inputs(shape, device):
     B, Sq, Sk, H, D = shape
     q, k, v = _qkv(B, Sq, Sk, H, D, torch.float16, device)
     xs = _leaves((q, k, v))
-    out = kernels.attention(*xs, causal=False)
+    out = functional.attention(*xs, causal=False)
     assert out.shape == (B, Sq, H, D)
     assert torch.equal(out, torch.zeros_like(out))  # Sk == 0: no key, zeros
     out.float().sum().backward()
@@ -466,7 +465,7 @@ def test_reference_backend_matches_kernel(device):
     q, k, v = _qkv(2, 45, 60, 2, 40, torch.float32, device)
     mask = _padding_mask(2, 60, "right", device)
     grad = torch.randn(2, 45, 2, 40, device=device)
-    fn = lambda *t: kernels.attention(*t, causal=True, key_padding_mask=mask)  # noqa: E731
+    fn = lambda *t: functional.attention(*t, causal=True, key_padding_mask=mask)  # noqa: E731
     out, grads = _run(fn, (q, k, v), grad)
     with dispatch.reference_backend():
         out_r, grads_r = _run(fn, (q, k, v), grad)
@@ -478,37 +477,37 @@ def test_float64_takes_the_reference_path_and_gradchecks(device):
     q, k, v = _qkv(1, 5, 6, 2, 4, torch.float64, device)
     mask = torch.tensor([[False, True, True, True, True, True]], device=device)
     torch.autograd.gradcheck(
-        lambda *t: kernels.attention(*t, causal=True, key_padding_mask=mask), _leaves((q, k, v)))
+        lambda *t: functional.attention(*t, causal=True, key_padding_mask=mask), _leaves((q, k, v)))
 
 
 # --------------------------------------------------------------------------- errors
 def test_bad_inputs_raise_named_errors():
     q, k, v = _qkv(2, 5, 6, 3, 8, torch.float32, "cpu")
     cases = [
-        (lambda: kernels.attention([1.0], k, v), TypeError, "q must be a torch.Tensor"),
-        (lambda: kernels.attention(q.long(), k, v), TypeError, "q must have dtype"),
-        (lambda: kernels.attention(q[0], k, v), ValueError, r"q must have 4 dimensions .*got shape \(5, 3, 8\)"),
-        (lambda: kernels.attention(q, k[..., None], v), ValueError, "k must have 4 dimensions"),
-        (lambda: kernels.attention(q, k.half(), v), TypeError, r"k must have the dtype of q"),
-        (lambda: kernels.attention(q, k, v.double()), TypeError, r"v must have the dtype of q"),
-        (lambda: kernels.attention(q, k[:1], v[:1]), ValueError, r"k must have shape \(batch, seqlen_k"),
-        (lambda: kernels.attention(q, k[:, :, :2], v), ValueError, r"k must have shape"),
-        (lambda: kernels.attention(q, k, v[:, :5]), ValueError, r"v must have the shape of k"),
-        (lambda: kernels.attention(q, k, v.to("meta")), ValueError, "v is on meta"),
-        (lambda: kernels.attention(q, k, v, causal=1), TypeError, "causal must be a bool"),
-        (lambda: kernels.attention(q, k, v, softmax_scale=-1.0), ValueError, "softmax_scale must be >= 0"),
-        (lambda: kernels.attention(q, k, v, softmax_scale="x"), TypeError, "softmax_scale must be a float"),
-        (lambda: kernels.attention(q, k, v, key_padding_mask=torch.ones(2, 6)), TypeError,
+        (lambda: functional.attention([1.0], k, v), TypeError, "q must be a torch.Tensor"),
+        (lambda: functional.attention(q.long(), k, v), TypeError, "q must have dtype"),
+        (lambda: functional.attention(q[0], k, v), ValueError, r"q must have 4 dimensions .*got shape \(5, 3, 8\)"),
+        (lambda: functional.attention(q, k[..., None], v), ValueError, "k must have 4 dimensions"),
+        (lambda: functional.attention(q, k.half(), v), TypeError, r"k must have the dtype of q"),
+        (lambda: functional.attention(q, k, v.double()), TypeError, r"v must have the dtype of q"),
+        (lambda: functional.attention(q, k[:1], v[:1]), ValueError, r"k must have shape \(batch, seqlen_k"),
+        (lambda: functional.attention(q, k[:, :, :2], v), ValueError, r"k must have shape"),
+        (lambda: functional.attention(q, k, v[:, :5]), ValueError, r"v must have the shape of k"),
+        (lambda: functional.attention(q, k, v.to("meta")), ValueError, "v is on meta"),
+        (lambda: functional.attention(q, k, v, causal=1), TypeError, "causal must be a bool"),
+        (lambda: functional.attention(q, k, v, softmax_scale=-1.0), ValueError, "softmax_scale must be >= 0"),
+        (lambda: functional.attention(q, k, v, softmax_scale="x"), TypeError, "softmax_scale must be a float"),
+        (lambda: functional.attention(q, k, v, key_padding_mask=torch.ones(2, 6)), TypeError,
          "key_padding_mask must have dtype in \\(bool\\)"),
-        (lambda: kernels.attention(q, k, v, key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError,
+        (lambda: functional.attention(q, k, v, key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError,
          r"key_padding_mask must have shape \(batch, seqlen_k\) = \(2, 6\)"),
-        (lambda: kernels.attention(q, k, v, key_padding_mask=torch.ones(2, 6, dtype=torch.bool, device="meta")),
+        (lambda: functional.attention(q, k, v, key_padding_mask=torch.ones(2, 6, dtype=torch.bool, device="meta")),
          ValueError, "key_padding_mask is on meta"),
-        (lambda: kernels.attention(q, k, v, dropout_p=1.0), ValueError, "dropout_p must be < 1"),
-        (lambda: kernels.attention(q, k, v, dropout_p=-0.1), ValueError, "dropout_p must be >= 0"),
-        (lambda: kernels.attention(q, k, v, dropout_p=0.1, seed=1.5), TypeError, "seed must be an int"),
-        (lambda: kernels.attention(q, k, v, dropout_p=0.1, seed=-1), ValueError, r"seed must be in \[0, 2\*\*63\)"),
-        (lambda: kernels.attention(q, k, v, deterministic=None), TypeError, "deterministic must be a bool"),
+        (lambda: functional.attention(q, k, v, dropout_p=1.0), ValueError, "dropout_p must be < 1"),
+        (lambda: functional.attention(q, k, v, dropout_p=-0.1), ValueError, "dropout_p must be >= 0"),
+        (lambda: functional.attention(q, k, v, dropout_p=0.1, seed=1.5), TypeError, "seed must be an int"),
+        (lambda: functional.attention(q, k, v, dropout_p=0.1, seed=-1), ValueError, r"seed must be in \[0, 2\*\*63\)"),
+        (lambda: functional.attention(q, k, v, deterministic=None), TypeError, "deterministic must be a bool"),
         (lambda: attn.dropout_mask(1, 1.5, 1, 1, 1, 1, "cpu"), ValueError, "dropout_p must be < 1"),
         (lambda: attn.dropout_mask(-3, 0.5, 1, 1, 1, 1, "cpu"), ValueError, "seed must be an int"),
         (lambda: attn.dropout_mask(1, 0.5, 1, -1, 1, 1, "cpu"), ValueError, "heads must be a non-negative int"),
@@ -522,7 +521,7 @@ def test_bad_inputs_raise_named_errors():
 def test_unsupported_head_dim_is_rejected(D):
     q = torch.randn(1, 3, 2, D)
     with pytest.raises(ValueError, match=r"head_dim \(q.shape\[3\]\) must be between 1 and 256, got " + str(D)):
-        kernels.attention(q, q, q)
+        functional.attention(q, q, q)
 
 
 # --------------------------------------------------------------------------- module
@@ -688,7 +687,7 @@ def test_gpu_dropout_matches_reference(dtype):
     q, k, v = _qkv(B, S, S, H, D, dtype, device)
     keep = attn.dropout_mask(seed, p, B, H, S, S, device, dtype)
     grad = torch.randn(B, S, H, D, dtype=torch.float64, device=device)
-    ours, ours_g = _run(lambda *t: kernels.attention(*t, dropout_p=p, seed=seed), (q, k, v), grad)
+    ours, ours_g = _run(lambda *t: functional.attention(*t, dropout_p=p, seed=seed), (q, k, v), grad)
     ref, ref_g = _run(lambda *t: reference.attention(*t, True, None, None, keep, p), (q, k, v), grad, torch.float64)
     plain, plain_g = _run(lambda *t: reference.attention(*t, True, None, None, keep, p, upcast=False), (q, k, v), grad)
     assert_close_to_reference("out", ours, ref, plain, factor=FORWARD_FACTOR)
@@ -703,7 +702,7 @@ def test_gpu_long_sequences_use_linear_memory(S):
     q, k, v = (t.requires_grad_() for t in _qkv(1, S, S, 8, 128, torch.bfloat16, device))
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    out = kernels.attention(q, k, v, causal=True)
+    out = functional.attention(q, k, v, causal=True)
     out.backward(torch.randn_like(out))
     torch.cuda.synchronize()
     # inputs, output, their gradients and small fp32 row statistics: no S x S buffer

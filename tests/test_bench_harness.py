@@ -72,7 +72,7 @@ def test_mfu_peer_is_the_same_model_on_plain_pytorch():
     import copy
 
     from bench.mfu import to_plain_pytorch
-    from kernels import dispatch
+    from opt_core.kernels import dispatch
     from opt_core import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)

@@ -26,8 +26,8 @@ import torch.distributed as c10d
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from kernels import dispatch
-from kernels.testing import GRADIENT_FACTOR
+from opt_core.kernels import dispatch
+from opt_core.kernels.testing import GRADIENT_FACTOR
 from opt_core import DynamicLossScaler, FusedAdamW, OPTConfig, OPTForCausalLM
 
 VOCAB, SEQ = 118, 7
@@ -71,8 +71,7 @@ def _config(**overrides) -> OPTConfig:
 
 def _models(mesh, config=None, seed=0, **kw):
     """(dense reference, parallelized twin) built from the same seed."""
-    import dist
-
+    from opt_core import dist
     config = config or _config()
     torch.manual_seed(seed)
     dense = OPTForCausalLM(config)
@@ -178,7 +177,7 @@ def _per_rank(shape, rank, seed=0, dtype=torch.float64):
 
 def _check_mappings(rank, world):
     """Each mapping's forward and backward against the dense computation it stands for (tp group = world)."""
-    from dist import collectives as C
+    from opt_core.dist import collectives as C
 
     group = c10d.group.WORLD
     rows, feat = 3 * world, 5
@@ -238,8 +237,8 @@ def _check_mappings(rank, world):
 def _check_linears(rank, world):
     """Column- and row-parallel linears (with and without sequence parallelism) against F.linear on the full
     weight: outputs, and the gradients of input, weight and bias."""
-    from dist.mesh import Layout
-    from dist.tensor_parallel import ParallelContext, column_parallel_linear, row_parallel_linear
+    from opt_core.dist.mesh import Layout
+    from opt_core.dist.tensor_parallel import ParallelContext, column_parallel_linear, row_parallel_linear
 
     layout = Layout.of(_mesh(1, world))
     n, d_in, d_out = 3 * world, 4 * world, 2 * world
@@ -280,8 +279,8 @@ def _check_linears(rank, world):
 def _check_vocab_parallel(rank, world, prime):
     """Embedding lookup and cross entropy with V = world x prime (a prime slice per rank) against
     nn.Embedding (padding_idx) and F.cross_entropy, forward and backward."""
-    from dist.collectives import reduce_from_tp, scatter_to_sp
-    from dist.vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_embedding, vocab_range
+    from opt_core.dist.collectives import reduce_from_tp, scatter_to_sp
+    from opt_core.dist.vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_embedding, vocab_range
 
     group = c10d.group.WORLD
     vocab = world * prime
@@ -322,7 +321,7 @@ def _check_vocab_parallel(rank, world, prime):
 
 # --------------------------------------------------------------------------- workers: model parity
 def _check_bad_layouts(rank, world):
-    import dist
+    from opt_core import dist
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = _mesh(1, world)
@@ -354,8 +353,7 @@ def _check_parity_2(rank, world):
     _check_vocab_parallel(rank, world, prime=59)
     _check_bad_layouts(rank, world)
 
-    import dist
-
+    from opt_core import dist
     mesh = dist.init_mesh(tp=2)  # the default dp (world / tp), through init_mesh on an existing group
     assert mesh.shape == (1, 2) and mesh.mesh_dim_names == ("dp", "tp")
     for layout, kw in (((1, 2), {}), ((1, 2), {"sequence_parallel": False}), ((2, 1), {})):
@@ -448,8 +446,8 @@ def _check_parity_2(rank, world):
 
     # Masks across ranks: distinct where the ranks hold different data (sequence-parallel tokens, dp rows),
     # identical where tp ranks hold the same replicated activations (no SP), or the replicas would diverge.
-    from dist.mesh import Layout
-    from dist.tensor_parallel import ParallelContext
+    from opt_core.dist.mesh import Layout
+    from opt_core.dist.tensor_parallel import ParallelContext
 
     for layout, sp, distinct in (((1, 2), True, True), ((1, 2), False, False), ((2, 1), False, True)):
         ctx = ParallelContext(layout=Layout.of(_mesh(*layout)), sequence_parallel=sp)
@@ -506,8 +504,7 @@ def _check_found_inf(rank, world):
 def _check_sharded_init(rank, world):
     """A model built on the meta device, parallelized, given empty shards and initialised by dist.init_weights
     is the unsharded model's init_weights (same generator) split: bit for bit, then the same loss and grads."""
-    import dist
-
+    from opt_core import dist
     config = _config(word_embed_proj_dim=20)  # project_in/out too
     dense = OPTForCausalLM(config, init=False)
     dense.init_weights(torch.Generator().manual_seed(3))
@@ -548,8 +545,7 @@ def _check_parity_4_and_save(rank, world, ckpt, ref_file):
     _check_found_inf(rank, world)
     _check_sharded_init(rank, world)
 
-    import dist
-
+    from opt_core import dist
     _, model = _models(mesh, seed=1)
     opt = FusedAdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, max_grad_norm=0.5)
     gen = torch.Generator().manual_seed(10)
@@ -608,8 +604,7 @@ def _after_load_matches(model, opt, ref, what, rows=lambda t: t):
 
 
 def _load_at_tp2(rank, world, ckpt, ref_file):
-    import dist
-
+    from opt_core import dist
     ref = torch.load(ref_file, weights_only=False)
     _, model = _models(_mesh(1, 2), seed=321)
     opt = FusedAdamW(model.parameters(), lr=5e-3, betas=(0.8, 0.9), weight_decay=0.0, max_grad_norm=0.5)
@@ -619,8 +614,7 @@ def _load_at_tp2(rank, world, ckpt, ref_file):
 
 
 def _load_at_dp4(rank, world, ckpt, ref_file):
-    import dist
-
+    from opt_core import dist
     ref = torch.load(ref_file, weights_only=False)
     _, model = _models(_mesh(4, 1), seed=123)  # other weights and hyper-parameters: the load must replace them
     opt = FusedAdamW(model.parameters(), lr=5e-3, betas=(0.8, 0.9), weight_decay=0.0, max_grad_norm=0.5)
@@ -638,8 +632,7 @@ def test_tp2_and_dp2_equal_the_single_process_model(tmp_path):
 def test_dp2_x_tp2_parity_found_inf_and_a_checkpoint_that_reshards(tmp_path):
     """4 processes: tp4 and dp2 x tp2 parity, found-inf on one rank, save; load at dp4 (4 processes), at tp2
     (2 processes), and in one process without torch.distributed into a plain OPTForCausalLM."""
-    import dist
-
+    from opt_core import dist
     ckpt, ref_file = tmp_path / "ckpt", tmp_path / "ref.pt"
     spawn(4, _check_parity_4_and_save, tmp_path, ckpt, ref_file)
     assert dist.checkpoint.is_checkpoint(ckpt) and not (tmp_path / ".ckpt.tmp").exists()
@@ -660,8 +653,7 @@ def test_dp2_x_tp2_parity_found_inf_and_a_checkpoint_that_reshards(tmp_path):
 def test_a_world_of_one_and_layouts_that_cannot_start(tmp_path):
     """init_mesh without torchrun gives a 1 x 1 mesh whose model equals the plain one; a layout that does not
     match the world fails before any process group exists."""
-    import dist
-
+    from opt_core import dist
     with pytest.raises(ValueError, match=r"world size 1 != dp x tp = 2 x 2"):
         dist.init_mesh(dp=2, tp=2)
     assert not c10d.is_initialized()
@@ -680,8 +672,7 @@ def test_a_world_of_one_and_layouts_that_cannot_start(tmp_path):
 def test_a_world_of_one_on_the_gpu_equals_the_plain_model():
     """The whole dist path on CUDA in one process (NCCL, FSDP2, the compiled kernels on DTensor shards,
     FusedAdamW on the shards): loss, gradients and three steps equal the plain model's on the same kernels."""
-    import dist
-
+    from opt_core import dist
     try:
         mesh = dist.init_mesh(device_type="cuda")
         config = _config(hidden_size=128, num_heads=2, ffn_dim=320, vocab_size=512, max_position_embeddings=64)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels import dispatch
+from opt_core.kernels import dispatch
 from opt_core import train as train_mod
 
 REPO = Path(__file__).resolve().parents[1]

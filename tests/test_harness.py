@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import dispatch
-from kernels.testing import FORWARD_FACTOR, compare
+from opt_core.kernels import dispatch
+from opt_core.kernels.testing import FORWARD_FACTOR, compare
 
 
 def _pair(n=1000):

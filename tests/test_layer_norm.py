@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import dispatch, reference
-from kernels.layer_norm import MAX_N
-from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
+from opt_core import functional
+from opt_core.kernels import dispatch, reference
+from opt_core.kernels.layer_norm import MAX_N
+from opt_core.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
 from opt_core import FusedLayerNorm
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -40,7 +40,7 @@ def _run(fn, x, w, b, r, grads):
 
 
 def _ours(x, w, b, r):
-    return kernels.layer_norm(x, w, b, 1e-5, residual=r)
+    return functional.layer_norm(x, w, b, 1e-5, residual=r)
 
 
 def _oracle(x, w, b, r):
@@ -118,7 +118,7 @@ def test_strided_inputs(device):
     w = torch.randn(600, device=device)[::2]
     b = torch.randn(300, device=device)
     assert x.stride(-1) == 2 and not r.is_contiguous()
-    y, h = kernels.layer_norm(x, w, b, residual=r)
+    y, h = functional.layer_norm(x, w, b, residual=r)
     y_ref, h_ref = reference.layer_norm(x.double(), w.double(), b.double(), 1e-5, r.double())
     torch.testing.assert_close(h.double(), h_ref)
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
@@ -128,7 +128,7 @@ def test_weight_in_fp32_with_fp16_input(device):
     x = torch.randn(9, 130, dtype=torch.float16, device=device, requires_grad=True)
     w = torch.randn(130, dtype=torch.float32, device=device, requires_grad=True)
     b = torch.randn(130, dtype=torch.float32, device=device, requires_grad=True)
-    y = kernels.layer_norm(x, w, b)
+    y = functional.layer_norm(x, w, b)
     assert y.dtype == torch.float16
     y.float().square().sum().backward()
     assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
@@ -141,7 +141,7 @@ def test_nan_and_inf_propagate_like_pytorch(device):
     x[1, 3] = float("nan")
     x[4, 0] = float("inf")
     w, b = torch.randn(40, device=device), torch.randn(40, device=device)
-    ours = kernels.layer_norm(x, w, b)
+    ours = functional.layer_norm(x, w, b)
     theirs = F.layer_norm(x, (40,), w, b)
     assert torch.equal(ours.isnan(), theirs.isnan())
     assert ours.isnan()[[1, 4]].all() and ours.isfinite()[[0, 2, 3, 5]].all()
@@ -151,7 +151,7 @@ def test_zero_rows(device):
     x = torch.randn(0, 3, 64, device=device, requires_grad=True)
     w = torch.randn(64, device=device, requires_grad=True)
     b = torch.zeros(64, device=device, requires_grad=True)
-    y = kernels.layer_norm(x, w, b)
+    y = functional.layer_norm(x, w, b)
     assert y.shape == x.shape
     y.sum().backward()
     assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
@@ -163,7 +163,7 @@ def test_forward_and_backward_are_bitwise_repeatable(device):
     runs = []
     for _ in range(2):
         xs = _leaves((x, w, b, r))
-        y, h = kernels.layer_norm(xs[0], xs[1], xs[2], residual=xs[3])
+        y, h = functional.layer_norm(xs[0], xs[1], xs[2], residual=xs[3])
         (y * g).sum().backward()
         runs.append([y, h] + [t.grad for t in xs])
     for a, b_ in zip(*runs):
@@ -178,10 +178,10 @@ def test_reference_backend_matches_kernel(device):
         xs = _leaves((x, w, b, r))
         if use_reference:
             with dispatch.reference_backend():
-                y, h = kernels.layer_norm(xs[0], xs[1], xs[2], residual=xs[3])
+                y, h = functional.layer_norm(xs[0], xs[1], xs[2], residual=xs[3])
                 (y * g + h).sum().backward()
         else:
-            y, h = kernels.layer_norm(xs[0], xs[1], xs[2], residual=xs[3])
+            y, h = functional.layer_norm(xs[0], xs[1], xs[2], residual=xs[3])
             (y * g + h).sum().backward()
         results.append([y, h] + [t.grad for t in xs])
     for a, b_ in zip(*results):
@@ -190,7 +190,7 @@ def test_reference_backend_matches_kernel(device):
 
 def test_float64_takes_the_reference_path(device):
     x = torch.randn(4, 10, dtype=torch.float64, device=device, requires_grad=True)
-    torch.autograd.gradcheck(lambda t: kernels.layer_norm(t, None, None), (x,))
+    torch.autograd.gradcheck(lambda t: functional.layer_norm(t, None, None), (x,))
 
 
 # --------------------------------------------------------------------------- errors
@@ -198,19 +198,19 @@ def test_bad_inputs_raise_named_errors():
     x = torch.randn(4, 8)
     w = torch.randn(8)
     cases = [
-        (lambda: kernels.layer_norm([1.0], None, None), TypeError, "x must be a torch.Tensor"),
-        (lambda: kernels.layer_norm(x.long(), None, None), TypeError, "x must have dtype"),
-        (lambda: kernels.layer_norm(torch.randn(()), None, None), ValueError, "x must have at least 1"),
-        (lambda: kernels.layer_norm(torch.randn(4, 0), None, None), ValueError, "last dimension of at least 1"),
-        (lambda: kernels.layer_norm(x, torch.randn(7), None), ValueError, r"weight must have shape \(8,\)"),
-        (lambda: kernels.layer_norm(x, w.int(), None), TypeError, "weight must have dtype"),
-        (lambda: kernels.layer_norm(x, w, torch.randn(8, 1)), ValueError, "bias must have shape"),
-        (lambda: kernels.layer_norm(x, w.to("meta"), None), ValueError, "weight is on meta"),
-        (lambda: kernels.layer_norm(x, w, None, residual=torch.randn(4, 9)), ValueError, "residual must have shape"),
-        (lambda: kernels.layer_norm(x, w, None, residual=x.half()), TypeError, "residual must have the dtype"),
-        (lambda: kernels.layer_norm(x, w, None, eps=-1.0), ValueError, "eps must be >= 0"),
-        (lambda: kernels.layer_norm(x, w, None, eps="1e-5"), TypeError, "eps must be a float"),
-        (lambda: kernels.layer_norm(x, w, None, eps=float("nan")), ValueError, "eps must be finite"),
+        (lambda: functional.layer_norm([1.0], None, None), TypeError, "x must be a torch.Tensor"),
+        (lambda: functional.layer_norm(x.long(), None, None), TypeError, "x must have dtype"),
+        (lambda: functional.layer_norm(torch.randn(()), None, None), ValueError, "x must have at least 1"),
+        (lambda: functional.layer_norm(torch.randn(4, 0), None, None), ValueError, "last dimension of at least 1"),
+        (lambda: functional.layer_norm(x, torch.randn(7), None), ValueError, r"weight must have shape \(8,\)"),
+        (lambda: functional.layer_norm(x, w.int(), None), TypeError, "weight must have dtype"),
+        (lambda: functional.layer_norm(x, w, torch.randn(8, 1)), ValueError, "bias must have shape"),
+        (lambda: functional.layer_norm(x, w.to("meta"), None), ValueError, "weight is on meta"),
+        (lambda: functional.layer_norm(x, w, None, residual=torch.randn(4, 9)), ValueError, "residual must have shape"),
+        (lambda: functional.layer_norm(x, w, None, residual=x.half()), TypeError, "residual must have the dtype"),
+        (lambda: functional.layer_norm(x, w, None, eps=-1.0), ValueError, "eps must be >= 0"),
+        (lambda: functional.layer_norm(x, w, None, eps="1e-5"), TypeError, "eps must be a float"),
+        (lambda: functional.layer_norm(x, w, None, eps=float("nan")), ValueError, "eps must be finite"),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):
@@ -220,7 +220,7 @@ def test_bad_inputs_raise_named_errors():
 @pytest.mark.interpreter
 def test_too_wide_for_the_kernel_is_rejected():
     with pytest.raises(ValueError, match=f"at most {MAX_N}"):
-        kernels.layer_norm(torch.randn(2, MAX_N + 1), None, None)
+        functional.layer_norm(torch.randn(2, MAX_N + 1), None, None)
 
 
 # --------------------------------------------------------------------------- module

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kernels import dispatch
+from opt_core.kernels import dispatch
 from opt_core.config import OPTConfig
 from opt_core.model import OPTForCausalLM
 

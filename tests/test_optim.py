@@ -10,8 +10,8 @@ import copy
 import pytest
 import torch
 
-import kernels.adamw as adamw_kernels
-from kernels.testing import FORWARD_FACTOR, assert_close_to_reference
+import opt_core.kernels.adamw as adamw_kernels
+from opt_core.kernels.testing import FORWARD_FACTOR, assert_close_to_reference
 from opt_core import FusedAdamW
 
 # Odd shapes: a 0-d, an empty, shapes that cross the kernel's chunk and block

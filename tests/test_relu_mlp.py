@@ -7,19 +7,18 @@ GEMM-bearing kernels are tested in fp16 and fp32 here, bf16 on a GPU.
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import dispatch, reference
-from kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
+from opt_core import functional
+from opt_core.kernels import dispatch, reference
+from opt_core.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
 from opt_core import ReLUMLP
 
-mlp = importlib.import_module("kernels.relu_mlp")  # the module (kernels.relu_mlp is the function)
+from opt_core.kernels import relu_mlp as mlp
 dropout_mask = mlp.dropout_mask
 
 DTYPES = [torch.float16, torch.float32]
@@ -66,7 +65,7 @@ def _run(fn, tensors, grad):
 
 def _ours(p, seed):
     def fn(x, w1, b1, w2, b2, r):
-        return kernels.relu_mlp(x, w1, b1, w2, b2, residual=r, dropout_p=p, seed=seed)
+        return functional.relu_mlp(x, w1, b1, w2, b2, residual=r, dropout_p=p, seed=seed)
     return fn
 
 
@@ -195,7 +194,7 @@ def test_relu_keeps_nan_in_the_hidden_activation(device):
 
 def test_zero_rows(device):
     tensors = _leaves(_inputs(0, 32, torch.float32, device, lead=(3,)))
-    out = kernels.relu_mlp(*tensors[:5], residual=tensors[5], dropout_p=0.1)
+    out = functional.relu_mlp(*tensors[:5], residual=tensors[5], dropout_p=0.1)
     assert out.shape == (3, 0, 32)
     out.sum().backward()
     for t in tensors[1:5]:
@@ -207,7 +206,7 @@ def test_float64_takes_the_reference_path(device):
     x, w1, b1, w2, b2, r = _leaves(_inputs(4, 6, torch.float64, device))
     for p in (0.0, 0.3):  # a fixed seed makes dropout a fixed function
         torch.autograd.gradcheck(
-            lambda *t: kernels.relu_mlp(*t[:5], residual=t[5], dropout_p=p, seed=5), (x, w1, b1, w2, b2, r))
+            lambda *t: functional.relu_mlp(*t[:5], residual=t[5], dropout_p=p, seed=5), (x, w1, b1, w2, b2, r))
 
 
 def test_reference_backend_matches_kernel(device):
@@ -289,7 +288,7 @@ def test_tma_falls_back_where_the_layout_does_not_allow_it(device, tma_on, monke
     _check_against_oracle(20, 64, torch.float32, device)
     assert tma_on == [off] * 6
     monkeypatch.setattr(mlp, "TMA", "always")
-    with pytest.raises(ValueError, match="kernels.relu_mlp.TMA must be one of"):
+    with pytest.raises(ValueError, match="opt_core.kernels.relu_mlp.TMA must be one of"):
         _ours(0.0, 0)(*_inputs(4, 16, torch.float16, device))
 
 
@@ -301,13 +300,13 @@ def test_dropout_mask_is_the_kernels_mask_forward_and_backward(device):
     # d = 98 leaves a partial group of four columns; 150 rows span two row tiles.
     M, d, p, seed = 150, 98, 0.3, 2**40 + 17
     x, w1, b1, w2, b2, _ = _leaves(_inputs(M, d, torch.float32, device))
-    out = kernels.relu_mlp(x, w1, b1, w2, b2, dropout_p=p, seed=seed)
+    out = functional.relu_mlp(x, w1, b1, w2, b2, dropout_p=p, seed=seed)
     keep = dropout_mask(seed, p, (M, d), device)
     assert torch.equal(out != 0, keep)
     out.sum().backward()
     torch.testing.assert_close(b2.grad, keep.sum(0).float() / (1 - p), rtol=1e-6, atol=0)
     # The helper is reachable as the lead's API spells it.
-    assert kernels.relu_mlp.dropout_mask is dropout_mask
+    assert functional.relu_mlp_dropout_mask is dropout_mask
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -317,7 +316,7 @@ def test_kept_fraction_within_three_sigma(p, device):
     assert abs(kept - (1 - p)) <= 3 * math.sqrt(p * (1 - p) / n)
     # and through the kernel
     x, w1, b1, w2, b2, _ = _inputs(96, 64, torch.float16, device)
-    out = kernels.relu_mlp(x, w1, b1, w2, b2, dropout_p=p, seed=5)
+    out = functional.relu_mlp(x, w1, b1, w2, b2, dropout_p=p, seed=5)
     frac = (out != 0).double().mean().item()
     assert abs(frac - (1 - p)) <= 3 * math.sqrt(p * (1 - p) / out.numel())
 
@@ -326,7 +325,7 @@ def test_dropout_reproducible_by_seed(device):
     x, w1, b1, w2, b2, r = _inputs(40, 64, torch.float16, device)
 
     def run(**kw):
-        return kernels.relu_mlp(x, w1, b1, w2, b2, residual=r, **kw)
+        return functional.relu_mlp(x, w1, b1, w2, b2, residual=r, **kw)
 
     a, b = run(dropout_p=0.1, seed=42), run(dropout_p=0.1, seed=42)
     assert torch.equal(a, b)
@@ -396,7 +395,7 @@ def test_saved_for_backward_per_token_is_below_unfused(device):
         return (sizes[1] - sizes[0]) / 32
 
     def ours(x, w1, b1, w2, b2, r):
-        return kernels.relu_mlp(x, w1, b1, w2, b2, residual=r, dropout_p=0.1)
+        return functional.relu_mlp(x, w1, b1, w2, b2, residual=r, dropout_p=0.1)
 
     def unfused(x, w1, b1, w2, b2, r):
         return F.dropout(F.linear(F.linear(x, w1, b1).relu(), w2, b2), 0.1, training=True) + r
@@ -447,7 +446,7 @@ def test_bad_inputs_raise_named_errors():
         args = dict(x=x, fc1_weight=w1, fc1_bias=b1, fc2_weight=w2, fc2_bias=b2)
         args.update(kw)
         extra = {k: args.pop(k) for k in ("residual", "dropout_p", "training", "seed") if k in args}
-        return kernels.relu_mlp(args["x"], args["fc1_weight"], args["fc1_bias"], args["fc2_weight"],
+        return functional.relu_mlp(args["x"], args["fc1_weight"], args["fc1_bias"], args["fc2_weight"],
                                 args["fc2_bias"], **extra)
 
     cases = [
@@ -590,5 +589,5 @@ def test_gpu_pointer_path_where_tma_is_available(M, d, monkeypatch):
 def test_gpu_device_guard_and_seed_on_cpu():
     # The seed tensor stays on the CPU (no sync); the op runs on x's GPU.
     x, w1, b1, w2, b2, r = _inputs(64, 128, torch.bfloat16, torch.device("cuda"))
-    out = kernels.relu_mlp(x, w1, b1, w2, b2, residual=r, dropout_p=0.1, seed=9)
+    out = functional.relu_mlp(x, w1, b1, w2, b2, residual=r, dropout_p=0.1, seed=9)
     assert out.device == x.device and torch.isfinite(out).all()

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from kernels import dispatch
+from opt_core.kernels import dispatch
 from opt_core import train as train_mod
 
 WORDS = ("the model trains on packed sequences of tokens with a learned position table and a tied head "
