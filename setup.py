@@ -38,15 +38,17 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
+    # The CUDA C++ sources travel with the package: the CuPy loader compiles them at run time.
+    package_data={"opt_core.kernels": ["cuda/*.cu", "cuda/*.cuh"]},
     # Lower bounds only: an upper pin would fight the CUDA build of torch a user already has.
     # torch.library.custom_op / register_autograd / opcheck need torch 2.4; the GPU machine runs
     # torch 2.11 with Triton 3.6, CI pins Triton 3.6.
     install_requires=["torch>=2.4", "triton>=3.6", "numpy"],
     extras_require={
         "train": ["tokenizers", "matplotlib"],
-        "hf": ["transformers", "tokenizers", "safetensors"],
-        "test": ["pytest>=8", "pytest-benchmark", "transformers", "tokenizers", "safetensors", "matplotlib",
-                 "build"],
+        "hf": ["transformers", "tokenizers", "safetensors", "accelerate"],
+        "test": ["pytest>=8", "pytest-benchmark", "transformers", "tokenizers", "safetensors", "accelerate",
+                 "matplotlib", "build"],
         "bench": ["pytest-benchmark", "matplotlib", "nvidia-ml-py"],
     },
     entry_points={

@@ -45,7 +45,10 @@ class _TorchLayerNorm(FusedLayerNorm):
 
 
 class _TorchAttention(FusedSelfAttention):
-    def forward(self, hidden_states, key_padding_mask=None, causal=True):
+    # One process and no KV cache (training steps): batch_shape and kv_cache stay None, and SDPA draws
+    # its own dropout mask instead of the decoder's seed.
+    def forward(self, hidden_states, key_padding_mask=None, causal=True, *, batch_shape=None, seed=None,
+                kv_cache=None):
         B, S, _ = hidden_states.shape
         q, k, v = self.qkv_proj(hidden_states).view(B, S, -1, 3, self.head_dim).unbind(3)
         mask = None

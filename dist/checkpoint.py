@@ -31,22 +31,15 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from opt_core import process_group
 from opt_core.dist.mesh import object_device
 
 EXTRA = "extra.pt"
 METADATA = ".metadata"  # DCP's index, written last by its coordinator
 
 
-def _distributed() -> bool:
-    return c10d.is_available() and c10d.is_initialized()
-
-
-def _rank() -> int:
-    return c10d.get_rank() if _distributed() else 0
-
-
 def _barrier() -> None:
-    if _distributed():
+    if process_group.initialized():
         c10d.barrier()
 
 
@@ -74,22 +67,22 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp"
     exists = torch.tensor([int(path.exists())], device=object_device())
-    if _distributed():  # the same decision on every rank, or some would wait in a barrier forever
+    if process_group.initialized():  # the same decision on every rank, or some would wait in a barrier forever
         c10d.broadcast(exists, src=0)
     if exists.item():
         raise FileExistsError(f"checkpoint {path} already exists; not overwriting it")
-    if _rank() == 0:
+    if process_group.rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)  # a save that was killed before its rename
         tmp.mkdir(parents=True)
     _barrier()
     dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
     if rank_state is not None:
-        torch.save(rank_state, tmp / f"rank-{_rank()}.pt")
-    if _rank() == 0 and extra is not None:
+        torch.save(rank_state, tmp / f"rank-{process_group.rank()}.pt")
+    if process_group.rank() == 0 and extra is not None:
         torch.save(extra, tmp / EXTRA)
     _barrier()
-    if _rank() == 0:
+    if process_group.rank() == 0:
         os.replace(tmp, path)
     _barrier()
     return path
@@ -112,7 +105,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    extra_path, rank_path = path / EXTRA, path / f"rank-{_rank()}.pt"
+    extra_path, rank_path = path / EXTRA, path / f"rank-{process_group.rank()}.pt"
     extra = torch.load(extra_path, weights_only=False) if extra_path.exists() else None
     rank_state = torch.load(rank_path, weights_only=False) if rank_path.exists() else None
     return extra, rank_state

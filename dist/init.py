@@ -19,16 +19,17 @@ import math
 from typing import Callable, Optional
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from opt_core.process_group import is_dtensor, local_tensor
 
 
 def _fill(param: torch.Tensor, how: Callable[[torch.Tensor], None]) -> None:
     """Run ``how`` on a full-size tensor and keep this rank's slice of it in ``param``."""
-    if not isinstance(param, DTensor):
+    if not is_dtensor(param):
         how(param.data)
         return
-    local = param.to_local()
+    local = local_tensor(param)
     full = torch.empty(param.shape, dtype=param.dtype, device=local.device)
     how(full)
     shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)

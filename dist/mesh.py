@@ -8,7 +8,7 @@ beside it for CPU-side objects, gloo alone on a CPU machine) and returns
 ``python`` process (no ``torchrun``) gets a world of one on an in-memory store,
 so the same code runs unlaunched.
 
-Rank layout: ``tp`` is the inner (fastest-varying) dimension, so the ranks of a
+Rank order: ``tp`` is the inner (fastest-varying) dimension, so the ranks of a
 tensor-parallel group are consecutive and, with ``--nproc-per-node`` a
 multiple of ``tp``, on one node: TP's per-layer collectives stay on NVLink
 while FSDP's larger, overlappable ones cross the network.
@@ -95,8 +95,9 @@ def check_mesh(mesh: DeviceMesh) -> None:
 
 
 @dataclass(frozen=True)
-class Layout:
-    """Where this rank sits: its dp and tp coordinates and the groups the collectives use."""
+class RankCoordinates:
+    """Where this rank sits in the mesh: the dp and tp sizes, its coordinate on each, and the process
+    groups the collectives of each dimension use."""
 
     mesh: DeviceMesh
     dp: int
@@ -107,7 +108,7 @@ class Layout:
     tp_group: c10d.ProcessGroup
 
     @classmethod
-    def of(cls, mesh: DeviceMesh) -> "Layout":
+    def of(cls, mesh: DeviceMesh) -> "RankCoordinates":
         check_mesh(mesh)
         dp_mesh, tp_mesh = mesh["dp"], mesh["tp"]
         return cls(mesh=mesh, dp=dp_mesh.size(), tp=tp_mesh.size(), dp_rank=dp_mesh.get_local_rank(),

@@ -26,8 +26,8 @@ import torch.distributed as c10d
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from opt_core.dist.mesh import Layout
-from opt_core.dist.tensor_parallel import ParallelOPTForCausalLM, apply_tensor_parallel, check_tp_layout
+from opt_core.dist.mesh import RankCoordinates
+from opt_core.dist.tensor_parallel import TensorParallelism, apply_tensor_parallel, check_tp_layout
 from opt_core.model import OPTForCausalLM
 
 
@@ -65,7 +65,7 @@ def parallelize(
     reduce_dtype: torch.dtype = torch.float32,
     reshard_after_forward: bool = True,
     check_weights: bool = True,
-) -> ParallelOPTForCausalLM:
+) -> OPTForCausalLM:
     """Shard ``model`` in place over ``mesh`` (from ``dist.init_mesh``) and return it.
 
     - tensor parallel over ``mesh["tp"]`` (see ``dist.tensor_parallel``),
@@ -79,25 +79,25 @@ def parallelize(
     ("dp", "tp") mesh over the whole world.  Data: every tp rank of a dp group
     feeds the same rows; each dp rank its own slice of the global batch.
     """
-    if type(model) is not OPTForCausalLM:
-        what = "already parallelized" if isinstance(model, ParallelOPTForCausalLM) else type(model).__name__
+    if not isinstance(model, OPTForCausalLM) or isinstance(model.parallelism, TensorParallelism):
+        what = "already parallelized" if isinstance(model, OPTForCausalLM) else type(model).__name__
         raise TypeError(f"parallelize takes an opt_core.OPTForCausalLM, got {what}")
-    layout = Layout.of(mesh)
-    check_tp_layout(model.config, layout.tp)
+    coords = RankCoordinates.of(mesh)
+    check_tp_layout(model.config, coords.tp)
     if check_weights:
         check_same_weights(model)
     if sequence_parallel is None:
-        sequence_parallel = layout.tp > 1
+        sequence_parallel = coords.tp > 1
 
-    apply_tensor_parallel(model, layout, sequence_parallel)
+    apply_tensor_parallel(model, coords, sequence_parallel)
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     layers = list(model.decoder.layers)
     for i, layer in enumerate(layers):
         last = i == len(layers) - 1
-        fully_shard(layer, mesh=layout.dp_mesh, mp_policy=policy,
+        fully_shard(layer, mesh=coords.dp_mesh, mp_policy=policy,
                     reshard_after_forward=reshard_after_forward and not last)
-    fully_shard(model, mesh=layout.dp_mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=coords.dp_mesh, mp_policy=policy, reshard_after_forward=False)
     for i, layer in enumerate(layers):
         if i + 1 < len(layers):
             layer.set_modules_to_forward_prefetch([layers[i + 1]])

@@ -19,17 +19,20 @@ everything else (positions, LayerNorms,            Replicate    used after the r
 ``out_proj.bias``, ``fc2.bias``, project_in/out)
 =================================================  ===========  ======================================
 
-Forward of a pre-LN block on rank r of tp, sequence parallel (the default
-with tp > 1; activations between blocks are (tokens/tp, d), a contiguous block
-of the batch x sequence tokens)::
+The modules keep their one forward.  ``apply_tensor_parallel`` attaches a
+``TensorParallelism`` to each module with a seam (``opt_core.parallelism.Parallelism``:
+the model, the decoder, its layers, attention, MLP and LayerNorms), and the
+seams run the collectives.  A pre-LN block on rank r of tp, sequence parallel
+(the default with tp > 1; activations between blocks are (tokens/tp, d), a
+contiguous block of the batch x sequence tokens)::
 
     a   = LN1(x)                                    local tokens
-    qkv = all_gather(a) @ Wqkv_r.T + b_r            all tokens, heads of rank r
+    qkv = all_gather(a) @ Wqkv_r.T + b_r            column_linear: all tokens, heads of rank r
     o   = attention(q, k, v)                        kernels.attention on the local heads
-    y   = reduce_scatter(o @ Wout_r.T) + b_out      back to local tokens
+    y   = reduce_scatter(o @ Wout_r.T) + b_out      row_linear: back to local tokens
     n, h = LN2(dropout(y), residual=x)              kernels.layer_norm, residual fused
     m   = reduce_scatter(relu_mlp(all_gather(n), W1_r, b1_r, W2_r, None)) + b2
-    x'  = h + dropout(m)
+    x'  = h + dropout(m)                            relu_mlp: bias, dropout, residual after the sum
 
 Without sequence parallelism every rank holds all tokens, the all-gathers
 become identities whose backward all-reduces and the reduce-scatters become
@@ -37,9 +40,10 @@ all-reduces.  Under sequence parallelism the replicated parameters used on
 local tokens (LayerNorms, out_proj/fc2 biases, positions, project_in/out) see
 only this rank's tokens, so their gradients are summed over tp
 (``collectives.reduce_grad_of``).  The token count is padded to a multiple of
-tp with pad tokens at the end; attention only ever sees the real tokens
-(padding rows are cut before it, and the causal mask keeps real queries off
-the end), and the padded rows are dropped before the LM head.
+tp with pad tokens at the end; attention only ever sees the real tokens (the
+first batch x seqlen rows of the gathered activations), and the padded rows are
+dropped before the LM head, whose logits stay split by vocabulary (the loss is
+``vocab_parallel_cross_entropy``).
 
 Dropout: seeds are drawn from torch's generator in the same order on every
 rank (so ranks stay in step) and offset by the rank where the data is local
@@ -50,24 +54,21 @@ rows), so no two ranks share a mask for different data.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
-from torch.utils.checkpoint import checkpoint
 
-from opt_core.dist.collectives import (copy_to_tp, gather_from_sp, global_mean_loss, reduce_from_tp, reduce_grad_of,
-                              scatter_to_sp, all_reduce)
-from opt_core.dist.mesh import Layout
+from opt_core.dist.collectives import (all_reduce, copy_to_tp, gather_from_sp, global_mean_loss, reduce_from_tp,
+                                       reduce_grad_of, scatter_to_sp)
+from opt_core.dist.mesh import RankCoordinates
 from opt_core.dist.vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_embedding, vocab_range
-from opt_core.functional import attention, layer_norm, relu_mlp
-from opt_core.model import POSITION_OFFSET, CausalLMOutput, OPTDecoderLayer, OPTForCausalLM
-
-IGNORE_INDEX = -100
-_MAX_SEED = 2**62
+from opt_core.functional import relu_mlp
+from opt_core.parallelism import Parallelism
+from opt_core.seeds import draw_seed
+from opt_core.model import POSITION_OFFSET, OPTForCausalLM
+from opt_core.process_group import local_tensor
 
 # Placement on the "tp" mesh dimension by parameter name (within a decoder layer, or the full name).
 _SHARDED = {
@@ -104,217 +105,137 @@ def check_tp_layout(config, tp: int) -> None:
         raise ValueError("bad tensor-parallel layout: " + "; ".join(problems))
 
 
-@dataclass
-class ParallelContext:
-    """What a parallel module needs at run time: the layout and whether sequence parallelism is on."""
+class TensorParallelism(Parallelism):
+    """The seams of ``opt_core.parallelism.Parallelism`` with Megatron's collectives over ``coords``' tp group.
 
-    layout: Layout
-    sequence_parallel: bool
+    Parameters arrive as DTensors (the tp shard; inside an FSDP unit's forward the dp dimension is
+    already gathered) or as plain tensors that are already this rank's shard."""
 
-    @property
-    def tp(self) -> int:
-        return self.layout.tp
+    def __init__(self, coords: RankCoordinates, sequence_parallel: bool):
+        self.coords = coords
+        self.sequence_parallel = sequence_parallel and coords.tp > 1
 
     @property
     def group(self):
-        return self.layout.tp_group
+        return self.coords.tp_group
 
-    @property
-    def sp(self) -> bool:
-        return self.sequence_parallel and self.layout.tp > 1
+    # ----------------------------------------------------------------- parameters and regions
+    def local(self, param):
+        return local_tensor(param) if param is not None else None
 
-    # ----------------------------------------------------------------- parameters
-    @staticmethod
-    def local(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """This rank's tp shard (inside an FSDP unit's forward the dp dimension is already gathered)."""
-        return p.to_local() if isinstance(p, DTensor) else p
-
-    def replicated(self, p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """A Replicate parameter used in the sequence-parallel region: its gradient is summed over tp."""
-        if p is None:
+    def replicated(self, param):
+        """A Replicate parameter used in the block region: under SP each rank sees only its tokens, so its
+        gradient is summed over tp."""
+        if param is None:
             return None
-        local = self.local(p)
-        return reduce_grad_of(local, self.group) if self.sp else local
+        local = local_tensor(param)
+        return reduce_grad_of(local, self.group) if self.sequence_parallel else local
 
-    def layer_norm(self, module, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        return layer_norm(x, self.replicated(module.weight), self.replicated(module.bias), module.eps, residual)
-
-    # ----------------------------------------------------------------- regions
     def enter(self, x: torch.Tensor) -> torch.Tensor:
-        """Activations of the block's region -> all tokens, replicated on every tp rank."""
-        return gather_from_sp(x, self.group) if self.sp else copy_to_tp(x, self.group)
+        """Activations of the block region -> all tokens, replicated on every tp rank."""
+        return gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
 
     def leave(self, partial: torch.Tensor) -> torch.Tensor:
-        """Partial outputs over all tokens -> their sum, on this rank's tokens (SP) or on all."""
-        return scatter_to_sp(partial, self.group) if self.sp else reduce_from_tp(partial, self.group)
+        """Partial outputs over all tokens -> their sum, on this rank's tokens (SP, after padding the rows
+        to a multiple of tp with zeros) or on all."""
+        if not self.sequence_parallel:
+            return reduce_from_tp(partial, self.group)
+        rows = self.rows(partial.shape[0])
+        if rows > partial.shape[0]:
+            partial = F.pad(partial, (0, 0, 0, rows - partial.shape[0]))
+        return scatter_to_sp(partial, self.group)
 
     def rows(self, tokens: int) -> int:
         """Rows of the all-token activations: ``tokens`` padded to a multiple of tp under SP."""
-        return math.ceil(tokens / self.tp) * self.tp if self.sp else tokens
+        tp = self.coords.tp
+        return math.ceil(tokens / tp) * tp if self.sequence_parallel else tokens
+
+    # ----------------------------------------------------------------- layers
+    def column_linear(self, x, weight, bias):
+        return F.linear(self.enter(x), self.local(weight), self.local(bias))
+
+    def row_linear(self, x, weight, bias):
+        """``bias`` is replicated and added once, after the reduction."""
+        out = self.leave(F.linear(x, self.local(weight)))
+        return out + self.replicated(bias) if bias is not None else out
+
+    def relu_mlp(self, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual, dropout_p, training):
+        # fc1 is column parallel, fc2 row parallel: the fused kernel runs on the local ffn slice and gives
+        # the partial fc2 output; its bias, the dropout and the residual go in after the reduction.
+        partial = relu_mlp(self.enter(x), self.local(fc1_weight), self.local(fc1_bias), self.local(fc2_weight), None,
+                           dropout_p=0.0, training=training)
+        out = self.leave(partial)
+        if fc2_bias is not None:
+            out = out + self.replicated(fc2_bias)
+        out = self.dropout(out, dropout_p if training else 0.0)
+        return out if residual is None else residual + out
 
     # ----------------------------------------------------------------- randomness
-    @staticmethod
-    def draw_seed() -> int:
-        # From torch's CPU generator: the same draw on every rank, and no GPU sync.
-        return int(torch.randint(0, _MAX_SEED, ()))
-
-    def seed_for(self, base: int, tp_local: bool) -> int:
+    def seed_for(self, base, tp_local: bool):
         """``base`` made distinct per dp rank, and per tp rank when the data is tp-local."""
-        lay = self.layout
-        return base + lay.dp_rank * lay.tp + (lay.tp_rank if tp_local else 0)
+        c = self.coords
+        return base + c.dp_rank * c.tp + (c.tp_rank if tp_local else 0)
+
+    def attention_seed(self, seed):
+        return self.seed_for(seed, tp_local=True)  # this rank's heads
 
     def dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
         """Dropout on block-region activations (this rank's tokens under SP, replicated otherwise)."""
         if p == 0.0:
             return x
         gen = torch.Generator(device=x.device)
-        gen.manual_seed(self.seed_for(self.draw_seed(), tp_local=self.sp))
+        # The seed from torch's CPU generator: the same draw on every rank, and no GPU sync.
+        gen.manual_seed(self.seed_for(draw_seed(), tp_local=self.sequence_parallel))
         keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=gen)
         return x * keep * (1.0 / (1.0 - p))
 
+    # ----------------------------------------------------------------- embeddings and head
+    def _token_rows(self, t: torch.Tensor, pad_value: int) -> torch.Tensor:
+        """(batch, seqlen) -> the flat tokens, padded at the end to ``rows``."""
+        flat = t.reshape(-1)
+        return F.pad(flat, (0, self.rows(flat.numel()) - flat.numel()), value=pad_value)
 
-# --------------------------------------------------------------------------- linear layers
-def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                           ctx: ParallelContext) -> torch.Tensor:
-    """``x`` (block-region rows) -> all rows x this rank's output features (``weight`` is its row shard)."""
-    return F.linear(ctx.enter(x), weight, bias)
+    def embed_tokens(self, input_ids, weight, padding_idx):
+        """Every rank looks up all tokens in its vocabulary slice; the sum over tp lands on its tokens."""
+        local = local_tensor(weight)
+        start, end = vocab_range(weight.shape[0], self.coords.tp_rank, self.coords.tp)
+        if local.shape[0] != end - start:
+            raise RuntimeError(f"embedding shard has {local.shape[0]} rows, expected {end - start}")
+        ids = self._token_rows(input_ids, padding_idx if padding_idx is not None else 0)
+        return self.leave(vocab_parallel_embedding(ids, local, start, padding_idx=padding_idx))
 
+    def token_positions(self, positions):
+        rows = self._token_rows(positions, POSITION_OFFSET - 1)  # pad tokens read the padding position row
+        return rows.view(self.coords.tp, -1)[self.coords.tp_rank] if self.sequence_parallel else rows
 
-def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        ctx: ParallelContext) -> torch.Tensor:
-    """All rows x this rank's input features -> the reduced output in the block region, plus ``bias``
-    (replicated, added once after the reduction)."""
-    out = ctx.leave(F.linear(x, weight))
-    return out + ctx.replicated(bias) if bias is not None else out
+    def lm_head(self, x, weight, tokens):
+        """(tokens, vocab / tp): this rank's vocabulary slice, never gathered."""
+        return F.linear(self.enter(x)[:tokens], local_tensor(weight))
 
+    def mean_token_loss(self, logits, target, ignore_index):
+        """The mean over the global batch's target tokens (every dp rank): the same value on every rank."""
+        c = self.coords
+        target = target.reshape(-1)
+        start, _ = vocab_range(logits.shape[-1] * c.tp, c.tp_rank, c.tp)
+        per_token = vocab_parallel_cross_entropy(logits, target, start, self.group, ignore_index=ignore_index,
+                                                 vocab_size=logits.shape[-1] * c.tp)
+        count = all_reduce((target != ignore_index).sum(), c.dp_group)
+        return global_mean_loss(per_token.sum(), count, c.dp_group)
 
-# --------------------------------------------------------------------------- modules
-class ParallelDecoderLayer(OPTDecoderLayer):
-    """OPTDecoderLayer with tensor-parallel attention and MLP; same submodules and parameter names."""
-
-    _parallel: ParallelContext
-
-    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor], batch: int, seqlen: int
-                ) -> torch.Tensor:
-        ctx = self._parallel
-        drop = self.dropout if self.training else 0.0
-        if self.pre_ln:
-            a = self._attention(ctx.layer_norm(self.self_attn_layer_norm, x), key_padding_mask, batch, seqlen)
-            normed, h = ctx.layer_norm(self.final_layer_norm, ctx.dropout(a, drop), residual=x)
-            return h + ctx.dropout(self._mlp(normed), drop)
-        a = self._attention(x, key_padding_mask, batch, seqlen)
-        h = ctx.layer_norm(self.self_attn_layer_norm, x + ctx.dropout(a, drop))
-        return ctx.layer_norm(self.final_layer_norm, h + ctx.dropout(self._mlp(h), drop))
-
-    def _attention(self, x, key_padding_mask, batch, seqlen):
-        ctx, attn = self._parallel, self.self_attn
-        tokens, heads = batch * seqlen, attn.num_heads // ctx.tp
-        qkv = column_parallel_linear(x, ctx.local(attn.qkv_proj.weight), ctx.local(attn.qkv_proj.bias), ctx)
-        rows = qkv.shape[0]
-        q, k, v = qkv[:tokens].view(batch, seqlen, heads, 3, attn.head_dim).unbind(3)
-        p = attn.dropout if self.training else 0.0
-        seed = ctx.seed_for(ctx.draw_seed(), tp_local=True) if p > 0 else None
-        o = attention(q, k, v, causal=True, softmax_scale=attn.head_dim ** -0.5, key_padding_mask=key_padding_mask,
-                      dropout_p=p, seed=seed)
-        o = o.reshape(tokens, heads * attn.head_dim)
-        if rows > tokens:  # sequence-parallel padding rows: zeros into the reduction
-            o = F.pad(o, (0, 0, 0, rows - tokens))
-        return row_parallel_linear(o, ctx.local(attn.out_proj.weight), attn.out_proj.bias, ctx)
-
-    def _mlp(self, x):
-        ctx, mlp = self._parallel, self.mlp
-        # fc1 is column parallel, fc2 row parallel: the fused kernel runs on the local
-        # ffn slice and gives the partial fc2 output; its bias goes in after the reduction.
-        partial = relu_mlp(ctx.enter(x), ctx.local(mlp.fc1.weight), ctx.local(mlp.fc1.bias),
-                           ctx.local(mlp.fc2.weight), None, dropout_p=0.0, training=self.training)
-        out = ctx.leave(partial)
-        return out + ctx.replicated(mlp.fc2.bias) if mlp.fc2.bias is not None else out
+    def batch_logits(self, logits, batch, seqlen):
+        """A (batch, seqlen, vocab) DTensor split by vocabulary over tp (``.full_tensor()`` gathers it)."""
+        return DTensor.from_local(logits.view(batch, seqlen, -1), self.coords.tp_mesh, [Shard(2)], run_check=False)
 
 
-class ParallelOPTForCausalLM(OPTForCausalLM):
-    """OPTForCausalLM after ``dist.parallelize``: same parameters (as DTensors), same forward contract.
-
-    ``forward(...).loss`` is the mean over every target token of the global
-    batch (all dp ranks), the same value on every rank; ``.logits`` is a DTensor
-    split by vocabulary over tp (``.full_tensor()`` gathers it).  Every rank of a
-    tp group must pass the same ``input_ids``; dp ranks pass their own rows.
-    """
-
-    _parallel: ParallelContext
-    _gather_logits: bool = False
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, *, shift_labels: bool = True) -> CausalLMOutput:
-        positions, key_padding_mask = self.checked_inputs(input_ids, attention_mask, labels)
-        batch, seqlen = input_ids.shape
-        ctx, dec, lay = self._parallel, self.decoder, self._parallel.layout
-        tokens = batch * seqlen
-        rows = ctx.rows(tokens)
-        ids, pos = input_ids.reshape(tokens), positions.reshape(tokens)
-        if rows > tokens:  # pad tokens at the end, on the padding position row
-            ids = F.pad(ids, (0, rows - tokens), value=self.config.pad_token_id)
-            pos = F.pad(pos, (0, rows - tokens), value=POSITION_OFFSET - 1)
-
-        embed = ctx.local(dec.embed_tokens.weight)  # also the LM head (tied)
-        vocab_start, vocab_end = vocab_range(self.config.vocab_size, lay.tp_rank, lay.tp)
-        if embed.shape[0] != vocab_end - vocab_start:
-            raise RuntimeError(f"embedding shard has {embed.shape[0]} rows, expected {vocab_end - vocab_start}")
-        x = vocab_parallel_embedding(ids, embed, vocab_start, padding_idx=self.config.pad_token_id)
-        x = ctx.leave(x)
-        if ctx.sp:
-            pos = pos.view(ctx.tp, -1)[lay.tp_rank]
-        if dec.project_in is not None:
-            x = F.linear(x, ctx.replicated(dec.project_in.weight))
-        x = x + F.embedding(pos, ctx.replicated(dec.embed_positions.weight))
-
-        for layer in dec.layers:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, key_padding_mask, batch, seqlen, use_reentrant=False)
-            else:
-                x = layer(x, key_padding_mask, batch, seqlen)
-        if dec.final_layer_norm is not None:
-            x = ctx.layer_norm(dec.final_layer_norm, x)
-        if dec.project_out is not None:
-            x = F.linear(x, ctx.replicated(dec.project_out.weight))
-        logits = F.linear(ctx.enter(x)[:tokens], embed)  # (tokens, vocab / tp): never gathered
-
-        loss = None
-        if labels is not None:
-            target = labels
-            if attention_mask is not None:
-                target = target.masked_fill(attention_mask == 0, IGNORE_INDEX)
-            if shift_labels:
-                target = F.pad(target[:, 1:], (0, 1), value=IGNORE_INDEX)
-            target = target.reshape(tokens)
-            per_token = vocab_parallel_cross_entropy(logits, target, vocab_start, ctx.group,
-                                                     ignore_index=IGNORE_INDEX, vocab_size=self.config.vocab_size)
-            count = all_reduce((target != IGNORE_INDEX).sum(), lay.dp_group)
-            loss = global_mean_loss(per_token.sum(), count, lay.dp_group)
-
-        logits = DTensor.from_local(logits.view(batch, seqlen, -1), lay.tp_mesh, [Shard(2)], run_check=False)
-        if self._gather_logits:
-            logits = logits.full_tensor()
-        return CausalLMOutput(logits=logits, loss=loss)
-
-    @torch.no_grad()
-    def generate(self, *args, **kwargs) -> torch.Tensor:
-        """``OPTForCausalLM.generate``; every rank must call it with the same arguments (and generator state)."""
-        self._gather_logits = True
-        try:
-            return super().generate(*args, **kwargs)
-        finally:
-            self._gather_logits = False
-
-
-# --------------------------------------------------------------------------- applying it
-def apply_tensor_parallel(model: OPTForCausalLM, layout: Layout, sequence_parallel: bool) -> ParallelOPTForCausalLM:
-    """Turn ``model`` (in place) into a ParallelOPTForCausalLM with DTensor parameters on ``layout``'s tp mesh.
+def apply_tensor_parallel(model: OPTForCausalLM, coords: RankCoordinates, sequence_parallel: bool) -> OPTForCausalLM:
+    """Shard ``model`` in place: DTensor parameters on ``coords``' tp mesh and a ``TensorParallelism`` on every
+    module with a seam.
 
     Every rank must hold the same full weights (the same seed, or a checkpoint
     loaded afterwards): each keeps its own slice without communication.
     """
-    check_tp_layout(model.config, layout.tp)
-    tp_mesh = layout.tp_mesh
+    check_tp_layout(model.config, coords.tp)
+    tp_mesh = coords.tp_mesh
     converted: dict[int, nn.Parameter] = {}
     for module_name, module in model.named_modules():
         for name, param in list(module._parameters.items()):
@@ -325,10 +246,8 @@ def apply_tensor_parallel(model: OPTForCausalLM, layout: Layout, sequence_parall
                 dt = distribute_tensor(param.detach(), tp_mesh, [tp_placement(fqn)], src_data_rank=None)
                 converted[id(param)] = nn.Parameter(dt, requires_grad=param.requires_grad)
             module._parameters[name] = converted[id(param)]
-    ctx = ParallelContext(layout=layout, sequence_parallel=sequence_parallel)
-    for layer in model.decoder.layers:
-        layer.__class__ = ParallelDecoderLayer
-        layer._parallel = ctx
-    model.__class__ = ParallelOPTForCausalLM
-    model._parallel = ctx
+    parallelism = TensorParallelism(coords, sequence_parallel)
+    for module in model.modules():
+        if isinstance(getattr(module, "parallelism", None), Parallelism):
+            module.parallelism = parallelism
     return model

@@ -1,42 +1,45 @@
 """Multi-tensor AdamW step and gradient statistics in Triton.
 
-Design record (newest last):
-2026-11-29  Multi-tensor: one launch covers every tensor of a dtype class in a
-            parameter group.  The host builds a table of raw tensor addresses
-            (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master) and a
-            table of chunks (tensor index, first element); each program loads
-            its row, turns the addresses into typed pointers and streams its
-            chunk.  One read and one write of each parameter, moment and master,
-            one read of each gradient.  Tables are cached per address tuple, so a
-            steady training loop (same tensors every step) uploads nothing.
-2026-11-29  Bias corrections are computed the way torch.optim.AdamW computes
-            them (float64 powers of the betas, then rounded to fp32), on the
-            device from the per-parameter ``step`` tensors: no host sync, and
-            parameters frozen for a while (fewer steps) get their own
-            corrections.  The update follows torch's single-tensor order of
-            operations (decay, lerp, addcmul, sqrt/bc2 + eps, addcdiv) so fp32
-            results agree to rounding.
-2026-11-29  ``found_inf`` (a device scalar) makes every program return before
-            touching anything, and the steps do not advance: a skipped step
-            leaves all state bitwise unchanged without a host sync.
-2026-11-29  No autotuning: the kernels update their operands in place, and the
-            autotuner would apply the update once per timing run.  One block
-            shape, compiled AOT for sm_80/sm_90, streams 8-16 bytes per element.
-2026-11-29  The gradient-statistics pass (sum of squares and a non-finite count
-            per chunk, optionally unscaling in place) gives the global norm for
-            clipping and the inf/NaN flag for skipping before the update runs;
-            the host adds the per-chunk partials on the device.
+The decisions behind this file:
+
+- Multi-tensor: one launch covers every tensor of a dtype class in a parameter
+  group.  The host builds a table of raw tensor addresses (param, grad,
+  exp_avg, exp_avg_sq, max_exp_avg_sq, master) and a table of chunks (tensor
+  index, first element); each program loads its row, turns the addresses into
+  typed pointers and streams its chunk: one read and one write of each
+  parameter, moment and master, one read of each gradient.  Tables are cached
+  per address tuple, so a steady training loop (same tensors every step)
+  uploads nothing.
+- No host synchronisation in a step, so it can be captured in a CUDA graph.
+  The bias corrections are computed the way torch.optim.AdamW computes them
+  (float64 powers of the betas, rounded to fp32) on the device from the
+  per-parameter ``step`` tensors, so parameters frozen for a while get their
+  own.  A tensor lr or betas reaches the kernel as a pointer it loads (a float
+  as a plain argument), after the same host-free arithmetic torch applies to
+  it.  The update follows torch's single-tensor order of operations (decay,
+  lerp, addcmul, sqrt/bc2 + eps, addcdiv) so fp32 results agree to rounding.
+- ``found_inf`` (a device scalar) makes every program return before touching
+  anything, and the steps do not advance: a skipped step leaves all state
+  bitwise unchanged.
+- No autotuning: the kernels update their operands in place, and the
+  autotuner would apply the update once per timing run.  One block shape,
+  streaming 8-16 bytes per element.
+- The gradient-statistics pass (sum of squares and a non-finite count per
+  chunk, optionally unscaling in place) gives the global norm for clipping and
+  the inf/NaN flag for skipping before the update runs; the host adds the
+  per-chunk partials on the device.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from opt_core.kernels import aot, dispatch
+from opt_core.kernels import dispatch
 from opt_core.kernels import reference
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -49,12 +52,24 @@ NUM_WARPS = 8
 _P, _G, _M, _V, _VMAX, _MASTER = range(6)
 _COLUMNS = 6
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _adamw_kernel(
+def _hyperparameter(x):
+    # A float argument, or a pointer to a 0-d fp32 device tensor (from a tensor lr or betas): read on
+    # the device, so the host never waits for the value.  Which one is known at compile time (under
+    # the interpreter a float argument stays a Python float, without a dtype).
+    if hasattr(x, "dtype") and x.dtype.is_ptr():
+        value = tl.load(x)
+    else:
+        value = x
+    return value
+
+
+@triton.jit
+def adamw_kernel(
     ADDRS, NUMELS, CHUNKS, STEP_SIZE, BC2_SQRT,
     INV_SCALE, CLIP_COEF, FOUND_INF,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
@@ -81,6 +96,11 @@ def _adamw_kernel(
         inv_scale = tl.load(INV_SCALE)
     if HAS_CLIP:
         clip = tl.load(CLIP_COEF)
+    weight_factor = _hyperparameter(decay)
+    b1 = _hyperparameter(beta1)
+    lerp_weight = _hyperparameter(one_minus_beta1)
+    b2 = _hyperparameter(beta2)
+    one_minus_b2 = _hyperparameter(one_minus_beta2)
 
     for i in range(0, CHUNK_SIZE, BLOCK_SIZE):
         offs = start + i + tl.arange(0, BLOCK_SIZE)
@@ -100,10 +120,10 @@ def _adamw_kernel(
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
 
-        p = p * decay
+        p = p * weight_factor
         # torch's lerp_: start + w * (end - start) for w < 0.5, else end - (end - start) * (1 - w)
-        m = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * (g - m), g - (g - m) * beta1)
-        v = v * beta2 + (one_minus_beta2 * g) * g
+        m = tl.where(lerp_weight < 0.5, m + lerp_weight * (g - m), g - (g - m) * b1)
+        v = v * b2 + (one_minus_b2 * g) * g
         if AMSGRAD:
             vmax_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
             vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0), v,
@@ -122,7 +142,7 @@ def _adamw_kernel(
 
 
 @triton.jit
-def _grad_stats_kernel(
+def grad_stats_kernel(
     ADDRS, NUMELS, CHUNKS, INV_SCALE, SUMSQ, NONFINITE,
     G_DTYPE: tl.constexpr, HAS_INV_SCALE: tl.constexpr, UNSCALE_IN_PLACE: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -193,7 +213,7 @@ def _none(n):
 
 
 # --------------------------------------------------------------------------- public functions
-def _check_lists(params, grads, **others):
+def check_lists(params, grads, **others):
     n = len(params)
     for name, lst in (("grads", grads), *others.items()):
         if lst is not None and len(lst) != n:
@@ -208,6 +228,49 @@ def _check_lists(params, grads, **others):
             raise ValueError(f"grads[{i}] is sparse; AdamW here takes dense gradients only")
 
 
+def check_hyperparameters(lr, beta1, beta2, eps, weight_decay) -> None:
+    """lr and betas: real numbers, or 1-element floating-point tensors as torch.optim.AdamW takes them;
+    eps and weight_decay: real numbers."""
+    for name, value in (("lr", lr), ("beta1", beta1), ("beta2", beta2)):
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or not value.is_floating_point():
+                raise ValueError(f"{name} as a tensor must have 1 floating-point element, got shape "
+                                 f"{tuple(value.shape)} and dtype {value.dtype}")
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a float or a 1-element tensor, got {type(value).__name__}")
+    for name, value in (("eps", eps), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+
+
+def _on_device(value, device: torch.device, dtype: torch.dtype):
+    """A tensor hyper-parameter as a 0-d ``dtype`` tensor on ``device`` (no host read); a number as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(()).to(device=device, dtype=dtype, non_blocking=True)
+    return value
+
+
+def kernel_hyperparameters(lr, beta1, beta2, weight_decay: float, device: torch.device) -> tuple:
+    """(decay, beta1, 1 - beta1, beta2, 1 - beta2) as the kernel takes them: floats, or fp32 device scalars
+    where lr or a beta is a tensor, computed as torch's single-tensor step computes them (a tensor ``1 - beta1``
+    after the cast to the moments' fp32, ``1 - beta2`` before it)."""
+    decay = _on_device(1.0 - lr * weight_decay, device, torch.float32)
+    b1 = _on_device(beta1, device, torch.float32)
+    return (decay, b1, 1.0 - b1, _on_device(beta2, device, torch.float32),
+            _on_device(1.0 - beta2, device, torch.float32))
+
+
+def _bias_corrections(steps: list[torch.Tensor], lr, beta1, beta2, device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tensor, on the device: lr / (1 - beta1^t) and sqrt(1 - beta2^t) for its next step t.
+
+    As torch computes them from float hyper-parameters: float64 powers, fp32 results (a tensor beta
+    enters at the value it holds)."""
+    t = torch.stack(steps).to(torch.float64) + 1
+    b1, b2, lr = (_on_device(x, device, torch.float64) for x in (beta1, beta2, lr))
+    return (lr / (1 - b1 ** t)).to(torch.float32), (1 - b2 ** t).sqrt().to(torch.float32)
+
+
 @torch.no_grad()
 def adamw_step(
     params: Sequence[torch.Tensor],
@@ -216,9 +279,9 @@ def adamw_step(
     exp_avg_sqs: Sequence[torch.Tensor],
     steps: Sequence[torch.Tensor],
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
+    lr: float | torch.Tensor,
+    beta1: float | torch.Tensor,
+    beta2: float | torch.Tensor,
     eps: float,
     weight_decay: float,
     max_exp_avg_sqs: Optional[Sequence[torch.Tensor]] = None,
@@ -228,11 +291,13 @@ def adamw_step(
     clip_coef: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
 ) -> None:
-    """One AdamW step (torch.optim.AdamW's maths) over lists of tensors, in place.
+    """One AdamW step (torch.optim.AdamW's maths) over lists of tensors, in place, with no host sync.
 
     Moments (and masters) are fp32; params and grads fp32/fp16/bf16.  ``steps``
     are 0-d fp32 tensors on the params' device, advanced by one unless
     ``found_inf`` (a 0-d tensor) is non-zero, in which case nothing changes.
+    ``lr``, ``beta1`` and ``beta2`` are floats or 1-element tensors (read on
+    the device; best kept on the params' device, else copied there each call).
     ``inv_scale`` and ``clip_coef`` (0-d fp32) multiply the gradient first.
     With ``masters`` the update runs on the fp32 master and the param gets its
     rounded copy; without, low-precision params are upcast, stepped in fp32 and
@@ -240,8 +305,9 @@ def adamw_step(
     """
     if not params:
         return
-    _check_lists(params, grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps,
+    check_lists(params, grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps,
                  max_exp_avg_sqs=max_exp_avg_sqs, masters=masters)
+    check_hyperparameters(lr, beta1, beta2, eps, weight_decay)
     device = params[0].device
     amsgrad = max_exp_avg_sqs is not None
     masters = list(masters) if masters is not None else _none(len(params))
@@ -265,16 +331,14 @@ def adamw_step(
             continue
         tables = _tables([pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(vmaxes), pick(masters)],
                          device)
-        # Bias corrections per tensor, as torch computes them: float64 powers, fp32 results.
-        s = torch.stack(pick(list(steps))).to(torch.float64) + 1
-        step_size = (lr / (1 - beta1 ** s)).to(torch.float32)
-        bc2_sqrt = (1 - beta2 ** s).sqrt().to(torch.float32)
+        step_size, bc2_sqrt = _bias_corrections(pick(list(steps)), lr, beta1, beta2, device)
+        decay, b1, one_minus_b1, b2, one_minus_b2 = kernel_hyperparameters(lr, beta1, beta2, weight_decay, device)
         with dispatch.device_guard(params[0]):
-            _adamw_kernel[(tables.num_chunks,)](
+            adamw_kernel[(tables.num_chunks,)](
                 tables.addrs, tables.numels, tables.chunks, step_size, bc2_sqrt,
                 inv_scale, clip_coef, found_inf,
-                1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps,
-                P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype],
+                decay, b1, one_minus_b1, b2, one_minus_b2, eps,
+                P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
                 HAS_MASTER=has_master, AMSGRAD=amsgrad, MAXIMIZE=maximize,
                 HAS_INV_SCALE=inv_scale is not None, HAS_CLIP=clip_coef is not None,
                 HAS_FOUND_INF=found_inf is not None,
@@ -322,42 +386,12 @@ def grad_stats(
         part_sumsq = dispatch.empty((tables.num_chunks,), dtype=torch.float32, device=device)
         part_bad = dispatch.empty((tables.num_chunks,), dtype=torch.int32, device=device)
         with dispatch.device_guard(gs[0]):
-            _grad_stats_kernel[(tables.num_chunks,)](
+            grad_stats_kernel[(tables.num_chunks,)](
                 tables.addrs, tables.numels, tables.chunks, inv_scale, part_sumsq, part_bad,
-                G_DTYPE=_TL_DTYPES[g_dtype], HAS_INV_SCALE=inv_scale is not None,
+                G_DTYPE=TL_DTYPES[g_dtype], HAS_INV_SCALE=inv_scale is not None,
                 UNSCALE_IN_PLACE=unscale_in_place, CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
             )
         sumsq.append(part_sumsq[: tables.num_chunks].sum().reshape(1))
         bad.append(part_bad[: tables.num_chunks].sum().to(torch.float32).reshape(1))
     return torch.cat(sumsq).sum(), torch.cat(bad).sum()
 
-
-# --------------------------------------------------------------------------- AOT cases
-@aot.register
-def aot_cases():
-    cases = []
-    table = dict(ADDRS=torch.int64, NUMELS=torch.int64, CHUNKS=torch.int64)
-    for p_dtype, g_dtype, master in ((torch.float32, torch.float32, False), (torch.bfloat16, torch.bfloat16, False),
-                                     (torch.float16, torch.float16, False), (torch.bfloat16, torch.bfloat16, True),
-                                     (torch.float16, torch.float16, True)):
-        tag = f"{str(p_dtype).replace('torch.', '')}{',master' if master else ''}"
-        for amsgrad in (False, True):
-            cases.append(aot.case(
-                f"adamw_step[{tag}{',amsgrad' if amsgrad else ''}]", _adamw_kernel,
-                dict(**table, STEP_SIZE=torch.float32, BC2_SQRT=torch.float32, INV_SCALE=torch.float32,
-                     CLIP_COEF=torch.float32, FOUND_INF=torch.float32, decay=0.99, beta1=0.9, one_minus_beta1=0.1,
-                     beta2=0.95, one_minus_beta2=0.05, eps=1e-8),
-                dict(P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype], HAS_MASTER=master, AMSGRAD=amsgrad,
-                     MAXIMIZE=False, HAS_INV_SCALE=True, HAS_CLIP=True, HAS_FOUND_INF=True,
-                     CHUNK_SIZE=65536, BLOCK_SIZE=2048),
-                num_warps=NUM_WARPS,
-            ))
-    for g_dtype in KERNEL_DTYPES:
-        cases.append(aot.case(
-            f"grad_stats[{str(g_dtype).replace('torch.', '')}]", _grad_stats_kernel,
-            dict(**table, INV_SCALE=torch.float32, SUMSQ=torch.float32, NONFINITE=torch.int32),
-            dict(G_DTYPE=_TL_DTYPES[g_dtype], HAS_INV_SCALE=True, UNSCALE_IN_PLACE=True,
-                 CHUNK_SIZE=65536, BLOCK_SIZE=2048),
-            num_warps=NUM_WARPS,
-        ))
-    return cases

@@ -1,9 +1,9 @@
 """Ahead-of-time compile check: every kernel, every autotune config, sm_80 and sm_90.
 
-No GPU is needed.  Each kernel module registers a function that lists its
-cases (the kernel, the argument values it runs with at production shapes, and
-one autotune config); this module compiles them with ``triton.compile`` for an
-explicit ``GPUTarget`` and reads off what matters:
+No GPU is needed.  ``kernels/aot_cases.py`` lists the cases (a kernel, the
+argument values it runs with at production shapes, and one autotune config);
+this module compiles them with ``triton.compile`` for an explicit ``GPUTarget``
+and reads off what matters:
 
 - spills: ``cuobjdump --dump-resource-usage`` (bundled with Triton) prints REG
   and STACK per kernel; a non-zero STACK means local memory, i.e. spills;
@@ -31,12 +31,12 @@ import subprocess
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 ARCHS = (80, 90)
-# Largest dynamic shared memory a block may opt into, bytes (CUDA C guide, table of limits).
+# Largest dynamic shared memory a block may opt into, bytes (CUDA's limit per compute capability).
 MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
 
 _TYPES = {
@@ -112,28 +112,6 @@ def case(name: str, fn: Any, args: dict, constexprs: dict, *, num_warps: int, nu
         raise ValueError(f"AOT case {name}: tensor descriptors (TMA) need sm_90 or newer, got archs {archs}")
     return Case(name, fn.__module__, fn.__name__, signature, consts, tuple(div16), num_warps, num_stages,
                 tensor_cores, tuple(archs), tma)
-
-
-KERNEL_MODULES = tuple(f"opt_core.kernels.{m}" for m in ("adamw", "attention", "layer_norm", "relu_mlp"))
-_PROVIDERS: list[Callable[[], list[Case]]] = []
-
-
-def register(provider: Callable[[], list[Case]]) -> Callable[[], list[Case]]:
-    """Decorator for a kernel module's function that lists its AOT cases."""
-    _PROVIDERS.append(provider)
-    return provider
-
-
-def all_cases() -> list[Case]:
-    for module in KERNEL_MODULES:  # importing a kernel module registers its cases
-        importlib.import_module(module)
-
-    cases = [c for provider in _PROVIDERS for c in provider()]
-    names = [c.name for c in cases]
-    duplicates = {n for n in names if names.count(n) > 1}
-    if duplicates:
-        raise ValueError(f"duplicate AOT case names: {sorted(duplicates)}")
-    return cases
 
 
 def _cuobjdump() -> str:

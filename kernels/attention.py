@@ -1,113 +1,48 @@
 """Fused causal attention, forward and backward, in Triton (FlashAttention-2 style).
 
-Design record (newest last):
-2026-11-29  Layout and semantics.  q, k, v are (batch, seqlen, heads, head_dim),
-            the FlashAttention layout, read through their strides (only the
-            head_dim axis must be unit-stride; anything else is copied once).
-            Causal attention with seqlen_q != seqlen_k is bottom-right aligned
-            as in FlashAttention >= 2.1: query i sees key j iff
-            j <= i + seqlen_k - seqlen_q.  key_padding_mask (batch, seqlen_k),
-            True for real keys, hides padded keys from every query.  A query
-            row that sees no key at all (causal with seqlen_q > seqlen_k, or
-            every key padded) outputs exactly 0, its log-sum-exp is +inf so
-            that exp(s - lse) is 0 in the backward, and its gradients are 0.
-2026-11-29  Forward: one program per (query block, batch*head).  Online softmax
-            over key blocks in the exp2 domain (softmax_scale * log2(e) folded
-            into one multiply of the score tile); statistics and the output
-            accumulator in fp32; only O and the natural-log LSE per row are
-            written (memory linear in seqlen).  The key range is split in two
-            loops: blocks every row of the query block sees completely (no
-            mask arithmetic on the score tile) and the blocks crossing the
-            causal diagonal or the end of the keys (masked).  Blocks above the
-            diagonal are never visited.  Programs walk query blocks from the
-            last to the first, so the heaviest causal blocks start first, and
-            blocks of one head run together, so its K/V stay in L2.
-2026-11-29  Backward: deterministic, no atomics.  A preprocess kernel writes
-            delta = rowsum(dO * O) (fp32); one kernel owns a key block and
-            loops over the query blocks that see it, accumulating dK and dV in
-            registers (the score tile is computed transposed, K @ Q^T, so P^T
-            and dS^T feed the next products without a register transpose);
-            one kernel owns a query block and loops over its key blocks for
-            dQ.  That recomputes Q K^T and dO V^T twice (7 products instead of
-            5) in exchange for bitwise-repeatable gradients.  Same two-loop
-            split (unmasked / masked) as the forward.
-2026-11-29  Head dims: the tile is the next power of two >= 16 (masked loads),
-            so 59, 80, 111 work; 80 runs on a 128-wide tile.  Above 256 is
-            rejected: the [BLOCK, head_dim] accumulators no longer fit in
-            registers next to the score tile.
-2026-11-29  Dtypes: fp16 and bf16 on the tensor cores; fp32 is supported with
-            input_precision="ieee" (no TF32 rounding of the inputs; much slower
-            on a GPU, correct everywhere).  fp64 runs kernels/reference.py.
-2026-11-29  Dropout: keep(b, h, i, j) = tl.rand(seed, (b*H + h)*Sq*Sk + i*Sk + j)
-            >= p, a counter-based Philox draw from the element's index in the
-            (batch, heads, seqlen_q, seqlen_k) matrix (64-bit counter).  The
-            forward, both backward kernels and dropout_mask() evaluate the same
-            expression, so no mask is stored and the same seed reproduces.
-            P is normalised with the undropped row sum; kept entries are scaled
-            by 1/(1-p), so delta = rowsum(dO * O) still equals rowsum(P * dP).
-2026-11-29  Offsets and registers: batch/head bases and each block's start are
-            64-bit scalars, tile offsets 32-bit and loop-invariant, so 32k-long
-            sequences in a fused QKV tensor do not overflow.  Tile addresses are
-            recomputed from the scalar each iteration instead of carrying
-            [BLOCK, head_dim] pointer tensors through the loop: those hold 64-bit
-            values in registers, and with them the forward's 128x64 tile at
-            head_dim 128 spilled on sm_80 (230 -> 178 registers on sm_90).
-2026-11-29  Block sizes: per kernel a table, per head-dim tile, of the shapes
-            (block sizes, warps, stages) kept for each variant (plain, key
-            padding mask, dropout), all measured with the AOT check: no spills,
-            shared memory within both targets' limits, mma / wgmma present.
-            Every kept shape compiles for sm_80 and sm_90 alike (aot.Case has
-            no per-target list), so tiles only sm_90 can hold are left out.
-            The mask and, much more, dropout's Philox state cost registers:
-            they get smaller tiles.  The tuner keys on head_dim, the flags, the
-            dtype and the power-of-two bucket of the longer sequence (not the
-            exact length: variable-length batches would retune every call).
-            (Superseded for sm_90 by the TMA entry below.)
-2026-11-29  Seeds are launch arguments that are never specialised
-            (do_not_specialize), so a seed divisible by 16 does not compile a
-            variant of its own.
-2026-11-29  Interpreter cost: every nested jit call re-patches triton.language
-            in the interpreter, so the loops inline their loads rather than call
-            a helper per tile (2.5x faster CPU tests, same compiled code).
-2026-11-29  TMA on sm_90: each kernel streams its loop operands (K, V in the
-            forward and dQ kernels; Q, dO in the dK/dV kernel) through 4-D
-            (batch, seqlen, heads, head_dim) host tensor descriptors, so the
-            loads are bulk copies into shared memory, pipelined over
-            num_stages, feeding wgmma without a register round trip (checked
-            in the TTGIR: no local_load of K/V).  The zero fill of a box past
-            seqlen or head_dim is exactly what the masked loads give, so
-            results are bitwise those of the pointer path (a test checks it).
-            Descriptors need 16-byte aligned bases and strides: head_dim 111
-            in fp16, or a misaligned slice, takes the pointer path; fp32
-            (exact FMA, operands in registers) always does.  The block shape is
-            set per autotune config by a pre-hook.  The tile held once per
-            program (q, or k and v in dK/dV) stays a pointer load, as do the
-            stores.  Freed registers admit Hopper-only tiles (lower-case
-            letters in the tables).  sm_80 keeps the pointer kernels (mma).
-            Switch: opt_core.kernels.attention.TMA = "auto" | "on" | "off".
-2026-11-29  NaN semantics (the kernels are what a FlashAttention kernel does; the
-            math SDPA differs and is documented in the public docstring): a NaN
-            in q row i makes output row i NaN if that row sees any key; a NaN in
-            k row j makes every row that sees key j NaN (masked scores are
-            replaced, not added to, so a hidden key cannot leak); a NaN in v row
-            j makes every row that sees j NaN, and also rows of the same (batch,
-            head) that share a tile with j (0 * NaN in P @ V), as in SDPA's math
-            backend where it reaches every row.  Rows that see no key stay 0.
+- Layout: q, k, v are (batch, seqlen, heads, head_dim), read through their strides (only the head_dim
+  axis must be unit-stride).  Causal attention with seqlen_q != seqlen_k is bottom-right aligned: query
+  i sees key j iff j <= i + seqlen_k - seqlen_q.  A row that sees no key outputs 0, its log-sum-exp is
+  +inf and its gradients are 0.
+- Forward: one program per (query block, batch*head), online softmax in the exp2 domain with fp32
+  statistics; only O and the log-sum-exp are written.  Key blocks every row sees completely run without
+  mask arithmetic, the blocks on the diagonal or the end of the keys with it, blocks above the diagonal
+  never.  Programs walk query blocks last to first, the blocks of one head together (K/V stay in L2).
+- Backward: deterministic, no atomics.  A preprocess kernel writes delta = rowsum(dO * O); one kernel
+  per key block accumulates dK and dV over the query blocks that see it (scores computed transposed),
+  one per query block accumulates dQ.
+- Head dims 1 to 256 on a power-of-two tile of at least 16.  fp16/bf16 on the tensor cores; fp32 with
+  ``input_precision="ieee"``; fp64 runs ``kernels/reference.py``.
+- Dropout: keep(b, h, i, j) = rand(seed, ((b*H + h)*Sq + i)*Sk + j) >= p, one counter-based Philox
+  draw that the forward, both backward kernels and ``dropout_mask`` evaluate alike, so no mask is
+  stored.  Seeds are never specialised.
+- Offsets: batch/head bases and block starts are 64-bit scalars, tile offsets 32-bit; tile addresses
+  are recomputed from the scalar each iteration (64-bit pointer tensors carried through a loop spill).
+- Block sizes: per kernel a table of the shapes kept for each variant (plain, padding mask, dropout),
+  checked by the AOT compile; the tuner keys on the power-of-two bucket of the longer sequence.
+- TMA on sm_90: each kernel streams its loop operands through 4-D host descriptors, results bitwise
+  those of the pointer path; sm_80 keeps the pointer kernels.  Switch ``TMA = "auto" | "on" | "off"``.
+- NaN: as a FlashAttention kernel (see ``attention``'s docstring); rows that see no key stay 0.
+
+The reasoning and measurements behind each point: ``docs/kernels.md``, section Attention.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from opt_core.kernels import aot, dispatch
+from opt_core.kernels import dispatch
 from opt_core.kernels import reference
-from opt_core.kernels.validation import check_float, check_same_device, check_tensor
+from opt_core.kernels.op_registry import Direction, register_op
+from opt_core.kernels.validation import SEED_LIMIT, check_float, check_same_device, check_seed, check_tensor
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -115,65 +50,90 @@ LOG2E = math.log2(math.e)
 # The same constants inside the kernels (a jit function reads only constexpr globals).
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(math.log(2.0))
-# Seeds are 64-bit Philox keys; the public function draws them in [0, 2**63).
-SEED_LIMIT = 2 ** 63
 
 
 # --------------------------------------------------------------------------- configs
-# Block shapes per head-dim tile: (BLOCK_M, BLOCK_N, num_warps, num_stages) ->
-# the variants the shape is kept for: P plain, K with a key padding mask, D with
-# dropout (and a mask).  BLOCK_M counts query rows and BLOCK_N key rows in every
-# kernel.  Each (shape, variant) was compiled for sm_80 and sm_90 at seqlen 8192
-# with no spills, shared memory within both limits and mma / wgmma present, and
-# aot_cases() below keeps it so (python -m opt_core.kernels.compile_check --filter
-# attention).  Every kept shape is compiled for both targets, so a tile only
-# sm_90 can hold is not listed: the forward's 128x128 at head_dim 128 (234
-# registers on sm_90, spills on sm_80), or 128x64 with a mask (203 registers on
-# sm_90, spills 40 bytes on sm_80, where q sits in registers for mma.sync).
+# The variants a block shape is kept for.  Dropout comes with or without a padding mask; its Philox
+# state (four 32-bit words per score element) takes the big tiles over the register file.
+PLAIN, PADDING_MASK, DROPOUT = "plain", "padding_mask", "dropout"
+EVERY_VARIANT = frozenset({PLAIN, PADDING_MASK, DROPOUT})
+NO_DROPOUT = frozenset({PLAIN, PADDING_MASK})
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShapeTable:
+    """Per (head-dim tile, fp32 inputs): the block shapes (BLOCK_M, BLOCK_N, num_warps, num_stages) a
+    kernel keeps, each with the variants it is kept for; ``both`` on the pointer and the TMA path,
+    ``tma_only`` on the TMA path (sm_90) as well."""
+
+    both: dict
+    tma_only: dict
+
+    def shapes(self):
+        return sorted({shape for table in (self.both, self.tma_only) for row in table.values() for shape in row})
+
+    def kept(self, key, variant, tma):
+        tables = (self.both, self.tma_only) if tma else (self.both,)
+        return {shape for table in tables for shape, variants in table.get(key, {}).items() if variant in variants}
+
+
+# BLOCK_M counts query rows and BLOCK_N key rows in every kernel.  Each (shape, variant) compiles at
+# seqlen 8192 with no spills, shared memory within the limits and mma / wgmma present (the AOT check
+# keeps it so: python -m opt_core.kernels.compile_check --filter attention).  A pointer-path shape
+# compiles for sm_80 and sm_90 alike, so tiles only sm_90 holds are TMA-only: K/V tiles that arrive in
+# shared memory by TMA need no registers for addresses or masks (the forward's 128x128 at head_dim 128:
+# 210 registers, 230 KB of shared memory at 3 stages; through pointers it spills on sm_80).
 #
-# The forward holds a [BLOCK_M, BLOCK_D] fp32 accumulator and a [BLOCK_M,
-# BLOCK_N] score tile; wgmma wants 64 rows per warpgroup, hence 8 warps with 128
-# query rows.  The dK/dV kernel holds two [BLOCK_N, BLOCK_D] accumulators, so
-# its key block is the large one and the streamed query block small; the dQ
-# kernel is the mirror image.  Dropout's Philox state (four 32-bit words per
-# score element) takes the big tiles over the register file, so it gets smaller
-# ones.  fp32 inputs multiply on the FMA units (exact fp32) with every operand
-# in registers: small tiles only.
-#
-# Lower-case letters keep a shape for the TMA path only (sm_90): K/V tiles that
-# arrive in shared memory by TMA need no registers for addresses or masks, so
-# tiles that spill or overflow through pointer loads fit there (the forward's
-# 128x128 at head_dim 128: 210 registers, 230 KB of shared memory at 3 stages).
-_FWD_TABLE = {
-    (64, False): {(128, 64, 8, 3): "PKD", (128, 64, 8, 4): "PKD", (128, 128, 8, 3): "Pk", (64, 64, 4, 3): "PKD",
-                  (128, 128, 8, 4): "pk"},
-    (128, False): {(128, 64, 8, 3): "P", (128, 64, 8, 4): "P", (128, 32, 8, 3): "PKD", (64, 64, 8, 3): "PKD",
-                   (128, 128, 8, 2): "pk", (128, 128, 8, 3): "pk"},
-    (256, False): {(64, 32, 8, 3): "PKD"},
-    (64, True): {(32, 16, 4, 2): "PKD"},
-    (128, True): {(32, 16, 4, 2): "PKD"},
-    (256, True): {(32, 16, 8, 2): "PKD"},
-}
-_DKDV_TABLE = {
-    (64, False): {(32, 128, 8, 2): "PKD", (64, 128, 8, 2): "P", (32, 64, 4, 2): "PKD", (64, 128, 8, 3): "pk",
-                  (32, 128, 8, 3): "pk"},
-    (128, False): {(32, 64, 8, 2): "PKD", (64, 64, 8, 2): "P", (32, 64, 8, 3): "PKD", (32, 128, 8, 3): "pk",
-                   (64, 64, 8, 3): "pk"},
-    # With dropout at 256 no 64-key block fits: 32 keys, mma.sync instead of wgmma.
-    (256, False): {(16, 64, 8, 2): "PK", (16, 32, 8, 2): "D"},
-    (64, True): {(16, 32, 4, 2): "PKD"},
-    (128, True): {(16, 32, 8, 2): "PKD"},
-    (256, True): {(16, 32, 8, 2): "PKD"},
-}
-_DQ_TABLE = {
-    (64, False): {(128, 32, 8, 2): "PKD", (128, 64, 8, 2): "P", (128, 64, 8, 3): "pk"},
-    (128, False): {(128, 32, 8, 2): "PK", (64, 64, 8, 2): "PK", (64, 32, 4, 2): "PKD", (128, 64, 8, 2): "pk",
-                   (128, 64, 8, 3): "pk", (64, 64, 8, 3): "pk"},
-    (256, False): {(64, 32, 8, 2): "PKD"},
-    (64, True): {(64, 16, 4, 2): "PKD"},
-    (128, True): {(32, 16, 4, 2): "PKD"},
-    (256, True): {(32, 16, 4, 2): "PKD"},
-}
+# The forward holds a [BLOCK_M, BLOCK_D] fp32 accumulator and a [BLOCK_M, BLOCK_N] score tile; wgmma
+# wants 64 rows per warpgroup, hence 8 warps with 128 query rows.  The dK/dV kernel holds two
+# [BLOCK_N, BLOCK_D] accumulators, so its key block is the large one and the streamed query block
+# small; the dQ kernel is the mirror image.  fp32 inputs multiply on the FMA units (exact fp32) with
+# every operand in registers: small tiles only.
+_FWD_SHAPES = _ShapeTable(
+    both={
+        (64, False): {(128, 64, 8, 3): EVERY_VARIANT, (128, 64, 8, 4): EVERY_VARIANT, (128, 128, 8, 3): {PLAIN},
+                      (64, 64, 4, 3): EVERY_VARIANT},
+        (128, False): {(128, 64, 8, 3): {PLAIN}, (128, 64, 8, 4): {PLAIN}, (128, 32, 8, 3): EVERY_VARIANT,
+                       (64, 64, 8, 3): EVERY_VARIANT},
+        (256, False): {(64, 32, 8, 3): EVERY_VARIANT},
+        (64, True): {(32, 16, 4, 2): EVERY_VARIANT},
+        (128, True): {(32, 16, 4, 2): EVERY_VARIANT},
+        (256, True): {(32, 16, 8, 2): EVERY_VARIANT},
+    },
+    tma_only={
+        (64, False): {(128, 128, 8, 3): {PADDING_MASK}, (128, 128, 8, 4): NO_DROPOUT},
+        (128, False): {(128, 128, 8, 2): NO_DROPOUT, (128, 128, 8, 3): NO_DROPOUT},
+    },
+)
+_DKDV_SHAPES = _ShapeTable(
+    both={
+        (64, False): {(32, 128, 8, 2): EVERY_VARIANT, (64, 128, 8, 2): {PLAIN}, (32, 64, 4, 2): EVERY_VARIANT},
+        (128, False): {(32, 64, 8, 2): EVERY_VARIANT, (64, 64, 8, 2): {PLAIN}, (32, 64, 8, 3): EVERY_VARIANT},
+        # With dropout at 256 no 64-key block fits: 32 keys, mma.sync instead of wgmma.
+        (256, False): {(16, 64, 8, 2): NO_DROPOUT, (16, 32, 8, 2): {DROPOUT}},
+        (64, True): {(16, 32, 4, 2): EVERY_VARIANT},
+        (128, True): {(16, 32, 8, 2): EVERY_VARIANT},
+        (256, True): {(16, 32, 8, 2): EVERY_VARIANT},
+    },
+    tma_only={
+        (64, False): {(64, 128, 8, 3): NO_DROPOUT, (32, 128, 8, 3): NO_DROPOUT},
+        (128, False): {(32, 128, 8, 3): NO_DROPOUT, (64, 64, 8, 3): NO_DROPOUT},
+    },
+)
+_DQ_SHAPES = _ShapeTable(
+    both={
+        (64, False): {(128, 32, 8, 2): EVERY_VARIANT, (128, 64, 8, 2): {PLAIN}},
+        (128, False): {(128, 32, 8, 2): NO_DROPOUT, (64, 64, 8, 2): NO_DROPOUT, (64, 32, 4, 2): EVERY_VARIANT},
+        (256, False): {(64, 32, 8, 2): EVERY_VARIANT},
+        (64, True): {(64, 16, 4, 2): EVERY_VARIANT},
+        (128, True): {(32, 16, 4, 2): EVERY_VARIANT},
+        (256, True): {(32, 16, 4, 2): EVERY_VARIANT},
+    },
+    tma_only={
+        (64, False): {(128, 64, 8, 3): NO_DROPOUT},
+        (128, False): {(128, 64, 8, 2): NO_DROPOUT, (128, 64, 8, 3): NO_DROPOUT, (64, 64, 8, 3): NO_DROPOUT},
+    },
+)
 
 
 def _descriptor_blocks(names, rows):
@@ -188,63 +148,49 @@ def _descriptor_blocks(names, rows):
 
 
 # The operands each kernel streams through its loop, and the block that sizes their tile.
-_STREAMED = {"fwd": (("K", "V"), "BLOCK_N"), "dkdv": (("Q", "DO"), "BLOCK_M"), "dq": (("K", "V"), "BLOCK_N")}
+STREAMED = {"fwd": (("K", "V"), "BLOCK_N"), "dkdv": (("Q", "DO"), "BLOCK_M"), "dq": (("K", "V"), "BLOCK_N")}
 
 
 def _config(kind, m, n, warps, stages):
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages,
-                         pre_hook=_descriptor_blocks(*_STREAMED[kind]))
+                         pre_hook=_descriptor_blocks(*STREAMED[kind]))
 
 
-def _table_configs(table, kind):
-    shapes = sorted({shape for entries in table.values() for shape in entries})
-    return [_config(kind, *shape) for shape in shapes]
-
-
-FWD_CONFIGS = _table_configs(_FWD_TABLE, "fwd")
-BWD_DKDV_CONFIGS = _table_configs(_DKDV_TABLE, "dkdv")
-BWD_DQ_CONFIGS = _table_configs(_DQ_TABLE, "dq")
+FWD_CONFIGS = [_config("fwd", *shape) for shape in _FWD_SHAPES.shapes()]
+BWD_DKDV_CONFIGS = [_config("dkdv", *shape) for shape in _DKDV_SHAPES.shapes()]
+BWD_DQ_CONFIGS = [_config("dq", *shape) for shape in _DQ_SHAPES.shapes()]
 # delta = rowsum(dO * O) reads two tiles: one shape per tile width.
 BWD_PRE_CONFIGS = [triton.Config({"BLOCK_M": 64}, num_warps=4), triton.Config({"BLOCK_M": 32}, num_warps=4)]
 
 
-def _table_key(kwargs):
+def _variant(flags):
+    return DROPOUT if flags.get("HAS_DROPOUT") else PADDING_MASK if flags.get("HAS_KPM") else PLAIN
+
+
+def _configs_for(configs, table, flags):
     # Head dims up to 64 use the 64-wide tile's shapes (narrower tiles need fewer
     # registers); 80 and 111 run on the 128-wide tile, 129 to 256 on the 256-wide.
-    return max(64, kwargs["BLOCK_D"]), kwargs.get("DOT_PRECISION") == "ieee"
-
-
-def _variant(kwargs):
-    return "D" if kwargs.get("HAS_DROPOUT") else "K" if kwargs.get("HAS_KPM") else "P"
+    key = max(64, flags["BLOCK_D"]), flags.get("DOT_PRECISION") == "ieee"
+    kept = table.kept(key, _variant(flags), tma=bool(flags.get("TMA")))
+    # Nothing from the table in the list: a caller (the interpreter, a test)
+    # passed its own configs; keep them.
+    return [c for c in configs if _shape(c) in kept] or configs
 
 
 def _shape(c):
     return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
-def _kept(configs, table, kwargs):
-    wanted = table[_table_key(kwargs)]
-    variant = _variant(kwargs)
-    letters = variant + variant.lower() if kwargs.get("TMA") else variant
-    return [c for c in configs if any(letter in wanted.get(_shape(c), "") for letter in letters)]
-
-
-def _prune(configs, table, kwargs):
-    # Nothing from the tables in the list: a caller (the interpreter, a test)
-    # passed its own configs; keep them.
-    return _kept(configs, table, kwargs) or configs
-
-
 def prune_fwd_configs(configs, nargs, **kwargs):
-    return _prune(configs, _FWD_TABLE, kwargs)
+    return _configs_for(configs, _FWD_SHAPES, kwargs)
 
 
 def prune_bwd_dkdv_configs(configs, nargs, **kwargs):
-    return _prune(configs, _DKDV_TABLE, kwargs)
+    return _configs_for(configs, _DKDV_SHAPES, kwargs)
 
 
 def prune_bwd_dq_configs(configs, nargs, **kwargs):
-    return _prune(configs, _DQ_TABLE, kwargs)
+    return _configs_for(configs, _DQ_SHAPES, kwargs)
 
 
 def prune_bwd_pre_configs(configs, nargs, **kwargs):
@@ -285,8 +231,8 @@ def _tile_mask(row_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _keep(seed, counter, dropout_p):
-    # The one definition of the dropout mask (see dropout_mask()).
+def _survives_dropout(seed, counter, dropout_p):
+    # The one definition of the dropout keep-mask (see dropout_mask()).
     return tl.rand(seed, counter) >= dropout_p
 
 
@@ -328,6 +274,11 @@ def _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, B
 #   registers across iterations; sm_80 spilled with them at 128x64 tiles;
 # - every nested jit call makes the interpreter re-patch triton.language,
 #   which costs more than the numpy work of a small tile.
+# The loops take what they read in tuples: ``keys`` = (K, V, KPM, stride_ks, stride_vs, stride_mn, b32,
+# h32, seqlen_k, diag) in the forward and dQ kernels (K and V: descriptors read at (b32, start_n, h32, 0)
+# with TMA, else pointers already at this (batch, head)), ``dropout`` = (the Philox counters of the
+# rows' key 0, dropout_p[, dropout_scale], seed).  They hold runtime values only: Triton turns the
+# constexprs of a tuple assigned to a variable into tensors, so flags are passed by keyword instead.
 
 
 @triton.jit
@@ -345,15 +296,16 @@ def _query_block_program(seqlen_q, heads, BLOCK_M: tl.constexpr):
 # --------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_blocks(
-    acc, l_i, m_i, q, K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32,
-    rows, drop_rows, lo, hi, seqlen_k, diag, qk_scale, dropout_p, seed,
+    state, q, rows, keys, dropout, lo, hi, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """Online-softmax update of (acc, l_i, m_i) over the key blocks [lo, hi).  With TMA, K and V are
-    (batch, seqlen, heads, head_dim) descriptors read at (b32, start_n, h32, 0); otherwise pointers
-    already at this (batch, head)."""
+    """Online-softmax update of state = (acc, l_i, m_i) of the query rows ``rows`` over the key blocks
+    [lo, hi)."""
+    acc, l_i, m_i = state
+    K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32, seqlen_k, diag = keys
+    drop_rows, dropout_p, seed = dropout
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
@@ -388,7 +340,7 @@ def _fwd_blocks(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            p = tl.where(_keep(seed, drop_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
+            p = tl.where(_survives_dropout(seed, drop_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
         if TMA:
             v = V.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
         elif MASKED or HEAD_DIM != BLOCK_D:
@@ -401,7 +353,7 @@ def _fwd_blocks(
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _attn_fwd_kernel(
+def fwd_kernel(
     Q, K, V, KPM, O, LSE,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_mb, stride_mn,
@@ -411,7 +363,7 @@ def _attn_fwd_kernel(
     TMA: tl.constexpr,
 ):
     # seqlen_bucket only keys the autotuner.
-    bh, start_m, b32, h32 = _query_block_program(seqlen_q, heads, BLOCK_M)
+    bh, start_m, b32, h32 = _query_block_program(seqlen_q, heads, BLOCK_M=BLOCK_M)
     b = b32.to(tl.int64)
     h = h32.to(tl.int64)
     m64 = start_m.to(tl.int64)
@@ -424,7 +376,7 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows = start_m + offs_m
     row_ok = rows < seqlen_q
-    tile_mask = _tile_mask(row_ok, offs_d, HEAD_DIM, BLOCK_D)
+    tile_mask = _tile_mask(row_ok, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     q = tl.load(Q + b * stride_qb + h * stride_qh + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :],
                 mask=tile_mask, other=0.0)
     drop_rows = (bh.to(tl.int64) * seqlen_q + rows) * seqlen_k
@@ -432,26 +384,23 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    diag = seqlen_k - seqlen_q
-    full, hi = _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32,
-        rows, drop_rows, 0, full, seqlen_k, diag, qk_scale, dropout_p, seed,
-        False, CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D, TMA,
-    )
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32,
-        rows, drop_rows, full, hi, seqlen_k, diag, qk_scale, dropout_p, seed,
-        True, CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D, TMA,
-    )
+    full, hi = _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    keys = (K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32, seqlen_k, seqlen_k - seqlen_q)
+    dropout = (drop_rows, dropout_p, seed)
+    state = _fwd_blocks((acc, l_i, m_i), q, rows, keys, dropout, 0, full, qk_scale, MASKED=False, CAUSAL=CAUSAL,
+                        HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
+                        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TMA=TMA)
+    acc, l_i, m_i = _fwd_blocks(state, q, rows, keys, dropout, full, hi, qk_scale, MASKED=True, CAUSAL=CAUSAL,
+                                HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
+                                DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TMA=TMA)
 
-    empty = l_i == 0.0  # sees no key: 0 out, even if a shared tile held 0 * NaN
-    l_safe = tl.where(empty, 1.0, l_i)
+    sees_no_key = l_i == 0.0  # 0 out, even if a shared tile held 0 * NaN
+    l_safe = tl.where(sees_no_key, 1.0, l_i)
     out = acc / l_safe[:, None]
     if HAS_DROPOUT:
         out = out * dropout_scale
-    out = tl.where(empty[:, None], 0.0, out)
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+    out = tl.where(sees_no_key[:, None], 0.0, out)
+    lse = tl.where(sees_no_key, float("inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
     tl.store(LSE + bh.to(tl.int64) * seqlen_q + rows, lse, mask=row_ok)
     tl.store(O + b * stride_ob + h * stride_oh + m64 * stride_os + offs_m[:, None] * stride_os + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=tile_mask)
@@ -459,7 +408,7 @@ def _attn_fwd_kernel(
 
 # --------------------------------------------------------------------------- backward
 @triton.jit
-def _attn_bwd_preprocess_kernel(
+def bwd_preprocess_kernel(
     O, DO, DELTA,
     stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
     heads, seqlen_q,
@@ -476,7 +425,7 @@ def _attn_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows = start_m + offs_m
     row_ok = rows < seqlen_q
-    tile_mask = _tile_mask(row_ok, offs_d, HEAD_DIM, BLOCK_D)
+    tile_mask = _tile_mask(row_ok, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     o = tl.load(O + b * stride_ob + h * stride_oh + m64 * stride_os + offs_m[:, None] * stride_os + offs_d[None, :],
                 mask=tile_mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + m64 * stride_dos + offs_m[:, None] * stride_dos
@@ -487,14 +436,18 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_blocks(
-    dk, dv, k, v, key_real, Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32,
-    cols, drop_base, lo, hi, seqlen_q, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
+    grads, key_block, queries, dropout, lo, hi, qk_scale,
     MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key block over the query blocks [lo, hi) (Q and dO: descriptors with TMA,
-    as K and V in the forward)."""
+    """Accumulate grads = (dK, dV) of key_block = (k, v, key_real, cols) over the query blocks [lo, hi).
+    queries = (Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32, seqlen_q, seqlen_k, diag): Q and dO
+    are descriptors with TMA, as K and V in the forward."""
+    dk, dv = grads
+    k, v, key_real, cols = key_block
+    Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32, seqlen_q, seqlen_k, diag = queries
+    drop_base, dropout_p, dropout_scale, seed = dropout
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_offs = offs_m[:, None] * stride_qs + offs_d[None, :]
@@ -525,10 +478,11 @@ def _dkdv_blocks(
         p_t = tl.math.exp2(s_t - lse2[None, :])
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep_t = _keep(seed, drop_base + (rows.to(tl.int64) * seqlen_k)[None, :] + cols[:, None], dropout_p)
-            dv = tl.dot(tl.where(keep_t, p_t * dropout_scale, 0.0).to(do.dtype), do, dv,
+            kept_t = _survives_dropout(seed, drop_base + (rows.to(tl.int64) * seqlen_k)[None, :] + cols[:, None],
+                                       dropout_p)
+            dv = tl.dot(tl.where(kept_t, p_t * dropout_scale, 0.0).to(do.dtype), do, dv,
                         input_precision=DOT_PRECISION)
-            dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
+            dp_t = tl.where(kept_t, dp_t * dropout_scale, 0.0)
         else:
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -537,7 +491,7 @@ def _dkdv_blocks(
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_dkdv_kernel(
+def bwd_dkdv_kernel(
     Q, K, V, KPM, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
@@ -561,7 +515,7 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     cols = start_n + offs_n
     col_ok = cols < seqlen_k
-    tile_mask = _tile_mask(col_ok, offs_d, HEAD_DIM, BLOCK_D)
+    tile_mask = _tile_mask(col_ok, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     k = tl.load(K + b * stride_kb + h * stride_kh + n64 * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :],
                 mask=tile_mask, other=0.0)
     v = tl.load(V + b * stride_vb + h * stride_vh + n64 * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :],
@@ -590,17 +544,15 @@ def _attn_bwd_dkdv_kernel(
         DO += b * stride_dob + h * stride_doh
     LSE += bh.to(tl.int64) * seqlen_q
     DELTA += bh.to(tl.int64) * seqlen_q
-    drop_base = bh.to(tl.int64) * seqlen_q * seqlen_k
-    dk, dv = _dkdv_blocks(
-        dk, dv, k, v, key_real, Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32,
-        cols, drop_base, lo, mid, seqlen_q, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
-        True, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_M, BLOCK_D, TMA,
-    )
-    dk, dv = _dkdv_blocks(
-        dk, dv, k, v, key_real, Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32,
-        cols, drop_base, mid, seqlen_q, seqlen_q, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
-        False, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_M, BLOCK_D, TMA,
-    )
+    key_block = (k, v, key_real, cols)
+    queries = (Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32, seqlen_q, seqlen_k, diag)
+    dropout = (bh.to(tl.int64) * seqlen_q * seqlen_k, dropout_p, dropout_scale, seed)
+    grads = _dkdv_blocks((dk, dv), key_block, queries, dropout, lo, mid, qk_scale, MASKED=True, HAS_KPM=HAS_KPM,
+                         HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
+                         BLOCK_D=BLOCK_D, TMA=TMA)
+    dk, dv = _dkdv_blocks(grads, key_block, queries, dropout, mid, seqlen_q, qk_scale, MASKED=False,
+                          HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
+                          BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, TMA=TMA)
 
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + n64 * stride_dks + offs_n[:, None] * stride_dks + offs_d[None, :],
@@ -611,13 +563,15 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_blocks(
-    dq, q, do, lse2, delta, K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32,
-    rows, drop_rows, lo, hi, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
+    dq, query_block, keys, dropout, lo, hi, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """Accumulate dQ of one query block over the key blocks [lo, hi) (K and V as in the forward)."""
+    """Accumulate dQ of query_block = (q, do, lse2, delta, rows) over the key blocks [lo, hi)."""
+    q, do, lse2, delta, rows = query_block
+    K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32, seqlen_k, diag = keys
+    drop_rows, dropout_p, dropout_scale, seed = dropout
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
@@ -648,14 +602,15 @@ def _dq_blocks(
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            dp = tl.where(_keep(seed, drop_rows[:, None] + cols[None, :], dropout_p), dp * dropout_scale, 0.0)
+            kept = _survives_dropout(seed, drop_rows[:, None] + cols[None, :], dropout_p)
+            dp = tl.where(kept, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_dq_kernel(
+def bwd_dq_kernel(
     Q, K, V, KPM, DO, LSE, DELTA, DQ,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_mb, stride_mn,
@@ -665,7 +620,7 @@ def _attn_bwd_dq_kernel(
     TMA: tl.constexpr,
 ):
     # Grid and order as in the forward.
-    bh, start_m, b32, h32 = _query_block_program(seqlen_q, heads, BLOCK_M)
+    bh, start_m, b32, h32 = _query_block_program(seqlen_q, heads, BLOCK_M=BLOCK_M)
     b = b32.to(tl.int64)
     h = h32.to(tl.int64)
     m64 = start_m.to(tl.int64)
@@ -673,7 +628,7 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows = start_m + offs_m
     row_ok = rows < seqlen_q
-    tile_mask = _tile_mask(row_ok, offs_d, HEAD_DIM, BLOCK_D)
+    tile_mask = _tile_mask(row_ok, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
     q = tl.load(Q + b * stride_qb + h * stride_qh + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :],
                 mask=tile_mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + m64 * stride_dos + offs_m[:, None] * stride_dos
@@ -681,25 +636,22 @@ def _attn_bwd_dq_kernel(
     row_base = bh.to(tl.int64) * seqlen_q + rows
     lse2 = tl.load(LSE + row_base, mask=row_ok, other=float("inf")) * _LOG2E
     delta = tl.load(DELTA + row_base, mask=row_ok, other=0.0)
-    drop_rows = row_base * seqlen_k
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    diag = seqlen_k - seqlen_q
-    full, hi = _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL, BLOCK_M, BLOCK_N)
+    full, hi = _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     if not TMA:
         K += b * stride_kb + h * stride_kh
         V += b * stride_vb + h * stride_vh
     KPM += b * stride_mb
-    dq = _dq_blocks(
-        dq, q, do, lse2, delta, K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32,
-        rows, drop_rows, 0, full, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
-        False, CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D, TMA,
-    )
-    dq = _dq_blocks(
-        dq, q, do, lse2, delta, K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32,
-        rows, drop_rows, full, hi, seqlen_k, diag, qk_scale, dropout_p, dropout_scale, seed,
-        True, CAUSAL, HAS_KPM, HAS_DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N, BLOCK_D, TMA,
-    )
+    query_block = (q, do, lse2, delta, rows)
+    keys = (K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32, seqlen_k, seqlen_k - seqlen_q)
+    dropout = (row_base * seqlen_k, dropout_p, dropout_scale, seed)
+    dq = _dq_blocks(dq, query_block, keys, dropout, 0, full, qk_scale, MASKED=False, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
+                    HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+                    BLOCK_D=BLOCK_D, TMA=TMA)
+    dq = _dq_blocks(dq, query_block, keys, dropout, full, hi, qk_scale, MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
+                    HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+                    BLOCK_D=BLOCK_D, TMA=TMA)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + m64 * stride_dqs + offs_m[:, None] * stride_dqs + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=tile_mask)
@@ -712,29 +664,29 @@ def _dropout_mask_kernel(OUT, seqlen_q, seqlen_k, dropout_p, seed, BLOCK_M: tl.c
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     counter = ((bh.to(tl.int64) * seqlen_q + rows) * seqlen_k)[:, None] + cols[None, :]
-    keep = _keep(seed, counter, dropout_p)
-    tl.store(OUT + counter, keep.to(tl.int8), mask=(rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :])
+    kept = _survives_dropout(seed, counter, dropout_p)
+    tl.store(OUT + counter, kept.to(tl.int8), mask=(rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :])
 
 
 _fwd = triton.autotune(
     _for_launch(FWD_CONFIGS, "fwd"),
     key=["HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "TMA", "seqlen_bucket"],
     prune_configs_by={"early_config_prune": prune_fwd_configs},
-)(_attn_fwd_kernel)
+)(fwd_kernel)
 _bwd_pre = triton.autotune(
     _for_launch(BWD_PRE_CONFIGS, "pre"), key=["HEAD_DIM"],
     prune_configs_by={"early_config_prune": prune_bwd_pre_configs},
-)(_attn_bwd_preprocess_kernel)
+)(bwd_preprocess_kernel)
 _bwd_dkdv = triton.autotune(
     _for_launch(BWD_DKDV_CONFIGS, "dkdv"),
     key=["HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "TMA", "seqlen_bucket"],
     prune_configs_by={"early_config_prune": prune_bwd_dkdv_configs},
-)(_attn_bwd_dkdv_kernel)
+)(bwd_dkdv_kernel)
 _bwd_dq = triton.autotune(
     _for_launch(BWD_DQ_CONFIGS, "dq"),
     key=["HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "TMA", "seqlen_bucket"],
     prune_configs_by={"early_config_prune": prune_bwd_dq_configs},
-)(_attn_bwd_dq_kernel)
+)(bwd_dq_kernel)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -744,12 +696,12 @@ def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _dot_precision(dtype):
+def dot_precision(dtype):
     # fp32 inputs: exact fp32 products, not TF32 (Triton's default on a GPU).
     return "ieee" if dtype == torch.float32 else None
 
 
-def _block_d(head_dim):
+def block_d(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
@@ -757,7 +709,7 @@ def _seqlen_bucket(seqlen_q, seqlen_k):
     return triton.next_power_of_2(max(seqlen_q, seqlen_k, 1))
 
 
-def _mask_args(key_padding_mask, q):
+def _padding_mask_args(key_padding_mask, q):
     # Without a mask the pointer is never read; q stands in so the signature is fixed.
     if key_padding_mask is None:
         return q, 0, 0
@@ -788,12 +740,16 @@ def _descriptor(t):
 
 
 def _dropout_args(dropout_p, seed):
+    """(dropout_p, dropout_scale, seed) as the kernels take them."""
     if dropout_p > 0:
         return dropout_p, 1.0 / (1.0 - dropout_p), seed
     return 0.0, 1.0, 0
 
 
-def _launch_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+def _launch_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
+                softmax_scale: float, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(out, lse): out (batch, seqlen_q, heads, head_dim); lse (batch, heads, seqlen_q) fp32, natural log,
+    +inf on rows that see no key."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
@@ -801,20 +757,23 @@ def _launch_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, see
     lse = dispatch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     if B * H * Sq == 0:
         return out, lse
-    mask, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
-    p, p_scale, seed = _dropout_args(dropout_p, seed)
+    mask, stride_mb, stride_mn = _padding_mask_args(key_padding_mask, q)
+    dropout_p, dropout_scale, seed = _dropout_args(dropout_p, seed)
     tma = _tma_usable(k, v)
     _fwd[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]) * B * H,)](
         q, _descriptor(k) if tma else k, _descriptor(v) if tma else v, mask, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_mb, stride_mn,
-        H, Sq, Sk, _seqlen_bucket(Sq, Sk), softmax_scale * LOG2E, p, p_scale, seed,
+        H, Sq, Sk, _seqlen_bucket(Sq, Sk), softmax_scale * LOG2E, dropout_p, dropout_scale, seed,
         HEAD_DIM=D, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0,
-        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block_d(D), TMA=tma,
+        DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d(D), TMA=tma,
     )
     return out, lse
 
 
-def _launch_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+def _launch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                key_padding_mask: Optional[Tensor], causal: bool, softmax_scale: float, dropout_p: float,
+                seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv), deterministic (no atomics)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
@@ -827,15 +786,15 @@ def _launch_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale
         return dq.zero_(), dk.zero_(), dv.zero_()
     flags = dict(
         HEAD_DIM=D, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0,
-        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block_d(D),
+        DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d(D),
     )
     delta = dispatch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     _bwd_pre[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]) * B * H,)](
-        out, dout, delta, *_strides(out), *_strides(dout), H, Sq, HEAD_DIM=D, BLOCK_D=_block_d(D),
+        out, dout, delta, *_strides(out), *_strides(dout), H, Sq, HEAD_DIM=D, BLOCK_D=block_d(D),
     )
-    mask, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
-    p, p_scale, seed = _dropout_args(dropout_p, seed)
-    common = (H, Sq, Sk, _seqlen_bucket(Sq, Sk), softmax_scale, softmax_scale * LOG2E, p, p_scale, seed)
+    mask, stride_mb, stride_mn = _padding_mask_args(key_padding_mask, q)
+    common = (H, Sq, Sk, _seqlen_bucket(Sq, Sk), softmax_scale, softmax_scale * LOG2E,
+              *_dropout_args(dropout_p, seed))
     tma = _tma_usable(q, dout)  # the dK/dV kernel streams Q and dO
     _bwd_dkdv[lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]) * B * H,)](
         _descriptor(q) if tma else q, k, v, mask, _descriptor(dout) if tma else dout, lse, delta, dk, dv,
@@ -885,7 +844,8 @@ def _reference_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, 
     return out.contiguous(), lse.float().contiguous()
 
 
-def _reference_bwd(dout, q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+def _reference_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+    # Differentiates the reference forward again: the saved out and lse go unread.
     keep = _reference_mask_for(q, k, dropout_p, seed)
 
     def fn(q_, k_, v_):
@@ -896,54 +856,12 @@ def _reference_bwd(dout, q, k, v, key_padding_mask, causal, softmax_scale, dropo
 
 
 # --------------------------------------------------------------------------- torch.library ops
-@torch.library.custom_op("opt_core::attention_fwd", mutates_args=())
-def attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor],
-    causal: bool,
-    softmax_scale: float,
-    dropout_p: float,
-    seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse): out (batch, seqlen_q, heads, head_dim); lse (batch, heads,
-    seqlen_q) fp32, natural log, +inf on rows that see no key."""
-    if dispatch.use_triton(q, KERNEL_DTYPES):
-        with dispatch.device_guard(q):
-            return _launch_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed)
-    return _reference_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed)
-
-
-@attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+def _fwd_fake(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed):
     B, Sq, H, D = q.shape
     return q.new_empty((B, Sq, H, D)), q.new_empty((B, H, Sq), dtype=torch.float32)
 
 
-@torch.library.custom_op("opt_core::attention_bwd", mutates_args=())
-def attention_bwd(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor],
-    causal: bool,
-    softmax_scale: float,
-    dropout_p: float,
-    seed: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), deterministic (no atomics)."""
-    if dispatch.use_triton(q, KERNEL_DTYPES):
-        with dispatch.device_guard(q):
-            return _launch_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dropout_p, seed)
-    return _reference_bwd(dout, q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed)
-
-
-@attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+def _bwd_fake(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dropout_p, seed):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -961,10 +879,36 @@ def _backward(ctx, dout, _dlse):
     return dq, dk, dv, None, None, None, None, None
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_op("attention", dtypes=KERNEL_DTYPES, setup_context=_setup_context, gradients=_backward,
+            forward=Direction(_launch_fwd, _reference_fwd, _fwd_fake, chosen_by="q"),
+            backward=Direction(_launch_bwd, _reference_bwd, _bwd_fake, chosen_by="q"))
 
 
 # --------------------------------------------------------------------------- public API
+def _check_qkv(q, k, v):
+    """q, k, v are 4-D tensors of q's dtype, k and v (batch, seqlen_k, heads, head_dim) with q's batch,
+    heads and head_dim, and head_dim is one the kernels take."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t)
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dimensions (batch, seqlen, heads, head_dim), got shape {tuple(t.shape)}"
+            )
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    B, _, H, D = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (B, H, D):
+        raise ValueError(
+            f"k must have shape (batch, seqlen_k, heads, head_dim) = ({B}, seqlen_k, {H}, {D}) to match q, "
+            f"got {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim (q.shape[3]) must be between 1 and {MAX_HEAD_DIM}, got {D}")
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1012,27 +956,10 @@ def attention(
     of the (batch, head), seen or not, and a row that sees no key becomes NaN
     if its q is NaN; here such a row stays 0.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t)
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name} must have 4 dimensions (batch, seqlen, heads, head_dim), got shape {tuple(t.shape)}"
-            )
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    _check_qkv(q, k, v)
     check_same_device("q", q, k=k, v=v, key_padding_mask=key_padding_mask)
-    B, Sq, H, D = q.shape
+    B, _, _, D = q.shape
     Sk = k.shape[1]
-    if (k.shape[0], k.shape[2], k.shape[3]) != (B, H, D):
-        raise ValueError(
-            f"k must have shape (batch, seqlen_k, heads, head_dim) = ({B}, seqlen_k, {H}, {D}) to match q, "
-            f"got {tuple(k.shape)}"
-        )
-    if v.shape != k.shape:
-        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim (q.shape[3]) must be between 1 and {MAX_HEAD_DIM}, got {D}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if softmax_scale is None:
@@ -1049,10 +976,7 @@ def attention(
     if dropout_p >= 1.0:
         raise ValueError(f"dropout_p must be < 1, got {dropout_p}")
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if not 0 <= seed < SEED_LIMIT:
-            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        check_seed("seed", seed)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     if dropout_p == 0.0:
@@ -1078,8 +1002,7 @@ def dropout_mask(
     applies with this ``seed`` and ``dropout_p`` to inputs of ``dtype`` on
     ``device``: the kernels' Philox draw where the kernels run, the reference
     path's generator elsewhere.  For tests; attention itself never builds it."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    check_seed("seed", seed)
     dropout_p = check_float("dropout_p", dropout_p, min_value=0.0)
     if dropout_p >= 1.0:
         raise ValueError(f"dropout_p must be < 1, got {dropout_p}")
@@ -1092,128 +1015,3 @@ def dropout_mask(
         with dispatch.device_guard(probe):
             return _launch_dropout_mask(seed, dropout_p, batch, heads, seqlen_q, seqlen_k, device)
     return _reference_dropout_mask(seed, dropout_p, batch, heads, seqlen_q, seqlen_k, device)
-
-
-# --------------------------------------------------------------------------- AOT cases
-# OPT's head dims (64: 125M-1.3B, 80: 2.7B, 128: 6.7B-175B) and the largest
-# accepted one, at the benchmark shape: 16k tokens per batch, seqlen 8192.
-AOT_HEAD_DIMS = {64: 12, 80: 32, 128: 32, 256: 16}  # head_dim -> heads
-AOT_SEQLEN = 8192
-# Seeds as a launch passes them (never specialised): an i32 one without dropout,
-# an i64 one (drawn in [0, 2**63)) with dropout.
-_AOT_SEED = {False: 12345, True: 2 ** 40 + 12345}
-
-
-def _dtype_tag(dtype):
-    return str(dtype).replace("torch.", "")
-
-
-def _aot_common(head_dim, heads, kpm, dropout):
-    S = AOT_SEQLEN
-    qkv_strides = (S * heads * head_dim, heads * head_dim, head_dim)
-    return dict(
-        heads=heads, seqlen_q=S, seqlen_k=S, seqlen_bucket=S, qk_scale=0.1, sm_scale=0.1,
-        dropout_p=0.1 if dropout else 0.0, dropout_scale=1.0 / 0.9 if dropout else 1.0, seed=_AOT_SEED[dropout],
-        stride_mb=S if kpm else 0, stride_mn=1 if kpm else 0,
-    ), qkv_strides
-
-
-def _strided(prefix, strides):
-    return {f"stride_{prefix}{axis}": s for axis, s in zip("bsh", strides)}
-
-
-def _aot_flags(dtype, head_dim, causal, kpm, dropout, tma):
-    return dict(
-        HEAD_DIM=head_dim, CAUSAL=causal, HAS_KPM=kpm, HAS_DROPOUT=dropout,
-        DOT_PRECISION=_dot_precision(dtype), BLOCK_D=_block_d(head_dim), TMA=tma,
-    )
-
-
-def _aot_kernel_cases(kind, dtype, head_dim, *, causal=True, kpm=False, dropout=False, only_mask=False,
-                      configs=None, tma=False):
-    """AOT cases of one kernel ("fwd", "dkdv", "dq", "pre") for ``configs`` (by
-    default the ones the prune function keeps at this shape); with ``tma``, the
-    streamed operands as descriptors, for sm_90 only."""
-    heads = AOT_HEAD_DIMS.get(head_dim, 16)
-    common, st = _aot_common(head_dim, heads, kpm, dropout)
-    mask_dtype = torch.uint8 if kpm else dtype
-    flags = _aot_flags(dtype, head_dim, causal, kpm, dropout, tma)
-    tag = (f"D={head_dim},{_dtype_tag(dtype)}{',causal' if causal else ''}"
-           f"{',kpm' if kpm else ''}{',dropout' if dropout else ''}{',tma' if tma else ''}")
-    if kind == "pre":
-        fn, all_configs, prune, table = _attn_bwd_preprocess_kernel, BWD_PRE_CONFIGS, prune_bwd_pre_configs, None
-        args = dict(O=dtype, DO=dtype, DELTA=torch.float32, heads=heads, seqlen_q=AOT_SEQLEN,
-                    **_strided("o", st), **_strided("do", st))
-        flags = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim))
-        tag = f"D={head_dim},{_dtype_tag(dtype)}"
-    elif kind == "fwd":
-        fn, all_configs, prune, table = _attn_fwd_kernel, FWD_CONFIGS, prune_fwd_configs, _FWD_TABLE
-        args = dict(Q=dtype, K=dtype, V=dtype, KPM=mask_dtype, O=dtype, LSE=torch.float32, **common,
-                    **_strided("q", st), **_strided("k", st), **_strided("v", st), **_strided("o", st))
-    elif kind == "dkdv":
-        fn, all_configs, prune, table = _attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS, prune_bwd_dkdv_configs, _DKDV_TABLE
-        args = dict(Q=dtype, K=dtype, V=dtype, KPM=mask_dtype, DO=dtype, LSE=torch.float32, DELTA=torch.float32,
-                    DK=dtype, DV=dtype, **common, **_strided("q", st), **_strided("k", st), **_strided("v", st),
-                    **_strided("do", st), **_strided("dk", st), **_strided("dv", st))
-    elif kind == "dq":
-        fn, all_configs, prune, table = _attn_bwd_dq_kernel, BWD_DQ_CONFIGS, prune_bwd_dq_configs, _DQ_TABLE
-        args = dict(Q=dtype, K=dtype, V=dtype, KPM=mask_dtype, DO=dtype, LSE=torch.float32, DELTA=torch.float32,
-                    DQ=dtype, **common, **_strided("q", st), **_strided("k", st), **_strided("v", st),
-                    **_strided("do", st), **_strided("dq", st))
-    else:
-        raise ValueError(kind)
-    if configs is None:
-        configs = prune(all_configs, {}, **flags) if kind == "pre" else _kept(all_configs, table, flags)
-        if only_mask:
-            with_dropout = _kept(all_configs, table, dict(flags, HAS_DROPOUT=True))
-            configs = [c for c in configs if c not in with_dropout]
-    cases = []
-    for cfg in configs:
-        # fp32 multiplies on the FMA units (exact fp32), not the tensor cores;
-        # wgmma takes 64 rows per warpgroup, so a dot with 32 rows (the dK/dV
-        # kernel's key block at head_dim 256 with dropout) is mma.sync on sm_90.
-        rows = cfg.kwargs["BLOCK_N"] if kind == "dkdv" else cfg.kwargs["BLOCK_M"]
-        tensor_cores = kind != "pre" and dtype != torch.float32 and rows >= 64
-        meta = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
-        launch = {k: v for k, v in args.items() if k in fn.arg_names}
-        if tma:
-            names, block = _STREAMED[kind]
-            for name in names:
-                launch[name] = aot.Descriptor(dtype, (1, cfg.kwargs[block], 1, flags["BLOCK_D"]))
-        cases.append(aot.case(
-            f"attention_{kind}[{tag},{meta},warps={cfg.num_warps},stages={cfg.num_stages}]",
-            fn, launch, dict(flags, **cfg.kwargs),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_cores=tensor_cores,
-            archs=(90,) if tma else aot.ARCHS,
-        ))
-    return cases
-
-
-@aot.register
-def aot_cases():
-    """Every (shape, variant) the tables keep, in bf16 and causal, at head_dim
-    64, 128 and 256, and the plain variant at 80 (it shares 128's tile; only its
-    head_dim masks differ); the same for fp32 inputs at 64, 128 and 256; fp16
-    once per kernel; the delta preprocess per tile.  Variant K is compiled with
-    the mask alone, D with mask and dropout (dropout without a mask runs a subset
-    of that code), and K alone only for shapes not also kept for D: mask and
-    dropout together run a superset of the mask-only code."""
-    cases = []
-    for dtype, head_dims in ((torch.bfloat16, (64, 80, 128, 256)), (torch.float32, (64, 128, 256))):
-        for head_dim in head_dims:
-            for kind in ("fwd", "dkdv", "dq"):
-                variants = ("P",) if head_dim == 80 else ("P", "K", "D")
-                for variant in variants:
-                    cases += _aot_kernel_cases(kind, dtype, head_dim, kpm=variant != "P", dropout=variant == "D",
-                                               only_mask=variant == "K")
-    for kind in ("fwd", "dkdv", "dq"):
-        cases += _aot_kernel_cases(kind, torch.float16, 128)[:1]
-    # The TMA path (sm_90; bf16 and fp16 share it): every kept shape and variant at OPT's head dims.
-    for head_dim in (64, 80, 128):
-        for kind in ("fwd", "dkdv", "dq"):
-            for variant in (("P",) if head_dim == 80 else ("P", "K", "D")):
-                cases += _aot_kernel_cases(kind, torch.bfloat16, head_dim, kpm=variant != "P",
-                                           dropout=variant == "D", only_mask=variant == "K", tma=True)
-    for head_dim in (64, 80, 128, 256):
-        cases += _aot_kernel_cases("pre", torch.bfloat16, head_dim)
-    return cases

@@ -1,8 +1,8 @@
 """``python -m opt_core.kernels.compile_check``: the AOT compile check from the command line.
 
-Compiles every registered kernel case for sm_80 and sm_90 (no GPU needed) and
-prints registers, spills, shared memory and tensor-core use per case; exits 1
-if any case has a problem.  See ``kernels/aot.py``.
+Compiles every kernel case of ``kernels/aot_cases.py`` for sm_80 and sm_90 (no
+GPU needed) and prints registers, spills, shared memory and tensor-core use per
+case; exits 1 if any case has a problem.  See ``kernels/aot.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from opt_core.kernels import aot
+from opt_core.kernels import aot, aot_cases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         print("opt_core.kernels.compile_check: unset TRITON_INTERPRET; the interpreter compiles nothing", file=sys.stderr)
         return 2
 
-    cases = [c for c in aot.all_cases() if args.filter in c.name]
+    cases = [c for c in aot_cases.all_cases() if args.filter in c.name]
     results = aot.compile_all(cases, args.arch, args.workers)
     failed = 0
     for r in results:

@@ -1,25 +1,17 @@
 """LayerNorm over the last dimension, forward and backward, in Triton.
 
-Design record (newest last):
-2026-11-29  Forward: one program normalises a [BLOCK_M, BLOCK_N] tile, BLOCK_N
-            the whole row padded to a power of two, so x is read once and the
-            statistics (fp32, two-pass over registers) never leave the chip.
-            Several rows per program keep narrow rows (768) from starving the
-            memory system with one-row programs.
-2026-11-29  The residual variant adds x + residual, rounds the sum to x's
-            dtype (that is the h an unfused model would store and the next
-            block reads) and normalises that rounded h.
-2026-11-29  Backward: a fixed grid of about two programs per SM; each walks a
-            contiguous range of rows, writes dx, and keeps its dW/dB partial
-            sums in fp32 registers; the host sums the (programs x N) partials.
-            No atomics, so the result is bitwise repeatable.  Rows wider than
-            8192 do not fit that way without spilling; they take the wide
-            kernel, which streams the row in chunks twice (statistics, then dx)
-            and keeps its partial dW/dB rows in a global scratch row per
-            program, which stays in L2.
-2026-11-29  Strides: rows may have any stride (an expanded upstream gradient
-            has stride 0); the last dimension is passed as a stride too, and
-            Triton specialises the common stride of 1.
+- Forward: one program normalises a [BLOCK_M, BLOCK_N] tile, BLOCK_N the whole row padded to a power
+  of two, so x is read once and the fp32 statistics never leave the chip; several rows per program keep
+  narrow rows from starving the memory system.
+- Residual: ``h = x + residual`` is rounded to x's dtype (the h an unfused model stores and the next
+  block reads) and that rounded h is normalised.
+- Backward: about two programs per SM, each over a contiguous range of rows, with dW/dB partial sums in
+  fp32 registers that the host adds up: no atomics, bitwise repeatable.  Rows wider than
+  ``MAX_REGISTER_ROW_BWD`` take the wide kernel, which streams each row twice in ``WIDE_CHUNK`` pieces
+  and keeps its partial sums in a scratch row per program (it stays in L2).
+- Rows may have any stride, the last dimension's included (an expanded gradient has stride 0).
+
+The reasoning and measurements behind each point: ``docs/kernels.md``, section LayerNorm.
 """
 
 from __future__ import annotations
@@ -27,11 +19,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 
-from opt_core.kernels import aot, dispatch
+from opt_core.kernels import dispatch
 from opt_core.kernels import reference
+from opt_core.kernels.op_registry import Direction, register_op
 from opt_core.kernels.validation import check_float, check_same_device, check_shape, check_tensor
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -53,7 +47,7 @@ BWD_CONFIGS = _grid_configs((1, 2, 4, 8, 16), (1, 2, 4, 8, 16, 32))
 BWD_WIDE_CONFIGS = _grid_configs((1, 2, 4), (4, 8, 16))
 
 
-def _keep(configs, block_n, max_tile, lo, hi):
+def _fitting_configs(configs, block_n, max_tile, lo, hi):
     """Configs whose [BLOCK_M, block_n] tile fits ``max_tile`` elements with
     ``lo``..``hi`` elements per thread; for tiny rows, the biggest tile that fits."""
     def tile(c):
@@ -65,18 +59,18 @@ def _keep(configs, block_n, max_tile, lo, hi):
 
 
 def prune_fwd_configs(configs, nargs, **kwargs):
-    return _keep(configs, kwargs["BLOCK_N"], max_tile=16384, lo=8, hi=32)
+    return _fitting_configs(configs, kwargs["BLOCK_N"], max_tile=16384, lo=8, hi=32)
 
 
 def prune_bwd_configs(configs, nargs, **kwargs):
     # Multi-row tiles stop at 2048 elements: beside the tile the backward keeps
     # two accumulator rows live, and [4, 1024] at 16 warps spills on sm_80.
     block_n = kwargs["BLOCK_N"]
-    return _keep(configs, block_n, max_tile=max(2048, block_n), lo=4, hi=16)
+    return _fitting_configs(configs, block_n, max_tile=max(2048, block_n), lo=4, hi=16)
 
 
 def prune_bwd_wide_configs(configs, nargs, **kwargs):
-    return _keep(configs, kwargs["CHUNK"], max_tile=8192, lo=4, hi=16)
+    return _fitting_configs(configs, kwargs["CHUNK"], max_tile=8192, lo=4, hi=16)
 
 
 def _for_launch(configs):
@@ -89,7 +83,7 @@ def _for_launch(configs):
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _layer_norm_fwd_kernel(
+def fwd_kernel(
     X, RES, W, B, Y, H, MEAN, RSTD,
     stride_xm, stride_xn, stride_rm, stride_rn,
     M, N, eps,
@@ -127,7 +121,7 @@ def _layer_norm_fwd_kernel(
 
 
 @triton.jit
-def _layer_norm_bwd_kernel(
+def bwd_kernel(
     X, W, DY, DH, DX, DW_PART, DB_PART, MEAN, RSTD,
     stride_xm, stride_xn, stride_dym, stride_dyn, stride_dhm, stride_dhn,
     M, N, rows_per_program,
@@ -176,14 +170,14 @@ def _layer_norm_bwd_kernel(
 
 
 @triton.jit
-def _layer_norm_bwd_wide_kernel(
+def bwd_wide_kernel(
     X, W, DY, DH, DX, DW_PART, DB_PART, MEAN, RSTD,
     stride_xm, stride_xn, stride_dym, stride_dyn, stride_dhm, stride_dhn,
     M, N, rows_per_program,
     HAS_DH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    # Same mathematics as _layer_norm_bwd_kernel, for rows too wide to hold in
+    # Same mathematics as bwd_kernel, for rows too wide to hold in
     # registers: pass 1 streams the rows for the two row sums, pass 2 streams
     # them again (from L2) for dx.  The dW/dB partials of this program live in
     # its own rows of DW_PART/DB_PART, which only this program touches: the
@@ -244,13 +238,13 @@ def _layer_norm_bwd_wide_kernel(
 
 _fwd = triton.autotune(
     _for_launch(FWD_CONFIGS), key=["BLOCK_N", "HAS_RES"], prune_configs_by={"early_config_prune": prune_fwd_configs}
-)(_layer_norm_fwd_kernel)
+)(fwd_kernel)
 _bwd = triton.autotune(
     _for_launch(BWD_CONFIGS), key=["BLOCK_N", "HAS_DH"], prune_configs_by={"early_config_prune": prune_bwd_configs}
-)(_layer_norm_bwd_kernel)
+)(bwd_kernel)
 _bwd_wide = triton.autotune(
     _for_launch(BWD_WIDE_CONFIGS), key=["N", "HAS_DH"], prune_configs_by={"early_config_prune": prune_bwd_wide_configs}
-)(_layer_norm_bwd_wide_kernel)
+)(bwd_wide_kernel)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -259,7 +253,9 @@ def _contiguous(t):
     return t.contiguous() if t is not None else None
 
 
-def _launch_fwd(x, weight, bias, residual, eps):
+def _launch_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, h, mean, rstd) for 2-D x; h is empty without a residual."""
     M, N = x.shape
     weight, bias = _contiguous(weight), _contiguous(bias)
     y = dispatch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -279,7 +275,10 @@ def _launch_fwd(x, weight, bias, residual, eps):
     return y, h, mean, rstd
 
 
-def _launch_bwd(dy, dh, x, weight, bias, mean, rstd):
+def _launch_bwd(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                mean: Tensor, rstd: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias); dweight/dbias are empty where weight/bias are None.  eps goes unread: the
+    saved mean and rstd hold it."""
     M, N = x.shape
     weight = _contiguous(weight)
     dx = dispatch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -319,7 +318,8 @@ def _reference_fwd(x, weight, bias, residual, eps):
     return y, h, mean, rstd
 
 
-def _reference_bwd(dy, dh, x, weight, bias, eps):
+def _reference_bwd(dy, dh, x, weight, bias, mean, rstd, eps):
+    # Differentiates the reference forward (reference_vjp), so the saved mean and rstd go unread.
     dx, dw, db = dispatch.reference_vjp(lambda x_, w_, b_: reference.layer_norm(x_, w_, b_, eps), (x, weight, bias), dy)
     if dh is not None:
         dx = dx + dh
@@ -327,23 +327,7 @@ def _reference_bwd(dy, dh, x, weight, bias, eps):
 
 
 # --------------------------------------------------------------------------- torch.library ops
-@torch.library.custom_op("opt_core::layer_norm_fwd", mutates_args=())
-def layer_norm_fwd(
-    x: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h, mean, rstd) for 2-D x; h is empty without a residual."""
-    if dispatch.use_triton(x, KERNEL_DTYPES):
-        with dispatch.device_guard(x):
-            return _launch_fwd(x, weight, bias, residual, eps)
-    return _reference_fwd(x, weight, bias, residual, eps)
-
-
-@layer_norm_fwd.register_fake
-def _(x, weight, bias, residual, eps):
+def _fwd_fake(x, weight, bias, residual, eps):
     M, N = x.shape
     return (
         x.new_empty((M, N)),
@@ -353,26 +337,7 @@ def _(x, weight, bias, residual, eps):
     )
 
 
-@torch.library.custom_op("opt_core::layer_norm_bwd", mutates_args=())
-def layer_norm_bwd(
-    dy: torch.Tensor,
-    dh: Optional[torch.Tensor],
-    x: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias); dweight/dbias are empty where weight/bias are None."""
-    if dispatch.use_triton(x, KERNEL_DTYPES):
-        with dispatch.device_guard(x):
-            return _launch_bwd(dy, dh, x, weight, bias, mean, rstd)
-    return _reference_bwd(dy, dh, x, weight, bias, eps)
-
-
-@layer_norm_bwd.register_fake
-def _(dy, dh, x, weight, bias, mean, rstd, eps):
+def _bwd_fake(dy, dh, x, weight, bias, mean, rstd, eps):
     return (
         x.new_empty(x.shape),
         weight.new_empty(weight.shape) if weight is not None else x.new_empty(0),
@@ -403,7 +368,9 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
     )
 
 
-layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_op("layer_norm", dtypes=KERNEL_DTYPES, setup_context=_setup_context, gradients=_backward,
+            forward=Direction(_launch_fwd, _reference_fwd, _fwd_fake, chosen_by="x"),
+            backward=Direction(_launch_bwd, _reference_bwd, _bwd_fake, chosen_by="x"))
 
 
 # --------------------------------------------------------------------------- public API
@@ -445,49 +412,3 @@ def layer_norm(
     y, h, _, _ = torch.ops.opt_core.layer_norm_fwd(x2, weight, bias, r2, eps)
     y = y.view(x.shape)
     return y if residual is None else (y, h.view(x.shape))
-
-
-# --------------------------------------------------------------------------- AOT cases
-# Every OPT width (125M ... 175B); widths sharing a power-of-two tile compile the
-# same code, so each tile is compiled once, at the widest such OPT width.
-AOT_WIDTHS = (768, 1024, 2048, 2560, 4096, 5120, 7168, 9216, 12288)
-AOT_ROWS = 16384
-
-
-@aot.register
-def aot_cases():
-    cases = []
-    by_block = {triton.next_power_of_2(n): n for n in sorted(AOT_WIDTHS)}
-    programs = 2 * 132  # an H100/H200's SM count: the backward grid there
-    for block_n, N in sorted(by_block.items()):
-        for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            tag = f"N={N},{str(dtype).replace('torch.', '')}"
-            fwd_args = dict(
-                X=dtype, RES=dtype, W=dtype, B=dtype, Y=dtype, H=dtype, MEAN=torch.float32, RSTD=torch.float32,
-                stride_xm=N, stride_xn=1, stride_rm=N, stride_rn=1, M=AOT_ROWS, N=N, eps=1e-5,
-            )
-            for cfg in prune_fwd_configs(FWD_CONFIGS, {}, BLOCK_N=block_n):
-                cases.append(aot.case(
-                    f"layer_norm_fwd[{tag},BLOCK_M={cfg.kwargs['BLOCK_M']},warps={cfg.num_warps}]",
-                    _layer_norm_fwd_kernel, fwd_args,
-                    dict(HAS_RES=True, HAS_W=True, HAS_B=True, BLOCK_N=block_n, **cfg.kwargs),
-                    num_warps=cfg.num_warps,
-                ))
-            bwd_args = dict(
-                X=dtype, W=dtype, DY=dtype, DH=dtype, DX=dtype, DW_PART=torch.float32, DB_PART=torch.float32,
-                MEAN=torch.float32, RSTD=torch.float32, stride_xm=N, stride_xn=1, stride_dym=N, stride_dyn=1,
-                stride_dhm=N, stride_dhn=1, M=AOT_ROWS, N=N, rows_per_program=triton.cdiv(AOT_ROWS, programs),
-            )
-            flags = dict(HAS_DH=True, HAS_W=True, HAS_B=True)
-            if block_n <= MAX_REGISTER_ROW_BWD:
-                kernel, name, meta = _layer_norm_bwd_kernel, "layer_norm_bwd", dict(BLOCK_N=block_n)
-                configs = prune_bwd_configs(BWD_CONFIGS, {}, BLOCK_N=block_n)
-            else:
-                kernel, name, meta = _layer_norm_bwd_wide_kernel, "layer_norm_bwd_wide", dict(CHUNK=WIDE_CHUNK)
-                configs = prune_bwd_wide_configs(BWD_WIDE_CONFIGS, {}, CHUNK=WIDE_CHUNK)
-            for cfg in configs:
-                cases.append(aot.case(
-                    f"{name}[{tag},BLOCK_M={cfg.kwargs['BLOCK_M']},warps={cfg.num_warps}]",
-                    kernel, bwd_args, dict(**flags, **meta, **cfg.kwargs), num_warps=cfg.num_warps,
-                ))
-    return cases

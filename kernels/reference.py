@@ -59,13 +59,23 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2,
     """torch.optim.AdamW's single-tensor step, with the fused options of kernels.adamw.adamw_step.
 
     Moments are fp32 (fp64 for fp64 params); low-precision params step in fp32,
-    on their master copy when given, else upcast and rounded back.  With a
-    non-zero ``found_inf`` nothing changes.  Syncs with the host (reference).
+    on their master copy when given, else upcast and rounded back.  ``lr``,
+    ``beta1``, ``beta2`` are floats or 1-element tensors, each used at the
+    precision torch uses it; the bias corrections are float64 powers of the
+    betas, from the ``steps`` tensors.  No host sync: with a non-zero
+    ``found_inf`` every tensor is given its old value back on the device.
     """
-    if found_inf is not None and bool(found_inf.item()):
-        return
+    def on(x, device, dtype):  # a tensor hyper-parameter as a 0-d tensor; a number as it is
+        return x.reshape(()).to(device=device, dtype=dtype) if isinstance(x, torch.Tensor) else x
+
+    skip = None if found_inf is None else found_inf != 0
     for i, p in enumerate(params):
-        ct = _compute_dtype_of_param(p)
+        ct, device = _compute_dtype_of_param(p), p.device
+        master = masters[i] if masters is not None else None
+        vmax = max_exp_avg_sqs[i] if max_exp_avg_sqs is not None else None
+        m, v = exp_avgs[i], exp_avg_sqs[i]
+        touched = [t for t in (p, master, m, v, vmax) if t is not None]
+        before = [t.clone() for t in touched] if skip is not None else []
         g = grads[i].to(ct)
         if inv_scale is not None:
             g = g * inv_scale.to(ct)
@@ -73,24 +83,27 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2,
             g = g * clip_coef.to(ct)
         if maximize:
             g = -g
-        master = masters[i] if masters is not None else None
         w = master if master is not None else (p if p.dtype == ct else p.to(ct))
-        m, v = exp_avgs[i], exp_avg_sqs[i]
-        step = float(steps[i].item()) + 1
-        w.mul_(1 - lr * weight_decay)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
-        if max_exp_avg_sqs is not None:
-            torch.maximum(max_exp_avg_sqs[i], v, out=max_exp_avg_sqs[i])
-            denom = (max_exp_avg_sqs[i].sqrt() / bias_correction2_sqrt).add_(eps)
+        step = steps[i].to(device=device, dtype=torch.float64) + 1
+        bias_correction1 = 1 - on(beta1, device, torch.float64) ** step
+        bias_correction2_sqrt = (1 - on(beta2, device, torch.float64) ** step).sqrt().to(ct)
+        neg_step_size = (-on(lr, device, torch.float64) / bias_correction1).to(ct)
+        w.mul_(on(1 - lr * weight_decay, device, ct))
+        m.lerp_(g, 1 - on(beta1, device, ct))
+        # addcmul_ with a tensor value would read it on the host: multiply it in, in addcmul's order.
+        v.mul_(on(beta2, device, ct)).addcmul_(g * on(1 - beta2, device, ct), g)
+        if vmax is not None:
+            torch.maximum(vmax, v, out=vmax)
+            denom = (vmax.sqrt() / bias_correction2_sqrt).add_(eps)
         else:
             denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-        w.addcdiv_(m, denom, value=-(lr / (1 - beta1 ** step)))
+        w.addcdiv_(m * neg_step_size, denom)  # addcdiv_'s value * m / denom, the value as a tensor
         if w is not p:
             p.copy_(w)
+        for t, old in zip(touched, before):
+            t.copy_(torch.where(skip.to(t.device), old, t))
         if advance_steps:
-            steps[i].add_(1)
+            steps[i].add_(1 if skip is None else (~skip).to(steps[i]))
 
 
 @torch.no_grad()

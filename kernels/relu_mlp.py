@@ -1,129 +1,51 @@
-"""OPT's feed-forward block, ``residual + dropout(fc2(relu(fc1(x))))``, as Triton GEMMs
-with everything else fused into their epilogues; forward and backward.
+"""OPT's feed-forward block, ``residual + dropout(fc2(relu(fc1(x))))``, as Triton GEMMs with everything
+else fused into their epilogues; forward and backward.
 
-Design record (newest last):
-2026-11-29  Shapes.  x is flattened to (M, d); fc1 is (ffn, d), fc2 is (d, ffn), in
-            nn.Linear layout, read through their strides (a transposed weight
-            is a stride swap, never a copy).  Forward: h = relu(x @ W1^T + b1)
-            (GEMM 1) and out = residual + dropout(h @ W2^T + b2) (GEMM 2).
-            Backward, with g = dropout'(dy): dh = (g @ W2) * [h > 0], dW2 = g^T
-            @ h, dx = dh @ W1, dW1 = dh^T @ x, db2 = colsum(g), db1 = colsum(dh),
-            d residual = dy.
-2026-11-29  One mainloop, three epilogues.  Every GEMM is C = A @ B with
-            arbitrary strides on A and B (so x^T, g^T, dh^T, W^T are views),
-            fp32 accumulation, grouped tile ordering (GROUP_M row tiles share
-            the B columns they stream while those are in L2), and autotuned
-            BLOCK_M/N/K, warps and stages.  The mainloop is one @triton.jit
-            helper; the kernels differ only in their epilogues, split where
-            one signature carrying every feature would stop reading well:
-            _fwd_kernel (bias, NaN-propagating ReLU, dropout, residual: GEMM 1
-            and GEMM 2), _dh_kernel (ReLU mask from the saved activation, db1
-            partial sums) and _matmul_kernel (a plain store: dx, dW1, dW2).
-2026-11-29  Only the post-ReLU activation h is stored (and saved for backward):
-            ReLU's derivative is [h > 0], so the pre-activation is never kept.
-            The mask is written as where(h <= 0, 0, grad), PyTorch's
-            threshold_backward, so a NaN activation passes its gradient on
-            exactly as PyTorch's does.  ReLU itself is where(acc < 0, 0, acc),
-            which keeps NaN: a plain tl.maximum turns NaN into 0 on the GPU
-            (hiding an fp16 overflow from the loss scaler), and the interpreter's
-            maximum propagates NaN either way, so only a select is tested by
-            the CPU suite as it runs on the GPU.
-2026-11-29  Dropout: a counter-based keep-mask, never stored.  Philox4x32-10
-            keyed by a 64-bit seed, counter (n // 4, m, 0, 0) for element
-            (m, n); its four 32-bit outputs serve the four columns 4j..4j+3, so
-            one Philox call covers four elements (a Philox call is ~100 integer
-            instructions; one per element would cost as much as GEMM 2's
-            tensor-core work at d = 768).  An element is kept when the top 31
-            bits of its word are >= round(p * 2^31).  The mask depends on
-            (seed, m, n) only, not on tile shapes, so any config, the backward
-            and ``dropout_mask`` (plain PyTorch, for tests and the reference
-            path) regenerate the same bits.  Dropped values are multiplied by
-            0, not replaced, so NaN/inf propagate as in PyTorch's dropout.
-2026-11-29  Backward of dropout: one memory-bound pass reads dy, writes g =
-            dy * keep / (1 - p) and per-program fp32 column sums of g (db2),
-            reduced on the host.  Regenerating the mask inside the GEMMs that
-            read g (the prologue idea) was rejected: each element of g is read
-            by every N tile of two GEMMs (ffn / BLOCK_N = 24 ... 192 times), so
-            Philox would run that many times per element, far more integer work
-            than the tensor-core work it rides on; storing g once costs M*d
-            elements of traffic, < 5% of the backward at d = 768.  Without
-            dropout and with a unit-stride dy, g is dy itself and the pass only
-            sums columns (no bias: no pass at all).
-2026-11-29  Bias gradients without an extra pass over the 4d-wide hidden
-            gradient: the dh GEMM's epilogue sums the columns of its fp32 tile
-            into a (row tiles x ffn) fp32 buffer that the host reduces; db2 comes
-            from the dropout pass above.  No atomics: bitwise repeatable.
-2026-11-29  Precision: fp16/bf16 operands with fp32 accumulation.  fp32 is
-            supported with input_precision="ieee" (tl.dot would use TF32 on the
-            GPU otherwise): correct, on CUDA cores, not fast; it has its own
-            small tiles (the fp32 FMA dot keeps both operands in registers).
-2026-11-29  Tiles: configs fit sm_80's shared memory (stages * (BM*BK + BK*BN) *
-            2 bytes <= 160 KiB) so the one list serves sm_80 and sm_90 and is
-            the list the AOT check compiles.  Index arithmetic that scales with
-            a row count is int64: M * ffn passes 2^31 at 44k tokens for OPT-175B.
-2026-11-29  Edges: the mainloop wraps rows and columns past the matrix around
-            (rm % M) and masks only K.  With row/column predicates on every
-            load, the 128-register-accumulator configs (128x256 and 256x128 on
-            8 warps, 128x128 on 4) spilled 8-40 bytes on sm_80; wrapped, none
-            does, and with M, N multiples of 16 the loads stay 16-byte vectors.
-            Wrapped rows compute duplicates that are never stored; the dh
-            epilogue's column sums exclude them through its masked h load.
-2026-11-29  Epilogues in column quarters (tl.split of the accumulator) once
-            BLOCK_N >= 128: with the whole accumulator live beside the Philox
-            words, the residual or h tile and the store's layout conversion,
-            GEMM 2 spilled up to 840 bytes per thread at 128x256 on sm_90; in
-            quarters no config of any kernel spills on sm_80 or sm_90.
-2026-11-29  Seed: the op takes it as a 0-dim int64 CPU tensor, so the public
-            function can draw it with torch.randint from torch's CPU generator
-            inside a torch.compile graph (an int drawn with .item() would break
-            the graph); reading a CPU tensor never syncs the GPU.  The kernels
-            do not specialise on it (do_not_specialize), so a new seed never
-            recompiles.
-2026-11-29  TMA on sm_90: the mainloop reads A and B through 2-D host tensor
-            descriptors over the operands as stored (a transposed view, W^T,
-            g^T or dh^T, is a descriptor over its storage with the tile
-            transposed after the load), so tiles arrive in shared memory by
-            bulk copies pipelined over num_stages and feed wgmma directly.
-            Tiles past M, N or K arrive as zeros, so no wrap-around or K mask
-            is needed, and the products are bitwise the pointer path's (a test
-            checks it).  Each GEMM decides alone: both operands need 16-byte
-            aligned bases and row strides (d = 100 in fp16 leaves fc1, dh, dx
-            and the weight gradients on pointers, fc2 on TMA); fp32 never takes
-            it.  Block shapes come from the config's pre-hook.  Two 4-stage
-            configs that only sm_90's shared memory holds join the pool there.
-            Epilogues and stores stay pointer-based.  sm_80 keeps the pointer
-            mainloop (mma).  Switch: opt_core.kernels.relu_mlp.TMA = "auto" | "on" | "off".
-2026-11-29  AOT: every kernel at d = 768, 2560, 12288 (ffn = 4d, 16k tokens) for
-            each config the pruner keeps, bf16, fp16 and fp32.  Those widths
-            specialise identically (multiples of 16), and dW1/dW2 share one
-            kernel and layout, so each distinct compile is listed once with
-            every role and width it covers: 72 cases, 144 compiles, plus the TMA
-            path in bf16 for sm_90 only: 35 more (179 compiles).
+- Shapes: x is flattened to (M, d); fc1 is (ffn, d) and fc2 (d, ffn) in nn.Linear layout, read through
+  their strides (a transposed operand is a stride swap, never a copy).  With g = dropout'(dy) the
+  backward is dh = (g @ W2) * [h > 0], dW2 = g^T @ h, dx = dh @ W1, dW1 = dh^T @ x.
+- One mainloop (``_gemm_tile``: grouped tile order, fp32 accumulation), three epilogues:
+  ``fc_kernel`` (bias, ReLU, dropout, residual: GEMM 1 and GEMM 2), ``dh_kernel`` (ReLU mask from the
+  saved activation, db1 partial sums) and ``matmul_kernel`` (a plain store: dx, dW1, dW2).
+- Only the post-ReLU h is saved.  ReLU is ``where(acc < 0, 0, acc)`` and its gradient mask
+  ``where(h <= 0, 0, grad)``, so NaN propagates exactly as in PyTorch (``tl.maximum`` drops it on GPUs).
+- Dropout: a Philox keep-mask from (seed, row, column) only, one Philox call per four columns, never
+  stored; the backward, any config and ``dropout_mask`` (plain PyTorch) regenerate the same bits.  The
+  backward of dropout is one memory-bound pass that writes g and the db2 partial sums.
+- Bias gradients are per-tile fp32 column sums reduced on the host: no atomics, bitwise repeatable.
+- fp32 inputs multiply with ``input_precision="ieee"`` (no TF32) on their own small tiles.
+- Every config fits sm_80's shared memory, so one list serves sm_80 and sm_90.  The pointer mainloop
+  wraps rows and columns past the edge around instead of masking them, and the epilogues run in
+  column quarters once BLOCK_N >= 128: both keep every config free of spills.
+- The seed reaches the op as a 0-dim int64 CPU tensor, so ``torch.compile`` can draw it inside the
+  graph; the kernels never specialise on it.
+- TMA on sm_90: the mainloop reads A and B through 2-D descriptors over the operands as stored, with
+  results bitwise those of the pointer path; switch ``TMA = "auto" | "on" | "off"``.
+
+The reasoning and measurements behind each point: ``docs/kernels.md``, section ReLU-MLP.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional, Sequence
 
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from opt_core.kernels import aot, dispatch
+from opt_core.kernels import dispatch
 from opt_core.kernels import reference
-from opt_core.kernels.validation import check_float, check_same_device, check_shape, check_tensor
+from opt_core.kernels.op_registry import Direction, register_op
+from opt_core.kernels.validation import check_float, check_same_device, check_seed, check_shape, check_tensor
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Shared memory a config may use: below sm_80's 163 KiB per block, with room for
 # the epilogue's layout conversions; the TMA-only (sm_90) configs below sm_90's 227 KiB.
 SMEM_BUDGET = 160 * 1024
 TMA_SMEM_BUDGET = 220 * 1024
-# Largest seed the public function accepts: Philox's key is 64 bits, and the
-# seed travels as an int64.
-MAX_SEED = 2**63 - 1
 
 
 # --------------------------------------------------------------------------- configs
@@ -294,7 +216,7 @@ def dropout_mask(seed: int, p: float, shape: Sequence[int], device=None) -> torc
 def _tile_coordinates(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped ordering: consecutive programs walk GROUP_M row tiles down one
     # column of tiles before moving right, so the B columns they stream are
-    # reused from L2 by the whole group (Triton's matmul tutorial order).
+    # reused from L2 by the whole group.
     pid = tl.program_id(0)
     tiles_m = (M + BLOCK_M - 1) // BLOCK_M
     tiles_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -308,18 +230,21 @@ def _tile_coordinates(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
-def _mainloop(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_N] tile (pid_m, pid_n) of A @ B.  With TMA, A and B are 2-D descriptors over the
-    operands as stored (A_T: A is stored (K, M); B_T: B is stored (N, K)), tiles past the edges arrive as
-    zeros; otherwise pointers read through the strides."""
+def _gemm_tile(A, B, M, N, K, strides,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr):
+    """(acc, pid_m, pid_n): this program's fp32 [BLOCK_M, BLOCK_N] tile of A @ B and its coordinates.
+    With TMA, A and B are 2-D descriptors over the operands as stored (A_T: A is stored (K, M); B_T: B
+    is stored (N, K)) and tiles past the edges arrive as zeros; otherwise pointers read through
+    ``strides`` = (stride_am, stride_ak, stride_bk, stride_bn)."""
+    pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M)
     if TMA:
-        acc = _tma_mainloop(A, B, K, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, A_T, B_T)
+        acc = _tma_mainloop(A, B, K, pid_m, pid_n, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                            INPUT_PRECISION=INPUT_PRECISION, A_T=A_T, B_T=B_T)
     else:
-        acc = _pointer_mainloop(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-                                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-    return acc
+        acc = _pointer_mainloop(A, B, M, N, K, *strides, pid_m, pid_n, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                BLOCK_K=BLOCK_K, INPUT_PRECISION=INPUT_PRECISION)
+    return acc, pid_m, pid_n
 
 
 @triton.jit
@@ -376,17 +301,34 @@ def _quarters(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     return q0, q1, q2, q3
 
 
-# Epilogues work on column slices of the accumulator (quarters once BLOCK_N >=
-# 128): with a whole 128-register-per-thread accumulator live beside the
-# dropout's Philox words, a residual or activation tile and the store's layout
-# conversion, ptxas spills (up to 840 bytes per thread at 128x256 on sm_90);
-# in quarters no kept config spills.
+@triton.jit
+def _in_column_slices(acc, pid_m, pid_n, EPILOGUE: tl.constexpr, epilogue_args,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``EPILOGUE(slice, rows, first column, *epilogue_args, SLICE_N=width)`` over tile (pid_m, pid_n):
+    on its four column quarters once BLOCK_N >= 128, else on the whole tile.  Callers write the
+    ``epilogue_args`` tuple in the call: a tuple assigned to a variable first has its constexprs turned
+    into tensors (Triton's assignment rule), and the epilogue's flags must stay constexprs.  With a whole
+    128-register-per-thread accumulator live beside the dropout's Philox words, a residual or activation
+    tile and the store's layout conversion, ptxas spills (up to 840 bytes per thread at 128x256 on
+    sm_90); in quarters no kept config spills."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    col0 = pid_n * BLOCK_N
+    if BLOCK_N >= 128:
+        S: tl.constexpr = BLOCK_N // 4
+        q0, q1, q2, q3 = _quarters(acc, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        EPILOGUE(q0, rows, col0, *epilogue_args, SLICE_N=S)
+        EPILOGUE(q1, rows, col0 + S, *epilogue_args, SLICE_N=S)
+        EPILOGUE(q2, rows, col0 + 2 * S, *epilogue_args, SLICE_N=S)
+        EPILOGUE(q3, rows, col0 + 3 * S, *epilogue_args, SLICE_N=S)
+    else:
+        EPILOGUE(acc, rows, col0, *epilogue_args, SLICE_N=BLOCK_N)
+
 
 @triton.jit
-def _fwd_epilogue(acc, rows, col0, BIAS, RES, C, M, N, stride_rm, stride_rn, stride_cm,
-                  seed, drop_threshold, drop_scale,
-                  HAS_BIAS: tl.constexpr, RELU: tl.constexpr, DROPOUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                  BLOCK_M: tl.constexpr, SLICE_N: tl.constexpr):
+def _fc_epilogue(acc, rows, col0, BIAS, RES, C, M, N, stride_rm, stride_rn, stride_cm,
+                 seed, drop_threshold, drop_scale,
+                 HAS_BIAS: tl.constexpr, RELU: tl.constexpr, DROPOUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 BLOCK_M: tl.constexpr, SLICE_N: tl.constexpr):
     cols = col0 + tl.arange(0, SLICE_N)
     col_ok = cols < N
     if HAS_BIAS:
@@ -397,7 +339,8 @@ def _fwd_epilogue(acc, rows, col0, BIAS, RES, C, M, N, stride_rm, stride_rn, str
         # on acc < 0 keeps NaN the same way on both.
         acc = tl.where(acc < 0, 0.0, acc)
     if DROPOUT:
-        acc = acc * _dropout_multiplier(seed, rows, col0, drop_threshold, drop_scale, BLOCK_M, SLICE_N)
+        acc = acc * _dropout_multiplier(seed, rows, col0, drop_threshold, drop_scale, BLOCK_M=BLOCK_M,
+                                        BLOCK_N=SLICE_N)
     mask = (rows < M)[:, None] & col_ok[None, :]
     r = rows.to(tl.int64)[:, None]
     if HAS_RESIDUAL:
@@ -406,7 +349,7 @@ def _fwd_epilogue(acc, rows, col0, BIAS, RES, C, M, N, stride_rm, stride_rn, str
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _fwd_kernel(
+def fc_kernel(
     A, B, BIAS, RES, C,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_rn, stride_cm,
@@ -417,25 +360,12 @@ def _fwd_kernel(
 ):
     """C = [RES +] [dropout]([relu](A @ B [+ BIAS])): GEMM 1 with bias and ReLU,
     GEMM 2 with bias, dropout and the residual add."""
-    pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _mainloop(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, TMA, A_T, B_T)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    col0 = pid_n * BLOCK_N
-    if BLOCK_N >= 128:
-        S: tl.constexpr = BLOCK_N // 4
-        q0, q1, q2, q3 = _quarters(acc, BLOCK_M, BLOCK_N)
-        _fwd_epilogue(q0, rows, col0, BIAS, RES, C, M, N, stride_rm, stride_rn, stride_cm, seed, drop_threshold,
-                      drop_scale, HAS_BIAS, RELU, DROPOUT, HAS_RESIDUAL, BLOCK_M, S)
-        _fwd_epilogue(q1, rows, col0 + S, BIAS, RES, C, M, N, stride_rm, stride_rn, stride_cm, seed, drop_threshold,
-                      drop_scale, HAS_BIAS, RELU, DROPOUT, HAS_RESIDUAL, BLOCK_M, S)
-        _fwd_epilogue(q2, rows, col0 + 2 * S, BIAS, RES, C, M, N, stride_rm, stride_rn, stride_cm, seed,
-                      drop_threshold, drop_scale, HAS_BIAS, RELU, DROPOUT, HAS_RESIDUAL, BLOCK_M, S)
-        _fwd_epilogue(q3, rows, col0 + 3 * S, BIAS, RES, C, M, N, stride_rm, stride_rn, stride_cm, seed,
-                      drop_threshold, drop_scale, HAS_BIAS, RELU, DROPOUT, HAS_RESIDUAL, BLOCK_M, S)
-    else:
-        _fwd_epilogue(acc, rows, col0, BIAS, RES, C, M, N, stride_rm, stride_rn, stride_cm, seed, drop_threshold,
-                      drop_scale, HAS_BIAS, RELU, DROPOUT, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+    acc, pid_m, pid_n = _gemm_tile(A, B, M, N, K, (stride_am, stride_ak, stride_bk, stride_bn),
+                                   BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+                                   INPUT_PRECISION=INPUT_PRECISION, TMA=TMA, A_T=A_T, B_T=B_T)
+    _in_column_slices(acc, pid_m, pid_n, _fc_epilogue, (BIAS, RES, C, M, N, stride_rm, stride_rn, stride_cm, seed,
+                      drop_threshold, drop_scale, HAS_BIAS, RELU, DROPOUT, HAS_RESIDUAL, BLOCK_M),
+                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
 
 @triton.jit
@@ -454,7 +384,7 @@ def _dh_epilogue(acc, rows, col0, H, DH, DB_PART, pid_m, M, N, stride_hm, stride
 
 
 @triton.jit
-def _dh_kernel(
+def dh_kernel(
     A, B, H, DH, DB_PART,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_hm, stride_dhm,
@@ -464,20 +394,11 @@ def _dh_kernel(
 ):
     """DH = where(H <= 0, 0, A @ B) (A = g, B = W2) and, per row tile, the fp32
     column sums of DH (the db1 partials)."""
-    pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _mainloop(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, TMA, A_T, B_T)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    col0 = pid_n * BLOCK_N
-    if BLOCK_N >= 128:
-        S: tl.constexpr = BLOCK_N // 4
-        q0, q1, q2, q3 = _quarters(acc, BLOCK_M, BLOCK_N)
-        _dh_epilogue(q0, rows, col0, H, DH, DB_PART, pid_m, M, N, stride_hm, stride_dhm, HAS_DBIAS, S)
-        _dh_epilogue(q1, rows, col0 + S, H, DH, DB_PART, pid_m, M, N, stride_hm, stride_dhm, HAS_DBIAS, S)
-        _dh_epilogue(q2, rows, col0 + 2 * S, H, DH, DB_PART, pid_m, M, N, stride_hm, stride_dhm, HAS_DBIAS, S)
-        _dh_epilogue(q3, rows, col0 + 3 * S, H, DH, DB_PART, pid_m, M, N, stride_hm, stride_dhm, HAS_DBIAS, S)
-    else:
-        _dh_epilogue(acc, rows, col0, H, DH, DB_PART, pid_m, M, N, stride_hm, stride_dhm, HAS_DBIAS, BLOCK_N)
+    acc, pid_m, pid_n = _gemm_tile(A, B, M, N, K, (stride_am, stride_ak, stride_bk, stride_bn),
+                                   BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+                                   INPUT_PRECISION=INPUT_PRECISION, TMA=TMA, A_T=A_T, B_T=B_T)
+    _in_column_slices(acc, pid_m, pid_n, _dh_epilogue, (H, DH, DB_PART, pid_m, M, N, stride_hm, stride_dhm, HAS_DBIAS),
+                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
 
 @triton.jit
@@ -488,7 +409,7 @@ def _store_epilogue(acc, rows, col0, C, M, N, stride_cm, SLICE_N: tl.constexpr):
 
 
 @triton.jit
-def _matmul_kernel(
+def matmul_kernel(
     A, B, C,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
@@ -496,24 +417,14 @@ def _matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C = A @ B: dx = dh @ W1 and the weight gradients dW2 = g^T @ h, dW1 = dh^T @ x."""
-    pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _mainloop(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-                    BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, TMA, A_T, B_T)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    col0 = pid_n * BLOCK_N
-    if BLOCK_N >= 128:
-        S: tl.constexpr = BLOCK_N // 4
-        q0, q1, q2, q3 = _quarters(acc, BLOCK_M, BLOCK_N)
-        _store_epilogue(q0, rows, col0, C, M, N, stride_cm, S)
-        _store_epilogue(q1, rows, col0 + S, C, M, N, stride_cm, S)
-        _store_epilogue(q2, rows, col0 + 2 * S, C, M, N, stride_cm, S)
-        _store_epilogue(q3, rows, col0 + 3 * S, C, M, N, stride_cm, S)
-    else:
-        _store_epilogue(acc, rows, col0, C, M, N, stride_cm, BLOCK_N)
+    acc, pid_m, pid_n = _gemm_tile(A, B, M, N, K, (stride_am, stride_ak, stride_bk, stride_bn),
+                                   BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+                                   INPUT_PRECISION=INPUT_PRECISION, TMA=TMA, A_T=A_T, B_T=B_T)
+    _in_column_slices(acc, pid_m, pid_n, _store_epilogue, (C, M, N, stride_cm), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _dropout_bwd_kernel(
+def dropout_bwd_kernel(
     DY, G, DB_PART,
     M, N, stride_dym, stride_dyn, rows_per_program,
     seed, drop_threshold, drop_scale,
@@ -535,7 +446,8 @@ def _dropout_bwd_kernel(
         r = rows.to(tl.int64)[:, None]
         g = tl.load(DY + r * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
         if DROPOUT:
-            g = g * _dropout_multiplier(seed, rows, pid_n * BLOCK_N, drop_threshold, drop_scale, BLOCK_M, BLOCK_N)
+            g = g * _dropout_multiplier(seed, rows, pid_n * BLOCK_N, drop_threshold, drop_scale, BLOCK_M=BLOCK_M,
+                                        BLOCK_N=BLOCK_N)
         if WRITE_G:
             tl.store(G + r * N + cols[None, :], g.to(G.dtype.element_ty), mask=mask)
         if HAS_DBIAS:
@@ -546,18 +458,18 @@ def _dropout_bwd_kernel(
 
 _GEMM_KEY = ["M", "N", "K", "INPUT_PRECISION", "TMA", "A_T", "B_T"]
 _GEMM_PRUNE = {"early_config_prune": prune_gemm_configs}
-_fwd = triton.autotune(_for_launch(GEMM_CONFIGS, _INTERP_GEMM), key=_GEMM_KEY + ["RELU", "DROPOUT", "HAS_RESIDUAL"],
-                       prune_configs_by=_GEMM_PRUNE)(_fwd_kernel)
+_fc = triton.autotune(_for_launch(GEMM_CONFIGS, _INTERP_GEMM), key=_GEMM_KEY + ["RELU", "DROPOUT", "HAS_RESIDUAL"],
+                      prune_configs_by=_GEMM_PRUNE)(fc_kernel)
 _dh = triton.autotune(_for_launch(GEMM_CONFIGS, _INTERP_GEMM), key=_GEMM_KEY,
-                      prune_configs_by=_GEMM_PRUNE)(_dh_kernel)
+                      prune_configs_by=_GEMM_PRUNE)(dh_kernel)
 _matmul = triton.autotune(_for_launch(GEMM_CONFIGS, _INTERP_GEMM), key=_GEMM_KEY,
-                          prune_configs_by=_GEMM_PRUNE)(_matmul_kernel)
+                          prune_configs_by=_GEMM_PRUNE)(matmul_kernel)
 _dropout_bwd = triton.autotune(_for_launch(DROPOUT_BWD_CONFIGS, _INTERP_DROPOUT_BWD), key=["N", "DROPOUT", "WRITE_G"],
-                               prune_configs_by={"early_config_prune": prune_dropout_bwd_configs})(_dropout_bwd_kernel)
+                               prune_configs_by={"early_config_prune": prune_dropout_bwd_configs})(dropout_bwd_kernel)
 
 
 # --------------------------------------------------------------------------- launchers
-def _input_precision(dtype):
+def input_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -603,7 +515,7 @@ def _launch_matmul(a, b, c):
     A, B, layout = _operands(a, b)
     _matmul[_gemm_grid(M, N)](
         A, B, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
-        INPUT_PRECISION=_input_precision(a.dtype), **layout,
+        INPUT_PRECISION=input_precision(a.dtype), **layout,
     )
 
 
@@ -612,12 +524,12 @@ def _launch_fc1(x, w1, b1, h):
     M, d = x.shape
     ffn = w1.shape[0]
     A, B, layout = _operands(x, w1.t())
-    _fwd[_gemm_grid(M, ffn)](
+    _fc[_gemm_grid(M, ffn)](
         A, B, b1, None, h, M, ffn, d,
         x.stride(0), x.stride(1), w1.stride(1), w1.stride(0), 0, 0, h.stride(0),
         0, 0, 1.0,
         HAS_BIAS=b1 is not None, RELU=True, DROPOUT=False, HAS_RESIDUAL=False,
-        INPUT_PRECISION=_input_precision(x.dtype), **layout,
+        INPUT_PRECISION=input_precision(x.dtype), **layout,
     )
 
 
@@ -627,14 +539,14 @@ def _launch_fc2(h, w2, b2, residual, seed, p, out):
     d = w2.shape[0]
     seed_, threshold, scale = _dropout_args(seed, p)
     A, B, layout = _operands(h, w2.t())
-    _fwd[_gemm_grid(M, d)](
+    _fc[_gemm_grid(M, d)](
         A, B, b2, residual, out, M, d, ffn,
         h.stride(0), h.stride(1), w2.stride(1), w2.stride(0),
         residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
         out.stride(0),
         seed_, threshold, scale,
         HAS_BIAS=b2 is not None, RELU=False, DROPOUT=p > 0.0, HAS_RESIDUAL=residual is not None,
-        INPUT_PRECISION=_input_precision(h.dtype), **layout,
+        INPUT_PRECISION=input_precision(h.dtype), **layout,
     )
 
 
@@ -652,14 +564,17 @@ def _launch_dh(g, w2, h, dh, has_db1):
     _dh[_gemm_grid(M, ffn)](
         A, B, h, dh, db1_part, M, ffn, d,
         g.stride(0), g.stride(1), w2.stride(0), w2.stride(1), h.stride(0), dh.stride(0),
-        HAS_DBIAS=has_db1, INPUT_PRECISION=_input_precision(g.dtype), **layout,
+        HAS_DBIAS=has_db1, INPUT_PRECISION=input_precision(g.dtype), **layout,
     )
     if not has_db1:
         return None
     return db1_part[: triton.cdiv(M, _dh.best_config.kwargs["BLOCK_M"])].sum(0)
 
 
-def _launch_fwd(x, w1, b1, w2, b2, residual, seed, p):
+def _launch_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+                residual: Optional[Tensor], seed: Tensor, dropout_p: float) -> tuple[Tensor, Tensor]:
+    """(out, h) for 2-D x; h = relu(fc1(x)) is what the backward needs.  ``seed`` is a 0-dim int64 CPU
+    tensor; dropout is off when ``dropout_p`` is 0."""
     M, d = x.shape
     ffn = w1.shape[0]
     h = dispatch.empty((M, ffn), dtype=x.dtype, device=x.device)
@@ -669,7 +584,7 @@ def _launch_fwd(x, w1, b1, w2, b2, residual, seed, p):
     # Biases are read as plain vectors; a strided one (a view) is copied.
     b1, b2 = (b.contiguous() if b is not None else None for b in (b1, b2))
     _launch_fc1(x, w1, b1, h)
-    _launch_fc2(h, w2, b2, residual, seed, p, out)
+    _launch_fc2(h, w2, b2, residual, seed, dropout_p, out)
     return out, h
 
 
@@ -693,9 +608,13 @@ def _launch_dropout_bwd(dy, seed, p, write_g, has_dbias):
     return g, db_part
 
 
-def _launch_bwd(dy, x, w1, w2, h, seed, p, has_b1, has_b2):
+def _launch_bwd(dy: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+                h: Tensor, seed: Tensor, dropout_p: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw1, db1, dw2, db2); a bias gradient is empty where the bias is None.  The kernels use the
+    saved h (and the biases only for whether they exist)."""
     M, d = x.shape
     ffn = w1.shape[0]
+    has_b1, has_b2 = b1 is not None, b2 is not None
     dx = dispatch.empty((M, d), dtype=x.dtype, device=x.device)
     dw1 = dispatch.empty((ffn, d), dtype=w1.dtype, device=x.device)
     dw2 = dispatch.empty((d, ffn), dtype=w2.dtype, device=x.device)
@@ -707,12 +626,12 @@ def _launch_bwd(dy, x, w1, w2, h, seed, p, has_b1, has_b2):
     # g = dropout'(dy) (and db2's partials).  Without dropout a unit-stride dy
     # is g already; any other stride (an expanded .sum() gradient) is copied
     # by the same pass, so the GEMMs below read g with its natural layout.
-    write_g = p > 0.0 or dy.stride(1) != 1
+    write_g = dropout_p > 0.0 or dy.stride(1) != 1
     # Absent bias gradients are distinct empty tensors: a custom op's outputs
     # may not alias each other.
     g, db2 = dy, x.new_empty(0)
     if write_g or has_b2:
-        g_buf, db2_part = _launch_dropout_bwd(dy, seed, p, write_g, has_b2)
+        g_buf, db2_part = _launch_dropout_bwd(dy, seed, dropout_p, write_g, has_b2)
         if write_g:
             g = g_buf
         if has_b2:
@@ -737,7 +656,8 @@ def _reference_fwd(x, w1, b1, w2, b2, residual, seed, p):
     return reference.relu_mlp(x, w1, b1, w2, b2, residual, mask, p, return_hidden=True)
 
 
-def _reference_bwd(dy, x, w1, b1, w2, b2, seed, p):
+def _reference_bwd(dy, x, w1, b1, w2, b2, h, seed, p):
+    # Differentiates the reference forward again from x and the weights: the saved h goes unread.
     mask = _reference_mask(seed, p, x.shape[0], w2.shape[0], x.device)
     grads = dispatch.reference_vjp(
         lambda x_, w1_, b1_, w2_, b2_: reference.relu_mlp(x_, w1_, b1_, w2_, b2_, None, mask, p),
@@ -747,54 +667,12 @@ def _reference_bwd(dy, x, w1, b1, w2, b2, seed, p):
 
 
 # --------------------------------------------------------------------------- torch.library ops
-@torch.library.custom_op("opt_core::relu_mlp_fwd", mutates_args=())
-def relu_mlp_fwd(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    b1: Optional[torch.Tensor],
-    w2: torch.Tensor,
-    b2: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    seed: torch.Tensor,
-    dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, h) for 2-D x; h = relu(fc1(x)) is what the backward needs.  ``seed``
-    is a 0-dim int64 CPU tensor; dropout is off when ``dropout_p`` is 0."""
-    if dispatch.use_triton(x, KERNEL_DTYPES):
-        with dispatch.device_guard(x):
-            return _launch_fwd(x, w1, b1, w2, b2, residual, int(seed), dropout_p)
-    return _reference_fwd(x, w1, b1, w2, b2, residual, int(seed), dropout_p)
-
-
-@relu_mlp_fwd.register_fake
-def _(x, w1, b1, w2, b2, residual, seed, dropout_p):
+def _fwd_fake(x, w1, b1, w2, b2, residual, seed, dropout_p):
     M = x.shape[0]
     return x.new_empty((M, w2.shape[0])), x.new_empty((M, w1.shape[0]))
 
 
-@torch.library.custom_op("opt_core::relu_mlp_bwd", mutates_args=())
-def relu_mlp_bwd(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    b1: Optional[torch.Tensor],
-    w2: torch.Tensor,
-    b2: Optional[torch.Tensor],
-    h: torch.Tensor,
-    seed: torch.Tensor,
-    dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dw1, db1, dw2, db2); a bias gradient is empty where the bias is None.
-    The kernels use the saved h; the reference path recomputes from x and the
-    weights (it needs the biases only for that)."""
-    if dispatch.use_triton(x, KERNEL_DTYPES):
-        with dispatch.device_guard(x):
-            return _launch_bwd(dy, x, w1, w2, h, int(seed), dropout_p, b1 is not None, b2 is not None)
-    return _reference_bwd(dy, x, w1, b1, w2, b2, int(seed), dropout_p)
-
-
-@relu_mlp_bwd.register_fake
-def _(dy, x, w1, b1, w2, b2, h, seed, dropout_p):
+def _bwd_fake(dy, x, w1, b1, w2, b2, h, seed, dropout_p):
     return (
         x.new_empty(x.shape),
         w1.new_empty(w1.shape),
@@ -830,7 +708,9 @@ def _backward(ctx, dout, _dh):
     )
 
 
-relu_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_op("relu_mlp", dtypes=KERNEL_DTYPES, setup_context=_setup_context, gradients=_backward,
+            forward=Direction(_launch_fwd, _reference_fwd, _fwd_fake, chosen_by="x"),
+            backward=Direction(_launch_bwd, _reference_bwd, _bwd_fake, chosen_by="x"))
 
 
 # --------------------------------------------------------------------------- public API
@@ -895,10 +775,7 @@ def relu_mlp(
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        if not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        check_seed("seed", seed)
 
     p = dropout_p if training else 0.0
     if p == 0.0:
@@ -911,104 +788,3 @@ def relu_mlp(
     r2 = residual.reshape(-1, d) if residual is not None else None
     out, _ = torch.ops.opt_core.relu_mlp_fwd(x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, r2, seed_t, p)
     return out.view(x.shape)
-
-
-# --------------------------------------------------------------------------- AOT cases
-# OPT widths the issue names (125M, 2.7B, 175B), ffn = 4d, 16k tokens.  All are
-# multiples of 16, so each kernel specialises identically at every width and
-# the compiled code is the same: a (kernel, layout, dtype, config) is compiled
-# once and named with every width it covers.
-AOT_WIDTHS = (768, 2560, 12288)
-AOT_TOKENS = 16384
-AOT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-AOT_SEED = 0x5DEECE66D  # odd and above 2^31: an unspecialised int64, as a drawn seed is
-
-
-def _gemm_cases(d, dtype):
-    """(name, kernel, args, flags) for every GEMM of the block at width d, on the pointer path."""
-    M, ffn = AOT_TOKENS, 4 * d
-    common = dict(INPUT_PRECISION=_input_precision(dtype), TMA=False, A_T=False, B_T=False)
-    fwd = dict(BIAS=dtype, seed=0, drop_threshold=0, drop_scale=1.0)
-    return [
-        ("fc1", _fwd_kernel,
-         dict(A=dtype, B=dtype, RES=None, C=dtype, M=M, N=ffn, K=d, stride_am=d, stride_ak=1,
-              stride_bk=1, stride_bn=d, stride_rm=0, stride_rn=0, stride_cm=ffn, **fwd),
-         dict(HAS_BIAS=True, RELU=True, DROPOUT=False, HAS_RESIDUAL=False, **common)),
-        ("fc2", _fwd_kernel,
-         dict(A=dtype, B=dtype, RES=dtype, C=dtype, M=M, N=d, K=ffn, stride_am=ffn, stride_ak=1,
-              stride_bk=1, stride_bn=ffn, stride_rm=d, stride_rn=1, stride_cm=d,
-              **dict(fwd, seed=AOT_SEED, drop_threshold=dropout_threshold(0.1), drop_scale=1 / 0.9)),
-         dict(HAS_BIAS=True, RELU=False, DROPOUT=True, HAS_RESIDUAL=True, **common)),
-        ("dh", _dh_kernel,
-         dict(A=dtype, B=dtype, H=dtype, DH=dtype, DB_PART=torch.float32, M=M, N=ffn, K=d,
-              stride_am=d, stride_ak=1, stride_bk=ffn, stride_bn=1, stride_hm=ffn, stride_dhm=ffn),
-         dict(HAS_DBIAS=True, **common)),
-        ("dw2", _matmul_kernel,  # g^T @ h
-         dict(A=dtype, B=dtype, C=dtype, M=d, N=ffn, K=M, stride_am=1, stride_ak=d, stride_bk=ffn,
-              stride_bn=1, stride_cm=ffn), common),
-        ("dx", _matmul_kernel,  # dh @ W1
-         dict(A=dtype, B=dtype, C=dtype, M=M, N=d, K=ffn, stride_am=ffn, stride_ak=1, stride_bk=d,
-              stride_bn=1, stride_cm=d), common),
-        ("dw1", _matmul_kernel,  # dh^T @ x
-         dict(A=dtype, B=dtype, C=dtype, M=ffn, N=d, K=M, stride_am=1, stride_ak=ffn, stride_bk=d,
-              stride_bn=1, stride_cm=d), common),
-    ]
-
-
-def _case_key(c):
-    return (c.module, c.kernel, tuple(sorted(c.signature.items())), tuple(sorted(map(repr, c.constexprs.items()))),
-            tuple(sorted(c.divisible_by_16)), c.num_warps, c.num_stages)
-
-
-def _merge_widths(named):
-    """One case per distinct compile, named with every GEMM role and width it covers
-    (dW1 and dW2 are the same kernel with the same operand layouts)."""
-    merged = {}
-    for role, tag, d, case in named:
-        roles, widths, _, _ = merged.setdefault(_case_key(case), ([], [], tag, case))
-        if role not in roles:
-            roles.append(role)
-        if d not in widths:
-            widths.append(d)
-    return [
-        dataclasses.replace(case, name=f"relu_mlp_{'+'.join(roles)}[d={'/'.join(map(str, widths))},{tag}]")
-        for roles, widths, tag, case in merged.values()
-    ]
-
-
-@aot.register
-def aot_cases():
-    named = []
-    for dtype in AOT_DTYPES:
-        dname = str(dtype).replace("torch.", "")
-        for d in AOT_WIDTHS:
-            for base, kernel, args, flags in _gemm_cases(d, dtype):
-                # The TMA path (sm_90, fp16/bf16 share it; compiled in bf16): the operands as descriptors
-                # in the orientation they are stored in.
-                tma_layouts = [False, True] if dtype == torch.bfloat16 else [False]
-                for tma in tma_layouts:
-                    layout = dict(TMA=tma, A_T=tma and args["stride_am"] == 1, B_T=tma and args["stride_bk"] == 1)
-                    for cfg in prune_gemm_configs(GEMM_CONFIGS, args, **dict(flags, **layout)):
-                        k = cfg.kwargs
-                        tag = (f"{dname}{',tma' if tma else ''},{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']},"
-                               f"w{cfg.num_warps},s{cfg.num_stages}")
-                        launch = dict(args)
-                        if tma:
-                            bm, bn, bk = k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"]
-                            launch["A"] = aot.Descriptor(dtype, (bk, bm) if layout["A_T"] else (bm, bk))
-                            launch["B"] = aot.Descriptor(dtype, (bn, bk) if layout["B_T"] else (bk, bn))
-                        named.append((base, tag, d, aot.case(
-                            base, kernel, launch, dict(flags, **layout, **k), num_warps=cfg.num_warps,
-                            num_stages=cfg.num_stages, tensor_cores=dtype != torch.float32,
-                            archs=(90,) if tma else aot.ARCHS,
-                        )))
-            args = dict(DY=dtype, G=dtype, DB_PART=torch.float32, M=AOT_TOKENS, N=d, stride_dym=d, stride_dyn=1,
-                        rows_per_program=AOT_TOKENS // 8, seed=AOT_SEED, drop_threshold=dropout_threshold(0.1),
-                        drop_scale=1 / 0.9)
-            for cfg in prune_dropout_bwd_configs(DROPOUT_BWD_CONFIGS, args):
-                k = cfg.kwargs
-                named.append(("dropout_bwd", f"{dname},{k['BLOCK_M']}x{k['BLOCK_N']},w{cfg.num_warps}", d,
-                              aot.case("relu_mlp_dropout_bwd", _dropout_bwd_kernel, args,
-                                       dict(DROPOUT=True, WRITE_G=True, HAS_DBIAS=True, **k),
-                                       num_warps=cfg.num_warps)))
-    return _merge_widths(named)

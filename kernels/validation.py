@@ -55,3 +55,17 @@ def check_float(name: str, value: object, *, min_value: float | None = None) -> 
     if min_value is not None and value < min_value:
         raise ValueError(f"{name} must be >= {min_value}, got {value}")
     return value
+
+
+# Dropout seeds are 64-bit Philox keys that travel as int64: every op takes them in [0, 2**63).
+_SEED_BITS = 63
+SEED_LIMIT = 2**_SEED_BITS
+
+
+def check_seed(name: str, seed: object) -> int:
+    """``seed`` is an int (a bool is not) in [0, SEED_LIMIT)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name} must be in [0, 2**{_SEED_BITS}), got {seed}")
+    return seed

@@ -19,6 +19,7 @@ _EXPORTS = {
     "ReLUMLP": "opt_core.layers",
     "OPTForCausalLM": "opt_core.model",
     "FusedAdamW": "opt_core.optim",
+    "replace_layer_norms": "opt_core.replace",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from opt_core.layers import FusedLayerNorm, FusedSelfAttention, ReLUMLP
     from opt_core.model import OPTForCausalLM
     from opt_core.optim import FusedAdamW
+    from opt_core.replace import replace_layer_norms
 
 
 def __getattr__(name: str):

@@ -43,6 +43,8 @@ from typing import Any, Optional
 
 import torch
 
+from opt_core.process_group import distributed, local_tensor
+
 
 class _Stage(enum.Enum):
     READY = 0
@@ -58,23 +60,9 @@ def _is_fused_adamw(optimizer) -> bool:
     return hasattr(optimizer, "_grad_stats_by_device")
 
 
-def _distributed() -> bool:
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (what this rank holds and unscales); the tensor itself otherwise."""
-    if not _distributed():
-        return t
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _agree_across_ranks(found: dict[torch.device, torch.Tensor]) -> dict[torch.device, torch.Tensor]:
     """Every device entry set to the MAX over all devices of all ranks, so every rank skips together."""
-    if not found or not _distributed():
+    if not found or not distributed():
         return found
     first = next(iter(found))
     flag = torch.stack([f.to(first) for f in found.values()]).amax()
@@ -194,7 +182,7 @@ class DynamicLossScaler:
         by_device_dtype: dict[torch.device, dict[torch.dtype, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
         with torch.no_grad():
             for param in grads:
-                grad = _local(param.grad)
+                grad = local_tensor(param.grad)
                 if grad.is_sparse:
                     # Coalescing first: duplicates that overflow only when summed are caught.
                     if grad.dtype is torch.float16:

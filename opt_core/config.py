@@ -94,34 +94,46 @@ class OPTConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "OPTConfig":
-        """A JSON file of OPTConfig fields, or a Hugging Face OPT config.json."""
-        data = json.loads(Path(path).read_text())
-        if data.get("model_type") == "opt":
-            return cls.from_hf(data)
-        return cls.from_dict(data)
+        """A JSON file of OPTConfig fields, or a Hugging Face OPT config.json; errors name the file."""
+        path = Path(path)
+        data = read_json_object(path)
+        try:
+            return cls.from_hf(data) if data.get("model_type") == "opt" else cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from err
 
     @classmethod
     def from_hf(cls, hf: Any) -> "OPTConfig":
-        """From a ``transformers.OPTConfig`` or its config.json dict."""
+        """From a ``transformers.OPTConfig`` or its config.json dict.
+
+        The six size fields are required; the rest default as transformers' OPTConfig does (init_std: the
+        paper's).  A missing size field or a wrongly typed field raises ValueError naming the field."""
         get = (lambda k, default=None: hf.get(k, default)) if isinstance(hf, dict) else \
             (lambda k, default=None: getattr(hf, k, default))
         if get("activation_function", "relu") != "relu":
             raise ValueError(f"only ReLU OPT models are supported, got activation_function="
                              f"{get('activation_function')!r}")
-        if not get("enable_bias", True) or not get("layer_norm_elementwise_affine", True):
+        if not _hf_field(get, "enable_bias", bool, True) or \
+                not _hf_field(get, "layer_norm_elementwise_affine", bool, True):
             raise ValueError("OPT models without biases or LayerNorm affine parameters are not supported")
-        if get("_remove_final_layer_norm", False):
+        if _hf_field(get, "_remove_final_layer_norm", bool, False):
             raise ValueError("OPT configs with _remove_final_layer_norm=True are not supported")
+        hidden_size = _hf_field(get, "hidden_size", int)
+        embed_dim = _hf_field(get, "word_embed_proj_dim", int, None)
         eos = get("eos_token_id", 2)
         return cls(
-            vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), num_layers=get("num_hidden_layers"),
-            num_heads=get("num_attention_heads"), ffn_dim=get("ffn_dim"),
-            max_position_embeddings=get("max_position_embeddings"),
-            word_embed_proj_dim=get("word_embed_proj_dim") or get("hidden_size"),
-            do_layer_norm_before=get("do_layer_norm_before", True), dropout=float(get("dropout", 0.1)),
-            attention_dropout=float(get("attention_dropout", 0.0)),
-            pad_token_id=get("pad_token_id", 1), bos_token_id=get("bos_token_id", 2),
-            eos_token_id=eos[0] if isinstance(eos, (list, tuple)) else eos,
+            vocab_size=_hf_field(get, "vocab_size", int), hidden_size=hidden_size,
+            num_layers=_hf_field(get, "num_hidden_layers", int),
+            num_heads=_hf_field(get, "num_attention_heads", int), ffn_dim=_hf_field(get, "ffn_dim", int),
+            max_position_embeddings=_hf_field(get, "max_position_embeddings", int),
+            word_embed_proj_dim=hidden_size if embed_dim is None else embed_dim,
+            do_layer_norm_before=_hf_field(get, "do_layer_norm_before", bool, True),
+            dropout=float(_hf_field(get, "dropout", float, 0.1)),
+            attention_dropout=float(_hf_field(get, "attention_dropout", float, 0.0)),
+            init_std=float(_hf_field(get, "init_std", float, cls.init_std)),
+            pad_token_id=_hf_field(get, "pad_token_id", int, 1), bos_token_id=_hf_field(get, "bos_token_id", int, 2),
+            eos_token_id=_checked_hf_field("eos_token_id", eos[0] if isinstance(eos, (list, tuple)) and eos else eos,
+                                           int),
         )
 
     def to_hf(self):
@@ -137,6 +149,42 @@ class OPTConfig:
             layer_norm_elementwise_affine=True, pad_token_id=self.pad_token_id, bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id, tie_word_embeddings=True, init_std=self.init_std,
         )
+
+
+_REQUIRED = object()  # default of a config field that must be present
+_KIND_NAMES = {int: "an int", float: "a number", bool: "true or false"}
+
+
+def _hf_field(get, name: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """One field of a Hugging Face config: ``default`` when absent (ValueError if required), else type-checked."""
+    value = get(name, default)
+    if value is _REQUIRED:
+        raise ValueError(f"required field {name!r} is missing")
+    if value is None and default is None:
+        return None
+    return _checked_hf_field(name, value, kind)
+
+
+def _checked_hf_field(name: str, value: Any, kind: type) -> Any:
+    # JSON holds "768" as easily as 768, and bool is a subclass of int: keep bools and numbers apart.
+    allowed = (int, float) if kind is float else kind
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, allowed):
+        raise ValueError(f"field {name!r} must be {_KIND_NAMES[kind]}, got {value!r}")
+    return value
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding one object; ValueError naming the file when it is empty, not JSON or not an object."""
+    try:
+        text = path.read_text()
+        data = json.loads(text)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a JSON text file: {err}") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is empty" if not text.strip() else f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def _size(d: int, layers: int, heads: int, **kw: Any) -> OPTConfig:

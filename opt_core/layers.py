@@ -1,14 +1,21 @@
-"""nn.Modules over ``opt_core.functional``: drop-in replacements for their torch.nn twins."""
+"""nn.Modules over ``opt_core.functional``: drop-in replacements for their torch.nn twins.
+
+Each module has one forward.  The places where tensor parallelism needs a collective go through the
+module's ``parallelism`` (``opt_core.parallelism.Parallelism``: on one process every seam is the plain
+computation); ``opt_core.dist.parallelize`` attaches its tensor-parallel subclass to the modules instead.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
 from opt_core.functional import attention, layer_norm, relu_mlp
-
+from opt_core.kv_cache import LayerKVCache
+from opt_core.parallelism import ONE_PROCESS, Parallelism
 
 class FusedLayerNorm(nn.LayerNorm):
     """``torch.nn.LayerNorm`` computed by the Triton kernels.
@@ -24,24 +31,45 @@ class FusedLayerNorm(nn.LayerNorm):
     returns the input's dtype (half the activation memory, as apex's does).
     """
 
+    parallelism: Parallelism = ONE_PROCESS
+
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None):
         shape = tuple(self.normalized_shape)
         if tuple(input.shape[input.dim() - len(shape):]) != shape or input.dim() < len(shape):
             raise ValueError(
                 f"input must end with normalized_shape {list(shape)}, got shape {list(input.shape)}"
             )
+        weight, bias = self.parallelism.replicated(self.weight), self.parallelism.replicated(self.bias)
         if len(shape) == 1:
-            return layer_norm(input, self.weight, self.bias, self.eps, residual)
+            return layer_norm(input, weight, bias, self.eps, residual)
         # Several normalised dims: flatten them into one row, as LayerNorm's maths does.
         n = math.prod(shape)
         flat = input.shape[: input.dim() - len(shape)] + (n,)
-        weight = self.weight.reshape(n) if self.weight is not None else None
-        bias = self.bias.reshape(n) if self.bias is not None else None
+        weight = weight.reshape(n) if weight is not None else None
+        bias = bias.reshape(n) if bias is not None else None
         res = residual.reshape(flat) if residual is not None else None
         out = layer_norm(input.reshape(flat), weight, bias, self.eps, res)
         if residual is None:
             return out.view(input.shape)
         return out[0].view(input.shape), out[1].view(input.shape)
+
+
+def linear_relu_mlp(fc1: nn.Linear, fc2: nn.Linear, x: torch.Tensor, residual: Optional[torch.Tensor], *,
+                    dropout_p: float, training: bool, run=None) -> torch.Tensor:
+    """``residual + dropout(fc2(relu(fc1(x))))`` over two ``nn.Linear`` by ``run`` (a parallel seam with
+    the fused op's signature; the fused op itself by default).  Under ``torch.autocast`` the input and weights are cast to the
+    autocast dtype (what ``nn.Linear`` would compute in), and a residual of another dtype (an fp32
+    residual stream) is added outside the kernel, so the sum keeps its precision."""
+    params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    add_outside = None
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dtype)
+        params = tuple(p.to(dtype) if p is not None else None for p in params)
+        if residual is not None and residual.dtype != dtype:
+            add_outside, residual = residual, None
+    out = (run or relu_mlp)(x, *params, residual=residual, dropout_p=dropout_p, training=training)
+    return out if add_outside is None else add_outside + out
 
 
 class ReLUMLP(nn.Module):
@@ -60,6 +88,8 @@ class ReLUMLP(nn.Module):
     residual's precision as the unfused block's would.
     """
 
+    parallelism: Parallelism = ONE_PROCESS
+
     def __init__(self, embed_dim: int, ffn_dim: int, *, dropout: float = 0.1, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
@@ -72,16 +102,8 @@ class ReLUMLP(nn.Module):
         self.fc2 = nn.Linear(ffn_dim, embed_dim, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        add_outside = None
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x = x.to(dtype)
-            params = tuple(p.to(dtype) if p is not None else None for p in params)
-            if residual is not None and residual.dtype != dtype:
-                add_outside, residual = residual, None
-        out = relu_mlp(x, *params, residual=residual, dropout_p=self.dropout, training=self.training)
-        return out if add_outside is None else add_outside + out
+        return linear_relu_mlp(self.fc1, self.fc2, x, residual, dropout_p=self.dropout, training=self.training,
+                               run=self.parallelism.relu_mlp)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, ffn_dim={self.ffn_dim}, dropout={self.dropout}, "
@@ -112,18 +134,24 @@ class FusedSelfAttention(nn.Module):
     product), and ``out_proj``.  q, k and v are strided views of the one QKV
     activation; the kernels read them in place.
 
-    ``forward(hidden_states, key_padding_mask=None, causal=True)``:
-    hidden_states (batch, seqlen, embed_dim); key_padding_mask (batch, seqlen),
-    True (or 1, as HF's ``attention_mask``) for real tokens.  Dropout on the
-    attention probabilities only in training mode (its seed is drawn with an
-    ``.item()``: a graph break under ``torch.compile`` while training with
-    dropout > 0).
+    ``forward(hidden_states, key_padding_mask=None, causal=True, *, batch_shape=None,
+    seed=None, kv_cache=None)``: hidden_states (batch, seqlen, embed_dim), or token
+    rows (rows, embed_dim) with ``batch_shape=(batch, seqlen)`` (the first
+    batch x seqlen rows of the all-token activations are the tokens, as
+    sequence parallelism lays them out); key_padding_mask (batch, seqlen_k), True
+    (or 1, as HF's ``attention_mask``) for real keys.  With a ``LayerKVCache``,
+    this call's keys and values are appended to it and the queries attend to all
+    of them (seqlen_k = cached + seqlen; causal aligned at the bottom right).
+    Dropout on the attention probabilities only in training mode, from ``seed``
+    (an int or a ``seed_value`` symbol; drawn by ``attention`` when None, an
+    ``.item()``: pass one under ``torch.compile``, as OPTDecoder does).
 
     ``from_hf_state_dict`` / ``load_hf_state_dict`` take HF OPT's four
     projections (``q_proj.weight``, ``q_proj.bias``, ..., ``out_proj.bias``);
     ``hf_state_dict`` gives them back.
     """
 
+    parallelism: Parallelism = ONE_PROCESS
     HF_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
     def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0, bias: bool = True,
@@ -147,23 +175,31 @@ class FusedSelfAttention(nn.Module):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}"
 
     def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                causal: bool = True) -> torch.Tensor:
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.embed_dim:
-            raise ValueError(
-                f"hidden_states must have shape (batch, seqlen, {self.embed_dim}), got {tuple(hidden_states.shape)}"
-            )
+                causal: bool = True, *, batch_shape: Optional[tuple[int, int]] = None, seed=None,
+                kv_cache: Optional[LayerKVCache] = None) -> torch.Tensor:
+        batch, seqlen = self._batch_shape(hidden_states, batch_shape)
         if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
             if key_padding_mask.is_floating_point() or key_padding_mask.is_complex():
                 raise TypeError(f"key_padding_mask must be bool or integer 0/1, got {key_padding_mask.dtype}")
             key_padding_mask = key_padding_mask != 0
-        B, S, _ = hidden_states.shape
-        qkv = self.qkv_proj(hidden_states).view(B, S, -1, 3, self.head_dim)  # local heads under tensor parallel
-        q, k, v = qkv.unbind(3)
-        out = attention(
-            q, k, v, causal=causal, softmax_scale=self.head_dim ** -0.5, key_padding_mask=key_padding_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        return self.out_proj(out.reshape(B, S, self.embed_dim))
+        par, tokens = self.parallelism, batch * seqlen
+        qkv = par.column_linear(hidden_states, self.qkv_proj.weight, self.qkv_proj.bias)
+        # Rows (heads, 3, head_dim): this process's heads under tensor parallelism.
+        q, k, v = qkv.reshape(-1, qkv.shape[-1])[:tokens].view(batch, seqlen, -1, 3, self.head_dim).unbind(3)
+        if kv_cache is not None:
+            k, v = kv_cache.extend(k, v)
+        p = self.dropout if self.training else 0.0
+        out = attention(q, k, v, causal=causal, softmax_scale=self.head_dim ** -0.5, key_padding_mask=key_padding_mask,
+                        dropout_p=p, seed=par.attention_seed(seed) if p > 0 and seed is not None else None)
+        out = par.row_linear(out.reshape(tokens, -1), self.out_proj.weight, self.out_proj.bias)
+        return out.view(*hidden_states.shape[:-1], self.embed_dim)
+
+    def _batch_shape(self, hidden_states: torch.Tensor, batch_shape) -> tuple[int, int]:
+        rows_given = hidden_states.dim() == 2 and batch_shape is not None
+        if not (hidden_states.dim() == 3 or rows_given) or hidden_states.shape[-1] != self.embed_dim:
+            raise ValueError(f"hidden_states must have shape (batch, seqlen, {self.embed_dim}), or (rows, "
+                             f"{self.embed_dim}) with batch_shape, got {tuple(hidden_states.shape)}")
+        return batch_shape if rows_given else tuple(hidden_states.shape[:2])
 
     @classmethod
     def from_hf_state_dict(cls, state_dict, num_heads: int, *, prefix: str = "", dropout: float = 0.0,

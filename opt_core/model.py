@@ -17,6 +17,13 @@ projection (out_proj, fc2); biases 0, LayerNorm 1/0, the pad rows 0.
 Kernels: FusedLayerNorm (with the residual add fused into it), the fused
 attention and the fused ReLU-MLP (bias, ReLU, dropout, residual in the GEMM
 epilogues), each falling back to kernels/reference.py where no kernel runs.
+
+Every module has one forward; where tensor parallelism needs collectives it
+goes through the module's ``parallelism`` (``opt_core.parallelism.Parallelism``, one
+process unless ``opt_core.dist.parallelize`` attached its own).  ``forward``
+never reads device data on the host: it compiles with
+``torch.compile(fullgraph=True)``, with or without an attention mask, in
+training and in eval.
 """
 
 from __future__ import annotations
@@ -31,10 +38,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from opt_core import hf
 from opt_core.config import OPTConfig
+from opt_core.kv_cache import KVCache, LayerKVCache
 from opt_core.layers import FusedLayerNorm, FusedSelfAttention, ReLUMLP
+from opt_core.parallelism import ONE_PROCESS, Parallelism
+from opt_core.seeds import draw_seed
+from opt_core.process_group import is_dtensor
 
 POSITION_OFFSET = 2  # OPT's learned positions start at row 2 (rows 0-1: fairseq's padding convention)
+IGNORE_INDEX = -100
 
 
 @dataclass
@@ -44,6 +57,8 @@ class CausalLMOutput:
 
 
 class OPTDecoderLayer(nn.Module):
+    parallelism: Parallelism = ONE_PROCESS
+
     def __init__(self, config: OPTConfig, device=None, dtype=None):
         super().__init__()
         d = config.hidden_size
@@ -55,19 +70,25 @@ class OPTDecoderLayer(nn.Module):
         self.mlp = ReLUMLP(d, config.ffn_dim, dropout=config.dropout, **kw)
         self.final_layer_norm = FusedLayerNorm(d, **kw)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        drop = self.dropout if self.training else 0.0
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor], batch_shape: tuple[int, int],
+                attention_seed=None, kv_cache: Optional[LayerKVCache] = None) -> torch.Tensor:
+        """``x``: (batch, seqlen, d), or the token rows under tensor parallelism (``batch_shape`` says which
+        tokens they are); ``attention_seed``: the attention dropout's seed (training only)."""
+        attn = self.self_attn(self.self_attn_layer_norm(x) if self.pre_ln else x, key_padding_mask,
+                              batch_shape=batch_shape, seed=attention_seed, kv_cache=kv_cache)
+        attn = self.parallelism.dropout(attn, self.dropout if self.training else 0.0)
         if self.pre_ln:
-            attn = self.self_attn(self.self_attn_layer_norm(x), key_padding_mask)
-            # h = x + dropout(attn) and LN2(h) in one LayerNorm pass
-            normed, h = self.final_layer_norm(F.dropout(attn, drop, self.training), x)
+            normed, h = self.final_layer_norm(attn, x)  # h = x + dropout(attn) and LN2(h) in one pass
             return self.mlp(normed, residual=h)
-        attn = self.self_attn(x, key_padding_mask)
-        h = self.self_attn_layer_norm(x + F.dropout(attn, drop, self.training))
+        h = self.self_attn_layer_norm(x + attn)
         return self.final_layer_norm(self.mlp(h, residual=h))
 
 
 class OPTDecoder(nn.Module):
+    """Embeddings and positions, the layers, the final LayerNorm and project_out: hidden states for the LM head."""
+
+    parallelism: Parallelism = ONE_PROCESS
+
     def __init__(self, config: OPTConfig, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
@@ -78,10 +99,66 @@ class OPTDecoder(nn.Module):
         self.project_out = nn.Linear(d, e, bias=False, **kw) if e != d else None
         self.layers = nn.ModuleList(OPTDecoderLayer(config, **kw) for _ in range(config.num_layers))
         self.final_layer_norm = FusedLayerNorm(d, **kw) if config.has_final_layer_norm else None
+        self.activation_checkpointing = False
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """(batch, seqlen, word_embed_proj_dim), or the token rows under tensor parallelism.
+
+        ``attention_mask`` (batch, cached + seqlen) goes to attention whenever it is given (an all-True
+        mask gives what no mask gives), so nothing here depends on its values."""
+        par = self.parallelism
+        batch, seqlen = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        key_padding_mask = attention_mask.bool() if attention_mask is not None else None
+        x = par.embed_tokens(input_ids, self.embed_tokens.weight, self.embed_tokens.padding_idx)
+        if self.project_in is not None:
+            x = F.linear(x, par.replicated(self.project_in.weight))
+        positions = par.token_positions(position_ids(attention_mask, past, batch, seqlen, input_ids.device))
+        x = x + F.embedding(positions, par.replicated(self.embed_positions.weight))
+        checkpointed = self.activation_checkpointing and self.training
+        for i, layer in enumerate(self.layers):
+            # The attention-dropout seed is drawn here, outside the (checkpointed) layer: a recomputed
+            # layer is handed the same one, and under torch.compile the draw is a graph op.
+            seed = draw_seed() if self.training and layer.self_attn.dropout > 0 else None
+            args = (x, key_padding_mask, (batch, seqlen), seed, kv_cache.layers[i] if kv_cache is not None else None)
+            x = checkpoint(layer, *args, use_reentrant=False) if checkpointed else layer(*args)
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = F.linear(x, par.replicated(self.project_out.weight))
+        return x
+
+
+def position_ids(attention_mask: Optional[torch.Tensor], past: int, batch: int, seqlen: int,
+                 device: torch.device) -> torch.Tensor:
+    """OPT's learned-position rows of the ``seqlen`` tokens after ``past`` cached ones: from the mask
+    (``cumsum(mask) * mask - 1 + 2``, so padding reads row 1), or consecutive without one."""
+    if attention_mask is None:
+        return torch.arange(past + POSITION_OFFSET, past + seqlen + POSITION_OFFSET, device=device).expand(batch, -1)
+    mask = attention_mask.long()
+    return (torch.cumsum(mask, dim=1) * mask - 1)[:, past:] + POSITION_OFFSET
+
+
+def next_token_targets(labels: torch.Tensor, attention_mask: Optional[torch.Tensor], shift: bool) -> torch.Tensor:
+    """Labels aligned with the logits: -100 where the mask is 0, moved one position left when ``shift``
+    (the last position then has no target)."""
+    target = labels
+    if attention_mask is not None:
+        target = target.masked_fill(attention_mask[:, -labels.shape[1]:] == 0, IGNORE_INDEX)
+    if shift:
+        target = F.pad(target[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return target
 
 
 class OPTForCausalLM(nn.Module):
-    """OPT with its tied LM head; ``forward(input_ids, attention_mask=None, labels=None)``."""
+    """OPT with its tied LM head; ``forward(input_ids, attention_mask=None, labels=None)``.
+
+    After ``opt_core.dist.parallelize`` the same forward runs tensor parallel: ``.loss`` is then the mean
+    over every target token of the global batch (the same value on every rank) and ``.logits`` a DTensor
+    split by vocabulary over tp (``.full_tensor()`` gathers it)."""
+
+    parallelism: Parallelism = ONE_PROCESS
 
     def __init__(self, config: OPTConfig, *, device=None, dtype=None, init: bool = True):
         super().__init__()
@@ -89,9 +166,17 @@ class OPTForCausalLM(nn.Module):
         self.decoder = OPTDecoder(config, device=device, dtype=dtype)
         self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False, device=device, dtype=dtype)
         self.lm_head.weight = self.decoder.embed_tokens.weight  # tied
-        self.activation_checkpointing = False
         if init:
             self.init_weights()
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Recompute each decoder layer in the backward (training only)."""
+        return self.decoder.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        self.decoder.activation_checkpointing = on
 
     # ----------------------------------------------------------------- init
     @torch.no_grad()
@@ -123,29 +208,23 @@ class OPTForCausalLM(nn.Module):
                 module.reset_parameters()
 
     # ----------------------------------------------------------------- forward
-    def positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        mask = attention_mask.long()
-        return (torch.cumsum(mask, dim=1) * mask - 1) + POSITION_OFFSET
-
-    def checked_inputs(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                       labels: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(positions, key_padding_mask) for a batch, after checking its shapes (ValueError naming the argument).
-
-        ``key_padding_mask`` is None when nothing is padded, so the attention kernel skips the mask."""
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                     labels: Optional[torch.Tensor], kv_cache: Optional[KVCache]) -> None:
+        """ValueError naming the argument for shapes that do not fit (from shapes only, never from values)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
         batch, seqlen = input_ids.shape
-        if seqlen > self.config.max_position_embeddings:
-            raise ValueError(f"input_ids has {seqlen} positions but the model has "
-                             f"max_position_embeddings={self.config.max_position_embeddings}")
-        for name, t in (("attention_mask", attention_mask), ("labels", labels)):
-            if t is not None and tuple(t.shape) != (batch, seqlen):
-                raise ValueError(f"{name} must have shape {(batch, seqlen)}, got {tuple(t.shape)}")
-        if attention_mask is None:
-            positions = torch.arange(POSITION_OFFSET, seqlen + POSITION_OFFSET, device=input_ids.device)
-            return positions.expand(batch, -1), None
-        key_padding_mask = attention_mask.bool()
-        return self.positions(attention_mask), None if bool(key_padding_mask.all()) else key_padding_mask
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + seqlen > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids has {past + seqlen} positions{' with the cached ones' if past else ''} but "
+                             f"the model has max_position_embeddings={self.config.max_position_embeddings}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + seqlen):
+            raise ValueError(f"attention_mask must have shape {(batch, past + seqlen)}, got "
+                             f"{tuple(attention_mask.shape)}")
+        if labels is not None and tuple(labels.shape) != (batch, seqlen):
+            raise ValueError(f"labels must have shape {(batch, seqlen)}, got {tuple(labels.shape)}")
+        if kv_cache is not None and torch.is_grad_enabled():
+            raise ValueError("kv_cache is for inference: call forward under torch.no_grad() (generate does)")
 
     def forward(
         self,
@@ -154,100 +233,109 @@ class OPTForCausalLM(nn.Module):
         labels: Optional[torch.Tensor] = None,
         *,
         shift_labels: bool = True,
+        kv_cache: Optional[KVCache] = None,
     ) -> CausalLMOutput:
         """Logits for every position; with ``labels``, the mean next-token cross entropy.
 
         ``labels`` are Hugging Face style (same positions as ``input_ids``, shifted
         here; pass ``shift_labels=False`` for targets already aligned with the
         logits).  Labels of -100 and positions where ``attention_mask`` is 0 are
-        ignored.
+        ignored.  With a ``kv_cache`` (inference), ``input_ids`` continue the
+        cached positions and ``attention_mask`` covers the cached ones too.
         """
-        positions, key_padding_mask = self.checked_inputs(input_ids, attention_mask, labels)
-        dec = self.decoder
-        x = dec.embed_tokens(input_ids)
-        if dec.project_in is not None:
-            x = dec.project_in(x)
-        x = x + dec.embed_positions(positions)
-        for layer in dec.layers:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, key_padding_mask, use_reentrant=False)
-            else:
-                x = layer(x, key_padding_mask)
-        if dec.final_layer_norm is not None:
-            x = dec.final_layer_norm(x)
-        if dec.project_out is not None:
-            x = dec.project_out(x)
-        logits = self.lm_head(x)
-
+        self.check_inputs(input_ids, attention_mask, labels, kv_cache)
+        par = self.parallelism
+        logits = par.lm_head(self.decoder(input_ids, attention_mask, kv_cache), self.lm_head.weight, input_ids.numel())
         loss = None
         if labels is not None:
-            target = labels.clone()
-            if attention_mask is not None:
-                target = target.masked_fill(attention_mask == 0, -100)
-            pred = logits
-            if shift_labels:
-                pred, target = logits[:, :-1], target[:, 1:]
-            loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
-        return CausalLMOutput(logits=logits, loss=loss)
+            target = next_token_targets(labels, attention_mask, shift_labels)
+            loss = par.mean_token_loss(logits, target, IGNORE_INDEX)
+        return CausalLMOutput(logits=par.batch_logits(logits, *input_ids.shape), loss=loss)
 
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(
         self,
         input_ids: torch.Tensor,
-        max_new_tokens: int = 32,
+        attention_mask: Optional[torch.Tensor] = None,
         *,
+        max_new_tokens: int = 32,
         top_k: Optional[int] = None,
         temperature: float = 1.0,
         eos_token_id: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
     ) -> torch.Tensor:
-        """Greedy (``top_k=None``) or top-k sampling, recomputing the prefix each step (no KV cache)."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        """Greedy (``top_k=None``) or top-k sampling with a KV cache: the prompt in one forward, then one
+        token per step reading the cached keys and values.
+
+        ``attention_mask`` (batch, prompt) marks real tokens, for left-padded batches: each row then
+        generates what it would alone.  Rows that produced ``eos_token_id`` continue with pad tokens, and
+        generation stops when every row has.  Returns the prompt and the new tokens.  A tensor-parallel
+        model generates too (every rank with the same arguments and generator state; the last position's
+        logits are gathered)."""
+        self._check_generate_args(input_ids, attention_mask, max_new_tokens, top_k, temperature)
+        was_training = self.training
+        self.eval()
+        try:
+            cache = KVCache(self.config.num_layers, input_ids.shape[1] + max_new_tokens)
+            out, step_ids, mask = input_ids, input_ids, attention_mask
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            for _ in range(max_new_tokens):
+                logits = self(step_ids, attention_mask=mask, kv_cache=cache).logits[:, -1]
+                nxt = _pick(logits.full_tensor() if is_dtensor(logits) else logits, top_k, temperature, generator)
+                if eos_token_id is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, self.config.pad_token_id), nxt)
+                    done |= nxt == eos_token_id
+                out, step_ids = torch.cat([out, nxt[:, None]], dim=1), nxt[:, None]
+                if mask is not None:
+                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                if eos_token_id is not None and bool(done.all()):
+                    break
+        finally:
+            self.train(was_training)
+        return out
+
+    def _check_generate_args(self, input_ids, attention_mask, max_new_tokens, top_k, temperature) -> None:
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be (batch, prompt length >= 1), got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if input_ids.shape[1] + max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(f"max_new_tokens={max_new_tokens} after a prompt of {input_ids.shape[1]} tokens "
+                             f"exceeds max_position_embeddings={self.config.max_position_embeddings}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        was_training = self.training
-        self.eval()
-        out = input_ids
-        done = torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
-        for _ in range(max_new_tokens):
-            context = out[:, -self.config.max_position_embeddings:]
-            logits = self(context).logits[:, -1].float()
-            if top_k is None:
-                nxt = logits.argmax(dim=-1)
-            else:
-                values, idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-                probs = torch.softmax(values / temperature, dim=-1)
-                nxt = idx.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, self.config.pad_token_id), nxt)
-                done |= nxt == eos_token_id
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            if eos_token_id is not None and bool(done.all()):
-                break
-        self.train(was_training)
-        return out
 
     # ----------------------------------------------------------------- Hugging Face
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        from opt_core.hf import from_hf_state_dict
-
-        self.load_state_dict(from_hf_state_dict(state_dict, self.config), strict=True)
+        self.load_state_dict(hf.from_hf_state_dict(state_dict, self.config), strict=True)
 
     def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
-        from opt_core.hf import to_hf_state_dict
-
-        return to_hf_state_dict(self.state_dict(), self.config)
+        return hf.to_hf_state_dict(self.state_dict(), self.config)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device=None, dtype=None) -> "OPTForCausalLM":
         """A local Hugging Face OPT folder (config.json + safetensors or .bin weights); never downloads."""
-        from opt_core.hf import load_pretrained
+        return hf.load_pretrained(cls, path, device=device, dtype=dtype)
 
-        return load_pretrained(cls, path, device=device, dtype=dtype)
+    def save_pretrained(self, path: str | Path) -> None:
+        """A Hugging Face OPT folder (config.json + model.safetensors) that transformers loads."""
+        hf.save_pretrained(self, path)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _pick(logits: torch.Tensor, top_k: Optional[int], temperature: float,
+          generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The next token of each row from its (batch, vocab) logits: the argmax, or a top-k sample."""
+    logits = logits.float()
+    if top_k is None:
+        return logits.argmax(dim=-1)
+    values, idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+    probs = torch.softmax(values / temperature, dim=-1)
+    return idx.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)

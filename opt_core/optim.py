@@ -1,9 +1,17 @@
 """FusedAdamW: ``torch.optim.AdamW`` with a multi-tensor Triton step.
 
-Interchangeable with ``torch.optim.AdamW``: same constructor arguments, param
-groups with their own hyper-parameters, closures, LR schedulers, and a state
-dict with the same per-parameter keys (``step``, ``exp_avg``, ``exp_avg_sq``,
-``max_exp_avg_sq``) that loads into ``torch.optim.AdamW`` and back.
+Interchangeable with ``torch.optim.AdamW``: the same constructor arguments
+and checks, param groups with the same keys and their own hyper-parameters,
+closures, LR schedulers, and a state dict with the same per-parameter keys
+(``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) that loads into
+``torch.optim.AdamW`` and back.  ``lr`` and ``betas`` may be 1-element tensors
+(read on the device by the kernel; keep them on the parameters' device, as a
+CUDA graph needs).  ``foreach`` and ``fused`` are recorded and otherwise
+ignored: the step is always the fused kernel.  The step never synchronises
+with the host, so it is CUDA-graph capturable whatever ``capturable`` says
+(the flag is recorded).  ``differentiable=True`` is refused.  ``load_state_dict``
+checks every saved state tensor against its parameter (shape, floating dtype)
+before it changes anything.
 
 What it adds:
 
@@ -38,31 +46,20 @@ What it adds:
 
 from __future__ import annotations
 
+import numbers
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from opt_core.kernels.adamw import adamw_step, grad_stats
+from opt_core.kernels import adamw as triton_adamw
+from opt_core.process_group import is_dtensor, local_tensor, world_size
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch built without distributed
-    DTensor = None
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor; the tensor itself otherwise."""
-    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
-
-
-def _world_size() -> int:
-    """The number of ranks whose gradient statistics are combined (1 without torch.distributed)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+# Per-parameter state tensors: each has its parameter's shape and a floating-point dtype.
+_STATE_TENSORS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+# Group keys of ours that a torch.optim.AdamW state dict does not carry: loading one keeps ours.
+_OWN_GROUP_KEYS = ("master_weights",)
 
 
 def _copies(t: torch.Tensor, world: int) -> float:
@@ -71,7 +68,7 @@ def _copies(t: torch.Tensor, world: int) -> float:
     A DTensor is split by every non-Replicate placement of its mesh (Shard, and
     FSDP's strided shard); a plain tensor is a replica on every rank."""
     shards = 1
-    if DTensor is not None and isinstance(t, DTensor):
+    if is_dtensor(t):
         for i, placement in enumerate(t.placements):
             if placement.is_partial():
                 raise ValueError("FusedAdamW: a gradient with a Partial placement is not reduced yet; "
@@ -81,39 +78,117 @@ def _copies(t: torch.Tensor, world: int) -> float:
     return world / shards
 
 
+def _refuse_differentiable(group: dict[str, Any], where: str) -> None:
+    if group.get("differentiable", False):
+        raise ValueError(f"FusedAdamW does not support differentiable=True ({where}): its step runs in a Triton "
+                         "kernel outside autograd; use torch.optim.AdamW(differentiable=True) to differentiate "
+                         "through the step")
+
+
+def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
+    """torch.optim.AdamW's checks, on every group; a tensor lr or betas as AdamW takes them (1 element)."""
+    lr, betas, eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element ({where}), got shape {tuple(lr.shape)}")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    for name, value in (("eps", eps), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a float ({where}), got {type(value).__name__}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair ({where}), got {len(betas)} values")
+    tensors = [isinstance(b, torch.Tensor) for b in betas]
+    if tensors[0] != tensors[1] or not all(t or isinstance(b, numbers.Real) for t, b in zip(tensors, betas)):
+        raise ValueError(f"betas must be either both floats or both Tensors ({where})")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor) and beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element ({where}), got shape {tuple(beta.shape)}")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def _check_flags(group: dict[str, Any], where: str) -> None:
+    """AdamW's implementation switches: recorded as given (the step is always the fused kernel)."""
+    _refuse_differentiable(group, where)
+    if group["fused"] and group["foreach"]:
+        raise ValueError(f"`fused` and `foreach` cannot be `True` together ({where})")
+    if not group["decoupled_weight_decay"]:
+        raise ValueError(f"FusedAdamW decays weights as AdamW does: decoupled_weight_decay must be True ({where})")
+
+
+def _check_param_state(where: str, state: Optional[dict[str, Any]], param: torch.Tensor) -> None:
+    """A saved per-parameter state fits ``param``: the keys a step reads, 1-element step, tensors of its shape."""
+    if not state:
+        return
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        if key not in state:
+            raise ValueError(f"{where}: the saved state has no {key!r} (it has {sorted(map(str, state))})")
+    step = state["step"]
+    if isinstance(step, torch.Tensor) and (step.numel() != 1 or step.is_complex()):
+        raise ValueError(f"{where}: step has shape {tuple(step.shape)} and dtype {step.dtype}, a 1-element real "
+                         "tensor is needed")
+    if not isinstance(step, (torch.Tensor, numbers.Real)):
+        raise ValueError(f"{where}: step is a {type(step).__name__}, a number or a 1-element tensor is needed")
+    for key in _STATE_TENSORS:
+        if key not in state:
+            continue
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{where}: {key} is a {type(value).__name__}, not a tensor")
+        if not value.is_floating_point():
+            raise ValueError(f"{where}: {key} has dtype {value.dtype}, a floating-point dtype is needed")
+        if value.shape != param.shape:
+            raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}, the parameter has {tuple(param.shape)}")
+
+
+def _check_state_dict(groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> None:
+    """Refuse, before anything changes, a state dict whose groups or per-parameter state do not fit ours."""
+    saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+    if len(saved_groups) != len(groups):
+        raise ValueError(f"loaded state dict has a different number of parameter groups: {len(saved_groups)}, "
+                         f"this optimizer has {len(groups)}")
+    for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"loaded state dict contains a parameter group that doesn't match the size of "
+                             f"optimizer's group: param_groups[{gi}] has {len(saved['params'])} parameters there, "
+                             f"{len(group['params'])} here")
+        _refuse_differentiable(saved, f"the loaded param_groups[{gi}]")
+        for pos, (pid, param) in enumerate(zip(saved["params"], group["params"])):
+            _check_param_state(f"param_groups[{gi}]['params'][{pos}]", saved_state.get(pid), param)
+
+
 class FusedAdamW(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(
         self,
         params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
         master_weights: Optional[bool] = None,
         max_grad_norm: Optional[float] = None,
         skip_nonfinite: bool = False,
     ) -> None:
-        if isinstance(lr, torch.Tensor):
-            raise TypeError("lr must be a float; a Tensor lr is not supported by FusedAdamW")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm} (must be > 0 or None)")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad),
-                        maximize=bool(maximize), master_weights=bool(master_weights))
+        # betas as AdamW keeps them: a 1-element tensor as its 0-d view.
+        betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) else b for b in betas)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=True, master_weights=bool(master_weights))
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = bool(skip_nonfinite)
         self.grad_norm: Optional[torch.Tensor] = None
@@ -124,6 +199,17 @@ class FusedAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        where = f"param_groups[{len(self.param_groups) - 1}]"
+        try:
+            _check_hyperparameters(group, where)
+            _check_flags(group, where)
+            self._check_params(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
+
+    @staticmethod
+    def _check_params(group: dict[str, Any]) -> None:
         devices = {p.device for p in group["params"]}
         if len(devices) > 1:
             raise ValueError(f"FusedAdamW: a param group must hold parameters of one device, got {sorted(map(str, devices))}")
@@ -137,9 +223,10 @@ class FusedAdamW(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("master_weights", False)
+            for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None), ("capturable", False),
+                               ("differentiable", False), ("fused", None), ("master_weights", False)):
+                group.setdefault(key, value)
+            group["decoupled_weight_decay"] = True  # as torch.optim.AdamW loads any state
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("grad_norm", None)
@@ -149,7 +236,7 @@ class FusedAdamW(torch.optim.Optimizer):
         state = self.state[p]
         if len(state) == 0:
             moment = torch.float64 if p.dtype == torch.float64 else torch.float32
-            state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=local_tensor(p).device)
             state["exp_avg"] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
@@ -159,6 +246,11 @@ class FusedAdamW(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        _check_state_dict(self.param_groups, state_dict)
+        # A torch.optim.AdamW state dict has no group keys of ours: they keep this optimizer's values.
+        state_dict = dict(state_dict, param_groups=[
+            {**{k: group[k] for k in _OWN_GROUP_KEYS}, **saved}
+            for group, saved in zip(self.param_groups, state_dict["param_groups"])])
         # torch's loader casts every floating state tensor to its parameter's
         # dtype, which would squeeze fp32 moments and masters through fp16/bf16.
         # Keep the saved values and put them where and how the kernel wants them.
@@ -172,7 +264,6 @@ class FusedAdamW(torch.optim.Optimizer):
                 continue
             state, saved = self.state[p], saved_state[pid]
             moment = torch.float64 if p.dtype == torch.float64 else torch.float32
-            device = _local(p).device
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 if key in saved:
                     state[key] = saved[key].to(device=p.device, dtype=moment, copy=True)
@@ -180,8 +271,8 @@ class FusedAdamW(torch.optim.Optimizer):
                 state["master_param"] = saved["master_param"].to(device=p.device, dtype=torch.float32, copy=True)
             step = saved.get("step", 0)
             step = step.detach().clone() if isinstance(step, torch.Tensor) else torch.tensor(float(step))
-            # The kernel reads step on the parameter's device (pytorch#104767).
-            state["step"] = step.to(device=device, dtype=torch.float32).reshape(())
+            # The kernel reads step on the parameter's (local shard's) device, wherever it was saved.
+            state["step"] = step.to(device=local_tensor(p).device, dtype=torch.float32).reshape(())
             self._init_state(p, groups[p])
 
     # ----------------------------------------------------------------- gradient passes
@@ -192,7 +283,7 @@ class FusedAdamW(torch.optim.Optimizer):
                 if p.grad is not None:
                     if p.grad.is_sparse:
                         raise RuntimeError("FusedAdamW does not support sparse gradients")
-                    grads.append(_local(p.grad))
+                    grads.append(local_tensor(p.grad))
         return grads
 
     def _grad_stats_by_device(self, inv_scale: Optional[torch.Tensor] = None, *, unscale_in_place: bool = False
@@ -201,7 +292,7 @@ class FusedAdamW(torch.optim.Optimizer):
 
         Distributed (world size > 1): one entry holding the statistics of the
         whole model over every rank (see the module docstring)."""
-        world = _world_size()
+        world = world_size()
         if world > 1:
             return self._global_grad_stats(world, inv_scale, unscale_in_place)
         by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
@@ -210,7 +301,7 @@ class FusedAdamW(torch.optim.Optimizer):
         out = {}
         for device, grads in by_device.items():
             inv = inv_scale.to(device, non_blocking=True) if inv_scale is not None else None
-            out[device] = grad_stats(grads, inv_scale=inv, unscale_in_place=unscale_in_place)
+            out[device] = triton_adamw.grad_stats(grads, inv_scale=inv, unscale_in_place=unscale_in_place)
         return out
 
     def _global_grad_stats(self, world: int, inv_scale: Optional[torch.Tensor], unscale_in_place: bool
@@ -222,7 +313,7 @@ class FusedAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    local = _local(p.grad)
+                    local = local_tensor(p.grad)
                     groups[(local.device, _copies(p.grad, world))].append(local)
         if not groups:
             return {}
@@ -230,7 +321,7 @@ class FusedAdamW(torch.optim.Optimizer):
         parts = []
         for (dev, copies), grads in groups.items():
             inv = inv_scale.to(dev, non_blocking=True) if inv_scale is not None else None
-            sumsq, bad = grad_stats(grads, inv_scale=inv, unscale_in_place=unscale_in_place)
+            sumsq, bad = triton_adamw.grad_stats(grads, inv_scale=inv, unscale_in_place=unscale_in_place)
             parts.append(torch.stack([sumsq / copies, bad]).to(device))
         total = torch.stack(parts).sum(dim=0)
         torch.distributed.all_reduce(total)  # one collective for both: SUM of squares and of inf/NaN counts
@@ -308,18 +399,18 @@ class FusedAdamW(torch.optim.Optimizer):
             self.grad_norm = pending[1]
 
         for group, params, states in work:
-            device = _local(params[0]).device
+            device = local_tensor(params[0]).device
             on_device = (lambda t: t.to(device, non_blocking=True) if t is not None else None)  # noqa: E731
-            beta1, beta2 = group["betas"]
-            adamw_step(
-                [_local(p) for p in params],
-                [_local(p.grad) for p in params],
-                [_local(s["exp_avg"]) for s in states],
-                [_local(s["exp_avg_sq"]) for s in states],
+            beta1, beta2 = group["betas"]  # floats, or tensors the kernel reads on the device
+            triton_adamw.adamw_step(
+                [local_tensor(p) for p in params],
+                [local_tensor(p.grad) for p in params],
+                [local_tensor(s["exp_avg"]) for s in states],
+                [local_tensor(s["exp_avg_sq"]) for s in states],
                 [s["step"] for s in states],
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                max_exp_avg_sqs=[_local(s["max_exp_avg_sq"]) for s in states] if group["amsgrad"] else None,
-                masters=[_local(s["master_param"]) if "master_param" in s else None for s in states],
+                max_exp_avg_sqs=[local_tensor(s["max_exp_avg_sq"]) for s in states] if group["amsgrad"] else None,
+                masters=[local_tensor(s["master_param"]) if "master_param" in s else None for s in states],
                 maximize=group["maximize"],
                 inv_scale=on_device(inv_scale), clip_coef=on_device(clip_coef), found_inf=on_device(found_inf),
             )

@@ -47,7 +47,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from opt_core import flops
+from opt_core import dist, flops
 from opt_core.amp import DynamicLossScaler
 from opt_core.config import OPTConfig
 from opt_core.model import OPTForCausalLM
@@ -196,7 +196,7 @@ class Runtime:
 
     device: torch.device
     distributed: bool = False
-    layout: Any = None  # dist.Layout
+    coords: Any = None  # dist.RankCoordinates
     owns_process_group: bool = False
 
     @classmethod
@@ -205,16 +205,15 @@ class Runtime:
             return cls(device=device)
         import torch.distributed as c10d
 
-        from opt_core import dist
         owns = not c10d.is_initialized()
         mesh = dist.init_mesh(dp=args.dp, tp=args.tp or 1, device_type=device.type)
-        layout = dist.Layout.of(mesh)
+        coords = dist.RankCoordinates.of(mesh)
         if device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-        rt = cls(device=device, distributed=True, layout=layout, owns_process_group=owns)
-        if args.batch_size % layout.dp:
+        rt = cls(device=device, distributed=True, coords=coords, owns_process_group=owns)
+        if args.batch_size % coords.dp:
             rt.close()
-            raise ValueError(f"--batch-size {args.batch_size} (the global batch) is not divisible by dp={layout.dp}")
+            raise ValueError(f"--batch-size {args.batch_size} (the global batch) is not divisible by dp={coords.dp}")
         return rt
 
     @property
@@ -231,9 +230,9 @@ class Runtime:
 
     def rows(self, block: torch.Tensor) -> torch.Tensor:
         """This dp rank's contiguous slice of a global batch."""
-        if not self.distributed or self.layout.dp == 1:
+        if not self.distributed or self.coords.dp == 1:
             return block
-        return block.view(self.layout.dp, -1, *block.shape[1:])[self.layout.dp_rank]
+        return block.view(self.coords.dp, -1, *block.shape[1:])[self.coords.dp_rank]
 
     def barrier(self) -> None:
         if self.distributed:
@@ -242,18 +241,14 @@ class Runtime:
     def max(self, value: float) -> float:
         if not self.distributed:
             return value
-        from opt_core.dist.mesh import object_device
-
-        t = torch.tensor([value], dtype=torch.float64, device=object_device())
+        t = torch.tensor([value], dtype=torch.float64, device=dist.mesh.object_device())
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return float(t)
 
     def gather(self, value: float) -> list[float]:
         if not self.distributed:
             return [value]
-        from opt_core.dist.mesh import object_device
-
-        device = object_device()
+        device = dist.mesh.object_device()
         out = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(self.world)]
         torch.distributed.all_gather(out, torch.tensor([value], dtype=torch.float64, device=device))
         return [float(t) for t in out]
@@ -299,16 +294,12 @@ def load_latest_checkpoint(out: Path, device) -> Optional[dict]:
 
 def sharded_checkpoint_paths(out: Path) -> list[Path]:
     """Complete sharded (DCP) checkpoint folders of a distributed run, oldest first."""
-    from opt_core.dist.checkpoint import is_checkpoint
-
-    return sorted(p for p in (out / "checkpoints").glob("step-*") if p.is_dir() and is_checkpoint(p))
+    return sorted(p for p in (out / "checkpoints").glob("step-*") if p.is_dir() and dist.checkpoint.is_checkpoint(p))
 
 
 def save_sharded_checkpoint(out: Path, step: int, model, optimizer, extra: dict, keep: int, rt: Runtime) -> Path:
     """Every rank writes its shards (atomically, see dist.checkpoint); rank 0 prunes to the newest ``keep``."""
-    from opt_core.dist.checkpoint import save_checkpoint as save_shards
-
-    path = save_shards(out / "checkpoints" / f"step-{step:08d}", model, optimizer, extra=extra)
+    path = dist.save_checkpoint(out / "checkpoints" / f"step-{step:08d}", model, optimizer, extra=extra)
     if rt.main:
         for old in sharded_checkpoint_paths(out)[:-keep]:
             shutil.rmtree(old)
@@ -473,8 +464,7 @@ def _train(args: argparse.Namespace, rt: Runtime, dtype: torch.dtype) -> dict:
     model = OPTForCausalLM(config, device="meta", init=False)
     model.activation_checkpointing = args.activation_checkpointing
     if rt.distributed:
-        from opt_core import dist
-        model = dist.parallelize(model, rt.layout.mesh, sequence_parallel=not args.no_sequence_parallel,
+        model = dist.parallelize(model, rt.coords.mesh, sequence_parallel=not args.no_sequence_parallel,
                                  param_dtype=None if dtype == torch.float32 else dtype)
         model.to_empty(device=device)
         dist.init_weights(model)
@@ -498,11 +488,9 @@ def _train(args: argparse.Namespace, rt: Runtime, dtype: torch.dtype) -> dict:
     step, tokens, ema, bad_streak, skipped = 0, 0, None, 0, 0
     resumed = None
     if args.resume and rt.distributed:
-        from opt_core.dist.checkpoint import load_checkpoint as load_shards
-
         found = sharded_checkpoint_paths(out)
         if found:  # any layout's checkpoint: the shards are resharded to this one
-            resumed, _ = load_shards(found[-1], model, optimizer)
+            resumed, _ = dist.load_checkpoint(found[-1], model, optimizer)
     elif args.resume:
         resumed = load_latest_checkpoint(out, device)
     if args.resume and resumed is None:
@@ -534,10 +522,10 @@ def _train(args: argparse.Namespace, rt: Runtime, dtype: torch.dtype) -> dict:
     say(f"model: {n_params / 1e6:.2f}M parameters ({config.num_layers} layers, d={config.hidden_size}, "
         f"{config.num_heads} heads), {dtype}, {device}; {tokens_per_step} tokens/step")
     if rt.distributed:
-        lay = rt.layout
+        lay = rt.coords
         say(f"parallel: {rt.world} ranks = dp {lay.dp} (FSDP2) x tp {lay.tp} (tensor parallel"
-            + (", sequence parallel" if model._parallel.sp else "") + f"); {args.batch_size // lay.dp} "
-            f"sequences per dp rank per micro-batch")
+            + (", sequence parallel" if model.parallelism.sequence_parallel else "")
+            + f"); {args.batch_size // lay.dp} sequences per dp rank per micro-batch")
     say(f"{flops.CONVENTION}: {fpt / 1e6:.1f} MFLOP/token"
         + ("" if peak else "; no MFU on this device (unknown peak)"))
 
@@ -551,7 +539,7 @@ def _train(args: argparse.Namespace, rt: Runtime, dtype: torch.dtype) -> dict:
         if not rt.distributed:
             payload = {**train_state(), "model": model.state_dict(), "optimizer": optimizer.state_dict()}
             return save_checkpoint(out, at, payload, args.keep)
-        extra = {**train_state(), "layout": {"dp": rt.layout.dp, "tp": rt.layout.tp}}  # rank 0's copy is kept
+        extra = {**train_state(), "layout": {"dp": rt.coords.dp, "tp": rt.coords.tp}}  # rank 0's copy is kept
         return save_sharded_checkpoint(out, at, model, optimizer, extra, args.keep, rt)
 
     if resumed is None:
@@ -655,7 +643,8 @@ def _train(args: argparse.Namespace, rt: Runtime, dtype: torch.dtype) -> dict:
         tok = load_tokenizer(data.tokenizer_path)
         prompt = tok.encode("def ").ids
         gen = torch.Generator(device=device).manual_seed(args.seed)
-        ids = model.generate(torch.tensor([prompt], device=device), args.sample_tokens, top_k=20,
+        new = min(args.sample_tokens, config.max_position_embeddings - len(prompt))  # the last learned position
+        ids = model.generate(torch.tensor([prompt], device=device), max_new_tokens=new, top_k=20,
                              eos_token_id=data.eos_id, generator=gen)
         summary["sample"] = tok.decode(ids[0].tolist())
     return summary

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     for u in upward:
         print("  UPWARD: " + u)
     print(f"cycles: {len(found_cycles)}, upward imports: {len(upward)}")
-    print(f"\nlongest functions (lines):")
+    print("\nlongest functions (lines):")
     for n, where in longest_functions(args.root, args.top):
         print(f"  {n:4d}  {where}")
     return 1 if found_cycles or upward else 0

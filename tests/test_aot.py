@@ -1,8 +1,9 @@
-"""Ahead-of-time compile of every registered kernel case for sm_80 and sm_90.
+"""Ahead-of-time compile of every kernel case for sm_80 and sm_90.
 
 No GPU needed.  The compile runs in a subprocess with the interpreter off (in
-this process every kernel is an interpreted function); the cases are listed
-here, so each case and architecture is its own test.
+this process every kernel is an interpreted function); the cases
+(``kernels/aot_cases.py``) are listed here, so each case and architecture is its
+own test.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from opt_core.kernels import aot
+from opt_core.kernels import aot, aot_cases
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = aot.all_cases()
+CASES = aot_cases.all_cases()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
 
 from opt_core import functional
 from opt_core.kernels import dispatch, reference
@@ -509,7 +508,8 @@ def test_bad_inputs_raise_named_errors():
         (lambda: functional.attention(q, k, v, dropout_p=0.1, seed=-1), ValueError, r"seed must be in \[0, 2\*\*63\)"),
         (lambda: functional.attention(q, k, v, deterministic=None), TypeError, "deterministic must be a bool"),
         (lambda: attn.dropout_mask(1, 1.5, 1, 1, 1, 1, "cpu"), ValueError, "dropout_p must be < 1"),
-        (lambda: attn.dropout_mask(-3, 0.5, 1, 1, 1, 1, "cpu"), ValueError, "seed must be an int"),
+        (lambda: attn.dropout_mask(-3, 0.5, 1, 1, 1, 1, "cpu"), ValueError, r"seed must be in \[0, 2\*\*63\)"),
+        (lambda: attn.dropout_mask(True, 0.5, 1, 1, 1, 1, "cpu"), TypeError, "seed must be an int"),
         (lambda: attn.dropout_mask(1, 0.5, 1, -1, 1, 1, "cpu"), ValueError, "heads must be a non-negative int"),
     ]
     for call, error, message in cases:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from opt_core import flops
-from opt_core.config import PRESETS, OPTConfig
+from opt_core.config import OPTConfig
 
 # Parameter counts derived from the paper's Table 1 (OPT_SPEC.md §1: 125.2M ... 174.6B).
 PAPER_PARAMS = {

@@ -101,7 +101,7 @@ def _rows(t, model):
     """This dp rank's contiguous slice of a global batch."""
     if t is None:
         return None
-    lay = model._parallel.layout
+    lay = model.parallelism.coords
     return t.view(lay.dp, -1, *t.shape[1:])[lay.dp_rank]
 
 
@@ -237,10 +237,10 @@ def _check_mappings(rank, world):
 def _check_linears(rank, world):
     """Column- and row-parallel linears (with and without sequence parallelism) against F.linear on the full
     weight: outputs, and the gradients of input, weight and bias."""
-    from opt_core.dist.mesh import Layout
-    from opt_core.dist.tensor_parallel import ParallelContext, column_parallel_linear, row_parallel_linear
+    from opt_core.dist.mesh import RankCoordinates
+    from opt_core.dist.tensor_parallel import TensorParallelism
 
-    layout = Layout.of(_mesh(1, world))
+    coords = RankCoordinates.of(_mesh(1, world))
     n, d_in, d_out = 3 * world, 4 * world, 2 * world
     x = _per_rank((n, d_in), 0, seed=3)
     w = _per_rank((d_out, d_in), 0, seed=4)
@@ -253,12 +253,12 @@ def _check_linears(rank, world):
     outs = slice(rank * (d_out // world), (rank + 1) * (d_out // world))
     ins = slice(rank * (d_in // world), (rank + 1) * (d_in // world))
     for sp in (True, False):
-        ctx = ParallelContext(layout=layout, sequence_parallel=sp)
+        ctx = TensorParallelism(coords, sequence_parallel=sp)
         what = "sequence parallel" if sp else "all-reduce"
         # column parallel: this rank's output features for all tokens
         xl = (x[tokens] if sp else x).clone().requires_grad_()
         wl, bl = w[outs].clone().requires_grad_(), b[outs].clone().requires_grad_()
-        y = column_parallel_linear(xl, wl, bl, ctx)
+        y = ctx.column_linear(xl, wl, bl)
         _close(y, y_dense[:, outs], f"column parallel ({what}) forward")
         y.backward(dy[:, outs])
         _close(xl.grad, xd.grad[tokens] if sp else xd.grad, f"column parallel ({what}) input grad")
@@ -267,7 +267,7 @@ def _check_linears(rank, world):
         # row parallel: this rank's input features -> the full output (its token block under SP)
         xl = x[:, ins].clone().requires_grad_()
         wl, bl = w[:, ins].clone().requires_grad_(), b.clone().requires_grad_()
-        y = row_parallel_linear(xl, wl, bl, ctx)
+        y = ctx.row_linear(xl, wl, bl)
         _close(y, y_dense[tokens] if sp else y_dense, f"row parallel ({what}) forward")
         y.backward(dy[tokens] if sp else dy)
         _close(xl.grad, xd.grad[:, ins], f"row parallel ({what}) input grad")
@@ -360,8 +360,8 @@ def _check_parity_2(rank, world):
         what = f"dp{layout[0]} x tp{layout[1]} {kw or ''}"
         mesh = _mesh(*layout)
         dense, par = _models(mesh, **kw)
-        lay = par._parallel.layout
-        assert par._parallel.sp == (lay.tp > 1 and kw.get("sequence_parallel", True))
+        lay = par.parallelism.coords
+        assert par.parallelism.sequence_parallel == (lay.tp > 1 and kw.get("sequence_parallel", True))
         # Sharded init equals the slices of the unsharded init (tp shards of FSDP-unsharded params).
         for (name, p), (_, q) in zip(dense.named_parameters(), par.named_parameters()):
             assert torch.equal(q.full_tensor(), p.detach()), f"{what}: init of {name}"
@@ -423,6 +423,13 @@ def _check_parity_2(rank, world):
     ids, mask = _batch(torch.Generator().manual_seed(6), 1, masked=True)
     _check_loss_and_grads(dense, par, ids, mask, "post-LN tp2")
 
+    # generate on the parallel model (a KV cache of this rank's heads, the prompt's 21 tokens and each step's
+    # 3 padded to a multiple of tp, the last position's logits gathered): the dense model's greedy tokens.
+    dense, par = _models(_mesh(1, 2), _config(init_std=0.05))  # logits far apart: no argmax ties
+    ids, mask = _batch(torch.Generator().manual_seed(18), 1, masked=True)
+    expected = dense.generate(ids, mask, max_new_tokens=4)
+    assert torch.equal(par.generate(ids, mask, max_new_tokens=4), expected), "tp2 generate"
+
     # Dropout > 0 (attention and residual): runs, repeats for the same seed, differs for another.
     dense, par = _models(_mesh(1, 2), _config(dropout=0.1, attention_dropout=0.1))
     ids, _ = _batch(torch.Generator().manual_seed(7), 1)
@@ -446,11 +453,11 @@ def _check_parity_2(rank, world):
 
     # Masks across ranks: distinct where the ranks hold different data (sequence-parallel tokens, dp rows),
     # identical where tp ranks hold the same replicated activations (no SP), or the replicas would diverge.
-    from opt_core.dist.mesh import Layout
-    from opt_core.dist.tensor_parallel import ParallelContext
+    from opt_core.dist.mesh import RankCoordinates
+    from opt_core.dist.tensor_parallel import TensorParallelism
 
     for layout, sp, distinct in (((1, 2), True, True), ((1, 2), False, False), ((2, 1), False, True)):
-        ctx = ParallelContext(layout=Layout.of(_mesh(*layout)), sequence_parallel=sp)
+        ctx = TensorParallelism(RankCoordinates.of(_mesh(*layout)), sequence_parallel=sp)
         torch.manual_seed(21)  # the same generator state on every rank, as in training
         mask = ctx.dropout(torch.ones(64, 8), 0.5)
         masks = [torch.empty_like(mask) for _ in range(world)]

@@ -1,5 +1,6 @@
 """The harness itself: the numerics rule can fail, poisoning works, the
-interpreter's bf16 defects are fixed, dispatch picks the right path."""
+interpreter's bf16 defects are fixed, dispatch picks the right path and the
+op registration helper follows it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import triton
 import triton.language as tl
 
 from opt_core.kernels import dispatch
+from opt_core.kernels.op_registry import Direction, register_op
 from opt_core.kernels.testing import FORWARD_FACTOR, compare
 
 
@@ -123,3 +125,87 @@ def test_tl_dot_is_right_in_every_dtype(dtype, device):
     _dot_kernel[(1,)](a, b, c, M=16, N=16, K=32)
     expected = a.double() @ b.double()
     torch.testing.assert_close(c.double(), expected, rtol=2e-2 if dtype == torch.float32 else 1e-3, atol=2e-2)
+
+
+# --------------------------------------------------------------------------- op registration
+# A probe op, y = x * scale, whose two paths record which one ran.
+_PATHS_TAKEN: list[str] = []
+
+
+def _probe_kernel(x: torch.Tensor, scale: float) -> torch.Tensor:
+    _PATHS_TAKEN.append("kernel")
+    return x * scale
+
+
+def _probe_reference(x, scale):
+    _PATHS_TAKEN.append("reference")
+    return x * scale
+
+
+def _probe_fake(x, scale):
+    return torch.empty_like(x)
+
+
+def _probe_bwd_kernel(dy: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
+    _PATHS_TAKEN.append("kernel")
+    return dy * scale
+
+
+def _probe_bwd_reference(dy, x, scale):
+    _PATHS_TAKEN.append("reference")
+    return dy * scale
+
+
+def _probe_bwd_fake(dy, x, scale):
+    return torch.empty_like(dy)
+
+
+def _probe_setup_context(ctx, inputs, output):
+    x, scale = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(x)
+
+
+def _probe_gradients(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return torch.ops.opt_core.registry_probe_bwd(dy, x, ctx.scale), None
+
+
+def _register_probe(name, chosen_by="x"):
+    register_op(
+        name, dtypes=(torch.float32,),
+        forward=Direction(_probe_kernel, _probe_reference, _probe_fake, chosen_by=chosen_by),
+        backward=Direction(_probe_bwd_kernel, _probe_bwd_reference, _probe_bwd_fake, chosen_by="x"),
+        setup_context=_probe_setup_context, gradients=_probe_gradients,
+    )
+
+
+_register_probe("registry_probe")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_registered_op_runs_the_path_dispatch_chooses(dtype, device):
+    x = torch.randn(5, dtype=dtype, device=device, requires_grad=True)
+    scale = float(torch.rand(()) + 0.5)
+    expected = "kernel" if dispatch.use_triton(x, (torch.float32,)) else "reference"
+    _PATHS_TAKEN.clear()
+    y = torch.ops.opt_core.registry_probe_fwd(x, scale)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert _PATHS_TAKEN == [expected, expected]  # forward, then backward
+    torch.testing.assert_close(y, x.detach() * scale)
+    torch.testing.assert_close(x.grad, dy * scale)
+    _PATHS_TAKEN.clear()
+    with dispatch.reference_backend():
+        torch.ops.opt_core.registry_probe_fwd(x.detach(), scale)
+    assert _PATHS_TAKEN == ["reference"]
+
+
+def test_registered_op_passes_opcheck():
+    x = torch.randn(4, 3, requires_grad=True)
+    torch.library.opcheck(torch.ops.opt_core.registry_probe_fwd.default, (x, 2.5))
+
+
+def test_register_op_rejects_a_chooser_that_is_no_argument():
+    with pytest.raises(ValueError, match="chosen_by='y' is not an argument of _probe_kernel"):
+        _register_probe("registry_probe_misnamed", chosen_by="y")

@@ -9,6 +9,7 @@ import torch
 
 from opt_core.kernels import dispatch
 from opt_core.config import OPTConfig
+from opt_core.kv_cache import KVCache
 from opt_core.model import OPTForCausalLM
 
 transformers = pytest.importorskip("transformers")
@@ -128,9 +129,10 @@ def test_generate_greedy_and_top_k():
     model = OPTForCausalLM(config)
     prompt = torch.randint(3, config.vocab_size, (2, 5))
     with dispatch.reference_backend():
-        greedy = model.generate(prompt, 6)
-        again = model.generate(prompt, 6)
-        sampled = [model.generate(prompt, 6, top_k=5, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+        greedy = model.generate(prompt, max_new_tokens=6)
+        again = model.generate(prompt, max_new_tokens=6)
+        sampled = [model.generate(prompt, max_new_tokens=6, top_k=5, generator=torch.Generator().manual_seed(7))
+                   for _ in range(2)]
         manual = prompt
         for _ in range(6):
             manual = torch.cat([manual, model(manual).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
@@ -138,7 +140,7 @@ def test_generate_greedy_and_top_k():
     assert torch.equal(sampled[0], sampled[1]) and torch.equal(sampled[0][:, :5], prompt)
     assert model.training  # restored
     with pytest.raises(ValueError, match="top_k"):
-        model.generate(prompt, 2, top_k=0)
+        model.generate(prompt, max_new_tokens=2, top_k=0)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
@@ -185,3 +187,140 @@ def test_fused_qkv_rows_are_grouped_per_head_so_a_row_shard_is_whole_heads():
     assert torch.equal(rank1_of_2[:head_dim], q[2 * head_dim: 3 * head_dim])          # head 2's q
     assert torch.equal(rank1_of_2[head_dim: 2 * head_dim], k[2 * head_dim: 3 * head_dim])  # head 2's k
     assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, heads), (q, k, v)))
+
+
+# --------------------------------------------------------------------------- compile, host syncs, generation
+def _left_padded(config, lengths):
+    """(ids, mask, prompts): random prompts of ``lengths`` left-padded with pad tokens to the longest."""
+    prompts = [torch.randint(3, config.vocab_size, (n,)) for n in lengths]
+    ids = torch.full((len(lengths), max(lengths)), config.pad_token_id)
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, ids.shape[1] - len(p):] = p
+        mask[i, ids.shape[1] - len(p):] = 1
+    return ids, mask, prompts
+
+
+def test_forward_compiles_fullgraph_with_and_without_a_mask_in_training_and_eval():
+    """torch.compile(fullgraph=True): training (dropout everywhere, attention dropout included, with and without
+    activation checkpointing) on a left-padded batch equals eager with the same torch.manual_seed, loss and
+    gradients; eval logits equal eager with and without a mask."""
+    torch._dynamo.reset()
+    config = OPTConfig.from_preset("test", dropout=0.1, attention_dropout=0.1)
+    model = OPTForCausalLM(config)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids, mask, _ = _left_padded(config, (11, 6))
+    with dispatch.reference_backend():
+        for checkpointing in (False, True):
+            model.activation_checkpointing = checkpointing
+            runs = []
+            for m in (compiled, model):
+                model.zero_grad(set_to_none=True)
+                torch.manual_seed(5)
+                loss = m(ids, attention_mask=mask, labels=ids).loss
+                loss.backward()
+                runs.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+            torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-6, atol=0)
+            for a, b in zip(runs[0][1], runs[1][1]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        model.eval()
+        for padding in (mask, None):
+            torch.testing.assert_close(compiled(ids, attention_mask=padding).logits,
+                                       model(ids, attention_mask=padding).logits,
+                                       rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_forward_reads_no_device_data_on_the_host(monkeypatch):
+    """Training forward and backward with a padding mask, labels and dropout on the kernels: no bool() or
+    .item() of a tensor (each would be a GPU sync every step); the padding decision is the mask's presence."""
+    config = OPTConfig.from_preset("test", dropout=0.1, attention_dropout=0.1)
+    model = OPTForCausalLM(config)
+    ids, mask, _ = _left_padded(config, (9, 4))
+
+    def host_read(*args):
+        raise AssertionError("forward read device data on the host")
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", host_read)
+    monkeypatch.setattr(torch.Tensor, "item", host_read)
+    out = model(ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    monkeypatch.undo()
+    assert torch.isfinite(out.loss) and model.decoder.layers[0].self_attn.qkv_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["test", "test-350m"])
+def test_padded_batched_generate_equals_each_prompt_alone_and_transformers(name):
+    """Greedy generate with a KV cache on a left-padded batch: each row equals its prompt generated alone
+    (unpadded) and the batch equals transformers' greedy generate on the same weights, EOS handling included
+    (a row stops at the EOS it produced and is padded after it)."""
+    config = OPTConfig.from_preset(name, init_std=0.05)  # logits far apart: argmax ties cannot flip
+    hf = transformers.OPTForCausalLM(config.to_hf()).eval()
+    ours = OPTForCausalLM(config).eval()
+    ours.load_hf_state_dict(hf.state_dict())
+    ids, mask, prompts = _left_padded(config, (7, 4, 1))
+    new = 8
+    with dispatch.reference_backend():
+        eos = int(ours.generate(ids, mask, max_new_tokens=new)[1, ids.shape[1] + 2])  # row 1 stops by step 3
+        batched = ours.generate(ids, mask, max_new_tokens=new, eos_token_id=eos)
+        alone = [ours.generate(p[None], max_new_tokens=new, eos_token_id=eos)[0] for p in prompts]
+    theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos,
+                         pad_token_id=config.pad_token_id)
+    assert torch.equal(batched, theirs)
+    for row, prompt, solo in zip(batched, prompts, alone):
+        real = row[ids.shape[1] - len(prompt):]
+        assert torch.equal(real[:len(solo)], solo)
+        assert (real[len(solo):] == config.pad_token_id).all()  # after its EOS
+    generated = alone[1][len(prompts[1]):]
+    assert len(generated) <= 3 and generated[-1] == eos and eos not in generated[:-1]
+
+
+def test_kv_cache_decoding_on_the_kernels_equals_recomputing_the_prefix():
+    """The attention kernel reading the cache (seqlen_q 1 against the strided cached keys, padding mask over
+    them) gives each step the logits a full forward over the whole left-padded sequence gives."""
+    config = OPTConfig.from_preset("test-350m", init_std=0.05)
+    model = OPTForCausalLM(config).eval()
+    ids, mask, _ = _left_padded(config, (5, 2))
+    out = model.generate(ids, mask, max_new_tokens=3)
+    cache = KVCache(config.num_layers, out.shape[1])
+    full_mask = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        cached = [model(ids, attention_mask=mask, kv_cache=cache).logits[:, -1]]
+        cached += [model(out[:, n - 1:n], attention_mask=full_mask[:, :n], kv_cache=cache).logits[:, -1]
+                   for n in range(ids.shape[1] + 1, out.shape[1])]
+        for step, logits in enumerate(cached):
+            n = ids.shape[1] + step
+            recomputed = model(out[:, :n], attention_mask=full_mask[:, :n]).logits[:, -1]
+            torch.testing.assert_close(logits, recomputed, rtol=1e-4, atol=1e-5)
+            assert torch.equal(logits.argmax(-1), out[:, n])
+
+
+def test_generate_and_kv_cache_errors_name_the_argument():
+    config = OPTConfig.from_preset("test")
+    model = OPTForCausalLM(config)
+    prompt = torch.randint(3, config.vocab_size, (2, 60))
+    with pytest.raises(ValueError, match="max_new_tokens=5 after a prompt of 60 tokens exceeds"):
+        model.generate(prompt, max_new_tokens=5)
+    with pytest.raises(TypeError, match="attention_mask must be a tensor"):
+        model.generate(prompt[:, :4], 3)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int"):
+        model.generate(prompt[:, :4], max_new_tokens=-1)
+    cache = KVCache(config.num_layers, 8)
+    with pytest.raises(ValueError, match="kv_cache is for inference"):
+        model(prompt[:, :4], kv_cache=cache)
+    with torch.no_grad(), dispatch.reference_backend():
+        model(prompt[:, :4], kv_cache=cache)
+        with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, 6\)"):
+            model(prompt[:, 4:6], attention_mask=torch.ones(2, 2), kv_cache=cache)
+        with pytest.raises(ValueError, match="the KV cache holds 8 positions; 4 are filled and 5 more came"):
+            model(prompt[:, 4:9], kv_cache=cache)
+
+
+def test_save_pretrained_and_from_pretrained_methods_round_trip(tmp_path):
+    config, hf, ours = _pair("test-350m")
+    ours.save_pretrained(tmp_path)
+    again = OPTForCausalLM.from_pretrained(tmp_path)
+    assert again.config == config
+    for (key, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert again.lm_head.weight is again.decoder.embed_tokens.weight

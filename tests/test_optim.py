@@ -5,12 +5,15 @@ Under the CPU interpreter these run the real multi-tensor Triton kernels.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 
 import pytest
 import torch
 
 import opt_core.kernels.adamw as adamw_kernels
+from opt_core.kernels import dispatch
 from opt_core.kernels.testing import FORWARD_FACTOR, assert_close_to_reference
 from opt_core import FusedAdamW
 
@@ -99,6 +102,173 @@ def test_matches_torch_adamw_for_30_steps_then_across_state_dicts(options):
     _assert_same_state(ours2, theirs2, pairs2, rtol=4e-6, atol=2e-7)
 
 
+# --------------------------------------------------------------------------- every keyword AdamW takes
+# Tiny odd-sized parameters in two groups (the last never gets a gradient): cheap under the interpreter.
+SMALL_SHAPES = [(5,), (3, 7), (), (2, 1, 3), (1,)]
+# The (foreach, fused) values torch.optim.AdamW accepts: our step is fused whatever they say.
+IMPLEMENTATION_FLAGS = [(foreach, fused) for foreach in (None, False, True) for fused in (None, False, True)
+                        if not (foreach and fused)]
+PATHS = ["kernel", "reference"]
+
+
+def _small_params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SMALL_SHAPES]
+
+
+def _hyper(value, as_tensor):
+    return torch.tensor(value) if as_tensor else value
+
+
+def _small_groups(params, tensor_lr, tensor_betas):
+    lr = lambda v: _hyper(v, tensor_lr)  # noqa: E731
+    betas = lambda b1, b2: (_hyper(b1, tensor_betas), _hyper(b2, tensor_betas))  # noqa: E731
+    return dict(params=[{"params": params[:2]},
+                        {"params": params[2:], "lr": lr(1e-2), "betas": betas(0.8, 0.95), "eps": 1e-6,
+                         "weight_decay": 0.0}],
+                lr=lr(3e-3), betas=betas(0.9, 0.999), weight_decay=0.1)
+
+
+def _torch_twin_keywords(keywords, tensor_lr, tensor_betas):
+    """The keywords a torch.optim.AdamW twin runs with on the CPU: ours, less what torch refuses there
+    (capturable needs an accelerator unless fused; foreach takes a tensor lr/betas only when capturable)."""
+    twin = dict(keywords)
+    if twin["capturable"] and not twin["fused"]:
+        twin["capturable"] = False
+    if twin["foreach"] and (tensor_lr or tensor_betas) and not twin["capturable"]:
+        twin["foreach"] = False
+    return twin
+
+
+def _path(path):
+    return dispatch.reference_backend() if path == "reference" else contextlib.nullcontext()
+
+
+_HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def _no_host_reads(monkeypatch):
+    """Inside, reading a tensor's value on the host (a device sync on a GPU) raises AssertionError.
+
+    Not inside the interpreter's launches: it simulates on the host a kernel that a GPU runs
+    asynchronously, and reads its arguments to do so."""
+    refusing = [True]
+
+    def refuse(name):
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, **kwargs):
+            if refusing[0]:
+                raise AssertionError(f"Tensor.{name} (a host read) inside a capturable step")
+            return original(self, *args, **kwargs)
+        return guarded
+
+    def launch(original):
+        def run(*args, **kwargs):
+            refusing[0] = False
+            try:
+                return original(*args, **kwargs)
+            finally:
+                refusing[0] = True
+        return run
+
+    with monkeypatch.context() as patch:
+        for name in _HOST_READS:
+            patch.setattr(torch.Tensor, name, refuse(name))
+        for kernel in (adamw_kernels.adamw_kernel, adamw_kernels.grad_stats_kernel):
+            patch.setattr(kernel, "run", launch(kernel.run))
+        yield
+
+
+def test_no_host_reads_guard_catches_host_reads(monkeypatch):
+    t = torch.ones(())
+    with _no_host_reads(monkeypatch):
+        for read in (t.item, lambda: bool(t), lambda: float(t), lambda: int(t), t.tolist):
+            with pytest.raises(AssertionError, match="host read"):
+                read()
+    assert t.item() == 1.0  # restored outside
+
+
+def test_torch_twin_keywords_are_what_torch_adamw_takes_on_the_cpu():
+    # The premise of the comparison below, checked against the installed torch: AdamW steps on the CPU
+    # with every keyword combination the twin rule keeps, and refuses every one it changes.
+    for (foreach, fused), capturable, tensor_lr, tensor_betas in itertools.product(
+            IMPLEMENTATION_FLAGS, (False, True), (False, True), (False, True)):
+        keywords = dict(foreach=foreach, fused=fused, capturable=capturable)
+        p = torch.nn.Parameter(torch.randn(3))
+        p.grad = torch.randn(3)
+        lr, betas = _hyper(1e-3, tensor_lr), (_hyper(0.9, tensor_betas), _hyper(0.99, tensor_betas))
+        accepted = _torch_twin_keywords(keywords, tensor_lr, tensor_betas) == keywords
+        try:
+            torch.optim.AdamW([p], lr=lr, betas=betas, **keywords).step()
+            refused = None
+        except (AssertionError, RuntimeError, ValueError) as e:
+            refused = e
+        assert (refused is None) == accepted, (keywords, tensor_lr, tensor_betas, refused)
+
+
+def _keyword_cases():
+    cases = []
+    axes = itertools.product((False, True), (False, True), (False, True), (False, True), (False, True))
+    for i, (maximize, amsgrad, tensor_lr, tensor_betas, capturable) in enumerate(axes):
+        # Each (foreach, fused) pair meets four different (lr, betas, capturable) kinds.
+        foreach, fused = IMPLEMENTATION_FLAGS[(i + i // 8) % len(IMPLEMENTATION_FLAGS)]
+        keywords = dict(maximize=maximize, amsgrad=amsgrad, capturable=capturable, foreach=foreach, fused=fused)
+        name = "-".join([k for k in ("maximize", "amsgrad", "capturable") if keywords[k]]
+                        + ["lr_tensor" if tensor_lr else "lr_float", "betas_tensor" if tensor_betas else "betas_float",
+                           f"foreach={foreach}", f"fused={fused}"])
+        cases.append(pytest.param(keywords, tensor_lr, tensor_betas, id=name))
+    return cases
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("keywords, tensor_lr, tensor_betas", _keyword_cases())
+def test_steps_equal_torch_adamw_for_every_keyword_combination(monkeypatch, path, keywords, tensor_lr, tensor_betas):
+    ours_p, theirs_p = _small_params(), _small_params()
+    pairs = list(zip(ours_p, theirs_p))
+    ours = FusedAdamW(**_small_groups(ours_p, tensor_lr, tensor_betas), **keywords)
+    theirs = torch.optim.AdamW(**_small_groups(theirs_p, tensor_lr, tensor_betas),
+                               **_torch_twin_keywords(keywords, tensor_lr, tensor_betas))
+    lam = lambda step: 1.0 / (1 + step)  # noqa: E731  (a tensor lr is updated in place)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(ours, lam), torch.optim.lr_scheduler.LambdaLR(theirs, lam)]
+    for step in range(3):
+        _set_grads(pairs, step)
+        with _path(path), (_no_host_reads(monkeypatch) if keywords["capturable"] else contextlib.nullcontext()):
+            ours.step()
+        theirs.step()
+        _assert_same_state(ours, theirs, pairs)
+        for scheduler in schedulers:
+            scheduler.step()
+    for ours_group, their_group in zip(ours.param_groups, theirs.param_groups):
+        assert ours_group.keys() - {"master_weights"} == their_group.keys()
+        assert {k: ours_group[k] for k in keywords} == keywords
+        assert isinstance(ours_group["lr"], torch.Tensor) == tensor_lr
+    assert all(ours.state[p]["step"].device == p.device for p in ours_p if p in ours.state)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_capturable_step_with_amp_and_clipping_reads_nothing_on_the_host(monkeypatch, path):
+    # The fused extras in a capturable step: grad_scale/found_inf from a scaler, clipping, the
+    # non-finite check, tensor lr and betas; against AdamW on gradients unscaled and clipped first.
+    ours_p, theirs_p = _small_params(), _small_params()
+    pairs = list(zip(ours_p, theirs_p))
+    ours = FusedAdamW(**_small_groups(ours_p, True, True), capturable=True, max_grad_norm=0.5, skip_nonfinite=True)
+    theirs = torch.optim.AdamW(**_small_groups(theirs_p, False, False), foreach=False)
+    scale = 256.0
+    for step in range(2):
+        _set_grads(pairs, step)
+        for p in ours_p:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        ours.grad_scale, ours.found_inf = torch.full((), scale), torch.zeros(())
+        with _path(path), _no_host_reads(monkeypatch):
+            ours.step()
+        torch.nn.utils.clip_grad_norm_([p for p in theirs_p if p.grad is not None], 0.5)
+        theirs.step()
+        _assert_same_state(ours, theirs, pairs, rtol=1e-5, atol=1e-6)
+
+
 def test_fp32_error_is_within_the_rule_against_float64():
     # The numerics rule of DESIGN.md, applied to the optimizer: our fp32 step's
     # error against AdamW in float64 is at most 2x torch's own fp32 step's.
@@ -137,7 +307,8 @@ def test_closure_is_called_with_grad_enabled():
     assert loss.requires_grad and int(opt.state[p]["step"]) == 1
 
 
-def test_found_inf_leaves_every_tensor_unchanged():
+@pytest.mark.parametrize("path", PATHS)
+def test_found_inf_leaves_every_tensor_unchanged(path):
     params = _params()
     opt = FusedAdamW(params, amsgrad=True)
     for p in params:
@@ -146,7 +317,8 @@ def test_found_inf_leaves_every_tensor_unchanged():
     snapshot = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
     opt.found_inf = torch.ones(())
     opt.grad_scale = torch.full((), 8.0)
-    opt.step()
+    with _path(path):
+        opt.step()
     del opt.found_inf, opt.grad_scale
     for a, b in zip(snapshot[1], params):
         assert torch.equal(a, b)
@@ -210,7 +382,7 @@ def test_memory_efficient_recipe_matches_upcast_step_round(dtype):
 
 def test_launches_do_not_grow_with_the_number_of_parameters(monkeypatch):
     launches = []
-    kernel = adamw_kernels._adamw_kernel
+    kernel = adamw_kernels.adamw_kernel
     original = kernel.run
 
     def counting_run(*args, **kwargs):
@@ -293,6 +465,93 @@ def test_skip_nonfinite_skips_the_whole_step():
     assert all(int(opt.state[p]["step"]) == 1 for p in params if p in opt.state)
 
 
+# --------------------------------------------------------------------------- param groups and state dicts
+def _same_value(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and len(a) == len(b) and all(map(_same_value, a, b))
+    return a == b
+
+
+def test_param_groups_and_defaults_look_like_torch_adamw():
+    keywords = lambda: dict(lr=torch.tensor(2e-3), betas=(torch.tensor([0.8]), torch.tensor([0.99])),  # noqa: E731
+                            eps=1e-6, weight_decay=0.05, amsgrad=True, maximize=True, foreach=False, fused=True,
+                            capturable=True)
+    ours = FusedAdamW([torch.nn.Parameter(torch.randn(3))], **keywords())
+    theirs = torch.optim.AdamW([torch.nn.Parameter(torch.randn(3))], **keywords())
+    for mine, torchs in ((ours.defaults, theirs.defaults), (ours.param_groups[0], theirs.param_groups[0])):
+        assert mine.keys() - {"master_weights"} == torchs.keys()
+        different = [k for k in torchs if k != "params" and not _same_value(mine[k], torchs[k])]
+        assert not different, different
+    assert ours.param_groups[0]["betas"][0].shape == ()  # a 1-element beta kept as its 0-d view, as AdamW keeps it
+
+
+def _checkpoint_params(dtype=torch.float32):
+    return [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in ((5,), (6,), (2, 3))]
+
+
+def _two_groups(params, **options):
+    return [{"params": params[:2], **options}, {"params": params[2:]}]
+
+
+def _torch_checkpoint():
+    """torch.optim.AdamW's state dict after one step (amsgrad: every moment key)."""
+    params = _checkpoint_params()
+    opt = torch.optim.AdamW(_two_groups(params), amsgrad=True, foreach=False)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return opt.state_dict()
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda sd: sd["state"][1].update(exp_avg=torch.zeros(4)),
+     r"param_groups\[0\]\['params'\]\[1\]: exp_avg has shape \(4,\), the parameter has \(6,\)"),
+    (lambda sd: sd["state"][2].update(exp_avg_sq=torch.zeros(2, 3, dtype=torch.int64)),
+     r"param_groups\[1\]\['params'\]\[0\]: exp_avg_sq has dtype torch.int64, a floating-point dtype is needed"),
+    (lambda sd: sd["state"][0].update(max_exp_avg_sq=torch.zeros(5, 1)),
+     r"param_groups\[0\]\['params'\]\[0\]: max_exp_avg_sq has shape \(5, 1\), the parameter has \(5,\)"),
+    (lambda sd: sd["state"][2].update(master_param=torch.zeros(3, 2)),
+     r"param_groups\[1\]\['params'\]\[0\]: master_param has shape \(3, 2\), the parameter has \(2, 3\)"),
+    (lambda sd: sd["state"][0].update(exp_avg=[0.0] * 5), r"\['params'\]\[0\]: exp_avg is a list, not a tensor"),
+    (lambda sd: sd["state"][1].pop("exp_avg_sq"), r"param_groups\[0\]\['params'\]\[1\]: the saved state has no 'exp_avg_sq'"),
+    (lambda sd: sd["state"][0].update(step=torch.zeros(2)), r"\['params'\]\[0\]: step has shape \(2,\)"),
+    (lambda sd: sd["param_groups"][0]["params"].pop(), r"param_groups\[0\] has 1 parameters there, 2 here"),
+    (lambda sd: sd["param_groups"].pop(), "different number of parameter groups"),
+    (lambda sd: sd["param_groups"][1].update(differentiable=True), "differentiable=True"),
+], ids=["shape", "dtype", "amsgrad-shape", "master-shape", "not-a-tensor", "missing-key", "step-shape",
+        "group-size", "group-count", "differentiable"])
+def test_load_state_dict_refuses_a_state_that_does_not_fit_and_changes_nothing(corrupt, message):
+    params = _checkpoint_params()
+    opt = FusedAdamW(_two_groups(params, lr=3e-3), amsgrad=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with dispatch.reference_backend():
+        opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    saved = _torch_checkpoint()
+    corrupt(saved)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(saved)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][i][k], v) for i, st in before["state"].items() for k, v in st.items())
+
+
+def test_loading_a_torch_adamw_state_dict_keeps_master_weights():
+    # torch's groups have no master_weights key: ours keeps its own, and the masters are made on load.
+    saved = _torch_checkpoint()
+    params = _checkpoint_params(torch.bfloat16)
+    opt = FusedAdamW(_two_groups(params), amsgrad=True, master_weights=True)
+    opt.load_state_dict(copy.deepcopy(saved))
+    assert all(g["master_weights"] for g in opt.param_groups)
+    for i, p in enumerate(params):
+        state = opt.state[p]
+        assert torch.equal(state["master_param"], p.detach().float())
+        assert torch.equal(state["exp_avg"], saved["state"][i]["exp_avg"]) and state["exp_avg"].dtype == torch.float32
+
+
 # --------------------------------------------------------------------------- errors
 def test_invalid_arguments_raise_named_errors():
     p = [torch.nn.Parameter(torch.randn(3))]
@@ -306,14 +565,45 @@ def test_invalid_arguments_raise_named_errors():
     ]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             FusedAdamW(p, **kwargs)
-    with pytest.raises(TypeError, match="lr must be a float"):
-        FusedAdamW(p, lr=torch.tensor(0.1))
+    for kwargs, error, message in [
+        (dict(lr=torch.tensor([0.1, 0.2])), ValueError, "Tensor lr must be 1-element"),
+        (dict(lr=torch.tensor(-0.1)), ValueError, "Invalid learning rate"),
+        (dict(betas=(torch.tensor(0.9), 0.999)), ValueError, "both floats or both Tensors"),
+        (dict(betas=(torch.tensor([0.9, 0.8]), torch.tensor(0.999))), ValueError, r"Tensor betas\[0\] must be 1-element"),
+        (dict(betas=(torch.tensor(0.9), torch.tensor(1.0))), ValueError, "Invalid beta parameter at index 1"),
+        (dict(betas=(0.9,)), ValueError, "betas must be a pair"),
+        (dict(eps=torch.tensor(1e-8)), TypeError, "eps must be a float"),
+        (dict(weight_decay=torch.tensor(0.1)), TypeError, "weight_decay must be a float"),
+        (dict(foreach=True, fused=True), ValueError, "`fused` and `foreach` cannot be `True` together"),
+        (dict(differentiable=True), ValueError, "differentiable=True"),
+    ]:
+        with pytest.raises(error, match=message):
+            FusedAdamW(p, **kwargs)
+    opt = FusedAdamW(p)
+    for group, message in [({"differentiable": True}, "differentiable=True"),
+                           ({"decoupled_weight_decay": False}, "decoupled_weight_decay must be True"),
+                           ({"lr": -1.0}, "Invalid learning rate")]:
+        with pytest.raises(ValueError, match=message):
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], **group})
+    assert len(opt.param_groups) == 1  # a refused group is not kept
     with pytest.raises(TypeError, match="complex"):
         FusedAdamW([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))])
     with pytest.raises(TypeError, match="floating-point"):
         FusedAdamW([torch.zeros(3, dtype=torch.int64)])
     with pytest.raises(ValueError, match="one device"):
         FusedAdamW([torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3, device="meta"))])
+
+
+def test_functional_adamw_step_names_a_bad_hyperparameter():
+    p, g = torch.randn(4), torch.randn(4)
+    state = dict(exp_avgs=[torch.zeros(4)], exp_avg_sqs=[torch.zeros(4)], steps=[torch.zeros(())])
+    good = dict(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
+    for bad, error, message in [(dict(lr=torch.ones(2)), ValueError, "lr as a tensor must have 1"),
+                                (dict(beta2=torch.ones((), dtype=torch.int64)), ValueError, "beta2 as a tensor"),
+                                (dict(beta1="0.9"), TypeError, "beta1 must be a float or a 1-element tensor"),
+                                (dict(eps=torch.tensor(1e-8)), TypeError, "eps must be a float")]:
+        with pytest.raises(error, match=message):
+            adamw_kernels.adamw_step([p], [g], **state, **{**good, **bad})
 
 
 def test_sparse_gradients_are_rejected():
@@ -379,26 +669,43 @@ def test_gpu_matches_torch_fused_and_loads_cpu_saved_state(dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_step_is_capturable_in_a_cuda_graph():
+@pytest.mark.parametrize("tensor_hyper", [False, True], ids=["float_lr_betas", "tensor_lr_betas"])
+def test_gpu_step_is_capturable_in_a_cuda_graph(tensor_hyper):
     # No host synchronisation inside step(): after a warm-up step (tables built and cached), the
-    # whole step (kernel, bias corrections, step counters) replays from a CUDA graph.
+    # whole step (kernel, bias corrections, step counters) replays from a CUDA graph.  With device
+    # tensors for lr and betas (capturable=True), an lr changed in place between replays (as a
+    # scheduler changes a tensor lr) is what every replay reads.
     params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in ((1000, 33), (7,), ())]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for p, q in zip(params, twins):
         p.grad = torch.randn_like(p)
         q.grad = p.grad.clone()
-    opt = FusedAdamW(params, lr=1e-2)
-    ref = torch.optim.AdamW(twins, lr=1e-2, foreach=False)
+
+    def hyper():
+        if not tensor_hyper:
+            return dict(lr=1e-2, betas=(0.9, 0.999))
+        return dict(lr=torch.tensor(1e-2, device="cuda"),
+                    betas=(torch.tensor(0.9, device="cuda"), torch.tensor(0.999, device="cuda")))
+
+    opt = FusedAdamW(params, capturable=tensor_hyper, **hyper())
+    ref = torch.optim.AdamW(twins, foreach=False, **hyper())
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        opt.step()  # warm-up outside the capture
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call in the step raises
+        try:
+            opt.step()  # warm-up outside the capture
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     torch.cuda.current_stream().wait_stream(stream)
     ref.step()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
-    for _ in range(3):
+    for i in range(3):
+        if tensor_hyper:
+            for o in (opt, ref):
+                o.param_groups[0]["lr"].fill_(1e-2 / (2 + i))
         graph.replay()
         ref.step()
     torch.cuda.synchronize()

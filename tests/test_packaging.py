@@ -126,7 +126,7 @@ def test_functions_never_shadow_their_modules():
         assert callable(fn) and not isinstance(fn, types.ModuleType), name
     assert functional.attention.__module__ == "opt_core.kernels.attention"
     assert set(opt_core.__all__) == {"DynamicLossScaler", "FusedAdamW", "FusedLayerNorm", "FusedSelfAttention",
-                                     "OPTConfig", "OPTForCausalLM", "ReLUMLP"}
+                                     "OPTConfig", "OPTForCausalLM", "ReLUMLP", "replace_layer_norms"}
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         opt_core.Nope  # noqa: B018
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from opt_core import functional
-from opt_core.kernels import dispatch, reference
+from opt_core.kernels import aot_cases, dispatch, reference
 from opt_core.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
 from opt_core import ReLUMLP
 
@@ -422,8 +422,8 @@ def test_config_pruning():
     assert all(c.kwargs["BLOCK_M"] == 64 for c in tiny) and tiny
 
 
-def test_aot_cases_cover_every_gemm_at_the_issue_widths():
-    cases = mlp.aot_cases()
+def test_aot_cases_cover_every_gemm_at_the_opt_widths():
+    cases = aot_cases.relu_mlp_cases()
     names = [c.name for c in cases]
     assert len(names) == len(set(names)) and len(cases) < 120
     for role in ("fc1", "fc2", "dh", "dx", "dw2+dw1", "dropout_bwd"):

@@ -1,0 +1,329 @@
+"""What the ahead-of-time compile check compiles: every kernel at production shapes, once per autotune
+config its module keeps there (``opt_core.kernels.aot`` compiles and judges them; run it with
+``python -m opt_core.kernels.compile_check``).
+
+Each case passes the arguments a launch passes, built from the kernel modules' config lists, prune
+functions and launch helpers, so the compiled code is the code a launch gets.  Widths and head dims
+are OPT's (125M ... 175B) at the benchmark shapes, 16k tokens; where several of them specialise to the
+same code, that code is compiled once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+
+from opt_core.kernels import adamw, aot, attention, layer_norm, relu_mlp
+
+
+def all_cases() -> list[aot.Case]:
+    cases = [*adamw_cases(), *attention_cases(), *layer_norm_cases(), *relu_mlp_cases()]
+    names = [c.name for c in cases]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise ValueError(f"duplicate AOT case names: {sorted(duplicates)}")
+    return cases
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------- adamw
+def adamw_cases() -> list[aot.Case]:
+    cases = []
+    table = dict(ADDRS=torch.int64, NUMELS=torch.int64, CHUNKS=torch.int64)
+    for p_dtype, g_dtype, master in ((torch.float32, torch.float32, False), (torch.bfloat16, torch.bfloat16, False),
+                                     (torch.float16, torch.float16, False), (torch.bfloat16, torch.bfloat16, True),
+                                     (torch.float16, torch.float16, True)):
+        tag = f"{_dtype_name(p_dtype)}{',master' if master else ''}"
+        for amsgrad in (False, True):
+            cases.append(aot.case(
+                f"adamw_step[{tag}{',amsgrad' if amsgrad else ''}]", adamw.adamw_kernel,
+                dict(**table, STEP_SIZE=torch.float32, BC2_SQRT=torch.float32, INV_SCALE=torch.float32,
+                     CLIP_COEF=torch.float32, FOUND_INF=torch.float32, decay=0.99, beta1=0.9, one_minus_beta1=0.1,
+                     beta2=0.95, one_minus_beta2=0.05, eps=1e-8),
+                dict(P_DTYPE=adamw.TL_DTYPES[p_dtype], G_DTYPE=adamw.TL_DTYPES[g_dtype], HAS_MASTER=master,
+                     AMSGRAD=amsgrad, MAXIMIZE=False, HAS_INV_SCALE=True, HAS_CLIP=True, HAS_FOUND_INF=True,
+                     CHUNK_SIZE=65536, BLOCK_SIZE=2048),
+                num_warps=adamw.NUM_WARPS,
+            ))
+    for g_dtype in adamw.KERNEL_DTYPES:
+        cases.append(aot.case(
+            f"grad_stats[{_dtype_name(g_dtype)}]", adamw.grad_stats_kernel,
+            dict(**table, INV_SCALE=torch.float32, SUMSQ=torch.float32, NONFINITE=torch.int32),
+            dict(G_DTYPE=adamw.TL_DTYPES[g_dtype], HAS_INV_SCALE=True, UNSCALE_IN_PLACE=True,
+                 CHUNK_SIZE=65536, BLOCK_SIZE=2048),
+            num_warps=adamw.NUM_WARPS,
+        ))
+    return cases
+
+
+# --------------------------------------------------------------------------- attention
+# OPT's head dims (64: 125M-1.3B, 80: 2.7B, 128: 6.7B-175B) and the largest accepted one, at the
+# benchmark shape: 16k tokens per batch, seqlen 8192.
+ATTENTION_HEADS = {64: 12, 80: 32, 128: 32, 256: 16}  # head_dim -> heads
+ATTENTION_SEQLEN = 8192
+# Seeds as a launch passes them (never specialised): an i32 one without dropout, an i64 one (drawn in
+# [0, 2**63)) with dropout.
+_ATTENTION_SEED = {False: 12345, True: 2 ** 40 + 12345}
+_ATTENTION_KERNELS = {  # kind -> (kernel, its autotune configs, its prune function)
+    "fwd": (attention.fwd_kernel, attention.FWD_CONFIGS, attention.prune_fwd_configs),
+    "dkdv": (attention.bwd_dkdv_kernel, attention.BWD_DKDV_CONFIGS, attention.prune_bwd_dkdv_configs),
+    "dq": (attention.bwd_dq_kernel, attention.BWD_DQ_CONFIGS, attention.prune_bwd_dq_configs),
+    "pre": (attention.bwd_preprocess_kernel, attention.BWD_PRE_CONFIGS, attention.prune_bwd_pre_configs),
+}
+
+
+def _attention_args(dtype, head_dim, padding_mask, dropout):
+    """Every runtime argument of the attention kernels at the benchmark shape (each kernel reads its
+    own): (batch, seqlen, heads, head_dim) tensors in their natural layout."""
+    S, heads = ATTENTION_SEQLEN, ATTENTION_HEADS[head_dim]
+    args = dict(
+        Q=dtype, K=dtype, V=dtype, KPM=torch.uint8 if padding_mask else dtype, O=dtype, DO=dtype, DQ=dtype,
+        DK=dtype, DV=dtype, LSE=torch.float32, DELTA=torch.float32,
+        heads=heads, seqlen_q=S, seqlen_k=S, seqlen_bucket=S, qk_scale=0.1, sm_scale=0.1,
+        dropout_p=0.1 if dropout else 0.0, dropout_scale=1.0 / 0.9 if dropout else 1.0,
+        seed=_ATTENTION_SEED[dropout], stride_mb=S if padding_mask else 0, stride_mn=1 if padding_mask else 0,
+    )
+    for tensor in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
+        args.update({f"stride_{tensor}{axis}": s for axis, s in zip("bsh", (S * heads * head_dim, heads * head_dim,
+                                                                            head_dim))})
+    return args
+
+
+def _attention_configs(kind, flags, variant):
+    """The configs a launch with these flags keeps.  The padding-mask variant lists only the shapes not
+    also kept with dropout: mask and dropout together compile a superset of the mask-only code."""
+    _, configs, prune = _ATTENTION_KERNELS[kind]
+    kept = prune(configs, {}, **flags)
+    if variant == attention.PADDING_MASK:
+        with_dropout = prune(configs, {}, **dict(flags, HAS_DROPOUT=True))
+        kept = [c for c in kept if c not in with_dropout]
+    return kept
+
+
+def _attention_kernel_cases(kind, dtype, head_dim, variant=attention.PLAIN, *, tma=False):
+    """AOT cases of one kernel ("fwd", "dkdv", "dq", "pre"), causal, for the configs its prune function
+    keeps; with ``tma``, the streamed operands as descriptors, for sm_90 only."""
+    fn = _ATTENTION_KERNELS[kind][0]
+    padding_mask, dropout = variant != attention.PLAIN, variant == attention.DROPOUT
+    args = _attention_args(dtype, head_dim, padding_mask, dropout)
+    flags = dict(HEAD_DIM=head_dim, BLOCK_D=attention.block_d(head_dim))
+    tag = f"D={head_dim},{_dtype_name(dtype)}"
+    if kind != "pre":
+        flags.update(CAUSAL=True, HAS_KPM=padding_mask, HAS_DROPOUT=dropout,
+                     DOT_PRECISION=attention.dot_precision(dtype), TMA=tma)
+        tag += f",causal{',kpm' if padding_mask else ''}{',dropout' if dropout else ''}{',tma' if tma else ''}"
+    cases = []
+    for cfg in _attention_configs(kind, flags, variant):
+        # fp32 multiplies on the FMA units (exact fp32), not the tensor cores; wgmma takes 64 rows per
+        # warpgroup, so a dot with 32 rows (the dK/dV kernel's key block at head_dim 256 with dropout)
+        # is mma.sync on sm_90.
+        rows = cfg.kwargs["BLOCK_N"] if kind == "dkdv" else cfg.kwargs["BLOCK_M"]
+        tensor_cores = kind != "pre" and dtype != torch.float32 and rows >= 64
+        launch = dict(args)
+        if tma:
+            names, block = attention.STREAMED[kind]
+            for name in names:
+                launch[name] = aot.Descriptor(dtype, (1, cfg.kwargs[block], 1, flags["BLOCK_D"]))
+        meta = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+        cases.append(aot.case(
+            f"attention_{kind}[{tag},{meta},warps={cfg.num_warps},stages={cfg.num_stages}]",
+            fn, launch, dict(flags, **cfg.kwargs),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_cores=tensor_cores,
+            archs=(90,) if tma else aot.ARCHS,
+        ))
+    return cases
+
+
+def _attention_variants(head_dim):
+    # head_dim 80 shares 128's tile; only its head_dim masks differ, which the plain variant compiles.
+    if head_dim == 80:
+        return (attention.PLAIN,)
+    return (attention.PLAIN, attention.PADDING_MASK, attention.DROPOUT)
+
+
+def attention_cases() -> list[aot.Case]:
+    """Every (shape, variant) the tables keep, bf16 and causal, at head_dim 64, 80, 128 and 256; the
+    same for fp32 inputs at 64, 128 and 256; fp16 once per kernel; the TMA path (sm_90; bf16 and fp16
+    share it) at OPT's head dims; the delta preprocess per tile.  The dropout variant is compiled with
+    the padding mask too (dropout without a mask runs a subset of that code)."""
+    cases = []
+    for dtype, head_dims in ((torch.bfloat16, (64, 80, 128, 256)), (torch.float32, (64, 128, 256))):
+        for head_dim in head_dims:
+            for kind in ("fwd", "dkdv", "dq"):
+                for variant in _attention_variants(head_dim):
+                    cases += _attention_kernel_cases(kind, dtype, head_dim, variant)
+    for kind in ("fwd", "dkdv", "dq"):
+        cases += _attention_kernel_cases(kind, torch.float16, 128)[:1]
+    for head_dim in (64, 80, 128):
+        for kind in ("fwd", "dkdv", "dq"):
+            for variant in _attention_variants(head_dim):
+                cases += _attention_kernel_cases(kind, torch.bfloat16, head_dim, variant, tma=True)
+    for head_dim in (64, 80, 128, 256):
+        cases += _attention_kernel_cases("pre", torch.bfloat16, head_dim)
+    return cases
+
+
+# --------------------------------------------------------------------------- layer_norm
+# Every OPT width; widths sharing a power-of-two tile compile the same code, so each tile is compiled
+# once, at the widest such OPT width.
+LAYER_NORM_WIDTHS = (768, 1024, 2048, 2560, 4096, 5120, 7168, 9216, 12288)
+LAYER_NORM_ROWS = 16384
+# The backward's grid on an H100/H200: two programs per SM.
+_LAYER_NORM_BWD_PROGRAMS = 2 * 132
+
+
+def _layer_norm_bwd_kernel(block_n):
+    """(kernel, name, tile constexprs, configs) of the backward a row of tile ``block_n`` takes."""
+    if block_n <= layer_norm.MAX_REGISTER_ROW_BWD:
+        return (layer_norm.bwd_kernel, "layer_norm_bwd", dict(BLOCK_N=block_n),
+                layer_norm.prune_bwd_configs(layer_norm.BWD_CONFIGS, {}, BLOCK_N=block_n))
+    chunk = layer_norm.WIDE_CHUNK
+    return (layer_norm.bwd_wide_kernel, "layer_norm_bwd_wide", dict(CHUNK=chunk),
+            layer_norm.prune_bwd_wide_configs(layer_norm.BWD_WIDE_CONFIGS, {}, CHUNK=chunk))
+
+
+def layer_norm_cases() -> list[aot.Case]:
+    """Forward with residual, weight and bias; backward with the residual's gradient, weight and bias."""
+    cases = []
+    by_block = {triton.next_power_of_2(n): n for n in sorted(LAYER_NORM_WIDTHS)}
+    for block_n, N in sorted(by_block.items()):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            tag = f"N={N},{_dtype_name(dtype)}"
+            fwd_args = dict(
+                X=dtype, RES=dtype, W=dtype, B=dtype, Y=dtype, H=dtype, MEAN=torch.float32, RSTD=torch.float32,
+                stride_xm=N, stride_xn=1, stride_rm=N, stride_rn=1, M=LAYER_NORM_ROWS, N=N, eps=1e-5,
+            )
+            for cfg in layer_norm.prune_fwd_configs(layer_norm.FWD_CONFIGS, {}, BLOCK_N=block_n):
+                cases.append(aot.case(
+                    f"layer_norm_fwd[{tag},BLOCK_M={cfg.kwargs['BLOCK_M']},warps={cfg.num_warps}]",
+                    layer_norm.fwd_kernel, fwd_args,
+                    dict(HAS_RES=True, HAS_W=True, HAS_B=True, BLOCK_N=block_n, **cfg.kwargs),
+                    num_warps=cfg.num_warps,
+                ))
+            bwd_args = dict(
+                X=dtype, W=dtype, DY=dtype, DH=dtype, DX=dtype, DW_PART=torch.float32, DB_PART=torch.float32,
+                MEAN=torch.float32, RSTD=torch.float32, stride_xm=N, stride_xn=1, stride_dym=N, stride_dyn=1,
+                stride_dhm=N, stride_dhn=1, M=LAYER_NORM_ROWS, N=N,
+                rows_per_program=triton.cdiv(LAYER_NORM_ROWS, _LAYER_NORM_BWD_PROGRAMS),
+            )
+            kernel, name, tile, configs = _layer_norm_bwd_kernel(block_n)
+            for cfg in configs:
+                cases.append(aot.case(
+                    f"{name}[{tag},BLOCK_M={cfg.kwargs['BLOCK_M']},warps={cfg.num_warps}]",
+                    kernel, bwd_args, dict(HAS_DH=True, HAS_W=True, HAS_B=True, **tile, **cfg.kwargs),
+                    num_warps=cfg.num_warps,
+                ))
+    return cases
+
+
+# --------------------------------------------------------------------------- relu_mlp
+# OPT widths of 125M, 2.7B and 175B, ffn = 4d, 16k tokens.  All are multiples of 16, so each kernel
+# specialises identically at every width and the compiled code is the same: a (kernel, layout, dtype,
+# config) is compiled once and named with every width it covers, and dW1/dW2 share one kernel and
+# layout.
+RELU_MLP_WIDTHS = (768, 2560, 12288)
+RELU_MLP_TOKENS = 16384
+RELU_MLP_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_RELU_MLP_SEED = 0x5DEECE66D  # odd and above 2^31: an unspecialised int64, as a drawn seed is
+
+
+def _relu_mlp_gemms(d, dtype):
+    """(role, kernel, args, flags) for every GEMM of the block at width d, on the pointer path."""
+    M, ffn = RELU_MLP_TOKENS, 4 * d
+    common = dict(INPUT_PRECISION=relu_mlp.input_precision(dtype), TMA=False, A_T=False, B_T=False)
+    fc = dict(BIAS=dtype, seed=0, drop_threshold=0, drop_scale=1.0)
+    return [
+        ("fc1", relu_mlp.fc_kernel,
+         dict(A=dtype, B=dtype, RES=None, C=dtype, M=M, N=ffn, K=d, stride_am=d, stride_ak=1,
+              stride_bk=1, stride_bn=d, stride_rm=0, stride_rn=0, stride_cm=ffn, **fc),
+         dict(HAS_BIAS=True, RELU=True, DROPOUT=False, HAS_RESIDUAL=False, **common)),
+        ("fc2", relu_mlp.fc_kernel,
+         dict(A=dtype, B=dtype, RES=dtype, C=dtype, M=M, N=d, K=ffn, stride_am=ffn, stride_ak=1,
+              stride_bk=1, stride_bn=ffn, stride_rm=d, stride_rn=1, stride_cm=d,
+              **dict(fc, seed=_RELU_MLP_SEED, drop_threshold=relu_mlp.dropout_threshold(0.1), drop_scale=1 / 0.9)),
+         dict(HAS_BIAS=True, RELU=False, DROPOUT=True, HAS_RESIDUAL=True, **common)),
+        ("dh", relu_mlp.dh_kernel,
+         dict(A=dtype, B=dtype, H=dtype, DH=dtype, DB_PART=torch.float32, M=M, N=ffn, K=d,
+              stride_am=d, stride_ak=1, stride_bk=ffn, stride_bn=1, stride_hm=ffn, stride_dhm=ffn),
+         dict(HAS_DBIAS=True, **common)),
+        ("dw2", relu_mlp.matmul_kernel,  # g^T @ h
+         dict(A=dtype, B=dtype, C=dtype, M=d, N=ffn, K=M, stride_am=1, stride_ak=d, stride_bk=ffn,
+              stride_bn=1, stride_cm=ffn), common),
+        ("dx", relu_mlp.matmul_kernel,  # dh @ W1
+         dict(A=dtype, B=dtype, C=dtype, M=M, N=d, K=ffn, stride_am=ffn, stride_ak=1, stride_bk=d,
+              stride_bn=1, stride_cm=d), common),
+        ("dw1", relu_mlp.matmul_kernel,  # dh^T @ x
+         dict(A=dtype, B=dtype, C=dtype, M=ffn, N=d, K=M, stride_am=1, stride_ak=ffn, stride_bk=d,
+              stride_bn=1, stride_cm=d), common),
+    ]
+
+
+def _relu_mlp_gemm_cases(d, dtype):
+    """(role, tag, d, case) for every GEMM at width d and each config its prune function keeps; in bf16
+    also on the TMA path (sm_90, fp16 shares it), the operands as descriptors in the orientation they
+    are stored in."""
+    named = []
+    for role, kernel, args, flags in _relu_mlp_gemms(d, dtype):
+        for tma in ([False, True] if dtype == torch.bfloat16 else [False]):
+            layout = dict(TMA=tma, A_T=tma and args["stride_am"] == 1, B_T=tma and args["stride_bk"] == 1)
+            for cfg in relu_mlp.prune_gemm_configs(relu_mlp.GEMM_CONFIGS, args, **dict(flags, **layout)):
+                bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+                tag = (f"{_dtype_name(dtype)}{',tma' if tma else ''},{bm}x{bn}x{bk},"
+                       f"w{cfg.num_warps},s{cfg.num_stages}")
+                launch = dict(args)
+                if tma:
+                    launch["A"] = aot.Descriptor(dtype, (bk, bm) if layout["A_T"] else (bm, bk))
+                    launch["B"] = aot.Descriptor(dtype, (bn, bk) if layout["B_T"] else (bk, bn))
+                named.append((role, tag, d, aot.case(
+                    role, kernel, launch, dict(flags, **layout, **cfg.kwargs), num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages, tensor_cores=dtype != torch.float32,
+                    archs=(90,) if tma else aot.ARCHS,
+                )))
+    return named
+
+
+def _relu_mlp_dropout_bwd_cases(d, dtype):
+    args = dict(DY=dtype, G=dtype, DB_PART=torch.float32, M=RELU_MLP_TOKENS, N=d, stride_dym=d, stride_dyn=1,
+                rows_per_program=RELU_MLP_TOKENS // 8, seed=_RELU_MLP_SEED,
+                drop_threshold=relu_mlp.dropout_threshold(0.1), drop_scale=1 / 0.9)
+    named = []
+    for cfg in relu_mlp.prune_dropout_bwd_configs(relu_mlp.DROPOUT_BWD_CONFIGS, args):
+        k = cfg.kwargs
+        named.append(("dropout_bwd", f"{_dtype_name(dtype)},{k['BLOCK_M']}x{k['BLOCK_N']},w{cfg.num_warps}", d,
+                      aot.case("relu_mlp_dropout_bwd", relu_mlp.dropout_bwd_kernel, args,
+                               dict(DROPOUT=True, WRITE_G=True, HAS_DBIAS=True, **k), num_warps=cfg.num_warps)))
+    return named
+
+
+def _compile_key(c):
+    return (c.module, c.kernel, tuple(sorted(c.signature.items())), tuple(sorted(map(repr, c.constexprs.items()))),
+            tuple(sorted(c.divisible_by_16)), c.num_warps, c.num_stages)
+
+
+def _merge_widths(named):
+    """One case per distinct compile, named with every role and width it covers."""
+    merged = {}
+    for role, tag, d, case in named:
+        roles, widths, _, _ = merged.setdefault(_compile_key(case), ([], [], tag, case))
+        if role not in roles:
+            roles.append(role)
+        if d not in widths:
+            widths.append(d)
+    return [
+        dataclasses.replace(case, name=f"relu_mlp_{'+'.join(roles)}[d={'/'.join(map(str, widths))},{tag}]")
+        for roles, widths, tag, case in merged.values()
+    ]
+
+
+def relu_mlp_cases() -> list[aot.Case]:
+    named = []
+    for dtype in RELU_MLP_DTYPES:
+        for d in RELU_MLP_WIDTHS:
+            named += _relu_mlp_gemm_cases(d, dtype)
+            named += _relu_mlp_dropout_bwd_cases(d, dtype)
+    return _merge_widths(named)
