@@ -161,6 +161,24 @@ def _check_state_dict(groups: list[dict[str, Any]], state_dict: dict[str, Any]) 
             _check_param_state(f"param_groups[{gi}]['params'][{pos}]", saved_state.get(pid), param)
 
 
+BACKENDS = ("triton", "cuda")
+
+
+def _backend(name: str):
+    """The module whose ``adamw_step`` / ``grad_stats`` run the step: the Triton kernels, or the hand-written
+    CUDA C++ ones (``opt_core.kernels.cuda_backend``: the CMake-built library through ctypes, or CuPy compiling
+    the same sources at run time).  Asking for "cuda" where neither loader is available fails here, naming what
+    is missing, not at the first step."""
+    if name == "triton":
+        return triton_adamw
+    if name == "cuda":
+        from opt_core.kernels import cuda_backend
+
+        cuda_backend.loader()  # raises BackendUnavailable with the build command and the CuPy package
+        return cuda_backend
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
 class FusedAdamW(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
@@ -181,7 +199,10 @@ class FusedAdamW(torch.optim.Optimizer):
         master_weights: Optional[bool] = None,
         max_grad_norm: Optional[float] = None,
         skip_nonfinite: bool = False,
+        backend: str = "triton",
     ) -> None:
+        self._kernels = _backend(backend)
+        self.backend = backend
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm} (must be > 0 or None)")
         # betas as AdamW keeps them: a 1-element tensor as its 0-d view.
@@ -228,6 +249,8 @@ class FusedAdamW(torch.optim.Optimizer):
                 group.setdefault(key, value)
             group["decoupled_weight_decay"] = True  # as torch.optim.AdamW loads any state
         self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("backend", "triton")
+        self.__dict__.setdefault("_kernels", _backend(self.backend))
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("grad_norm", None)
         self.__dict__.setdefault("_pending_clip", None)
@@ -301,7 +324,7 @@ class FusedAdamW(torch.optim.Optimizer):
         out = {}
         for device, grads in by_device.items():
             inv = inv_scale.to(device, non_blocking=True) if inv_scale is not None else None
-            out[device] = triton_adamw.grad_stats(grads, inv_scale=inv, unscale_in_place=unscale_in_place)
+            out[device] = self._kernels.grad_stats(grads, inv_scale=inv, unscale_in_place=unscale_in_place)
         return out
 
     def _global_grad_stats(self, world: int, inv_scale: Optional[torch.Tensor], unscale_in_place: bool
@@ -321,7 +344,7 @@ class FusedAdamW(torch.optim.Optimizer):
         parts = []
         for (dev, copies), grads in groups.items():
             inv = inv_scale.to(dev, non_blocking=True) if inv_scale is not None else None
-            sumsq, bad = triton_adamw.grad_stats(grads, inv_scale=inv, unscale_in_place=unscale_in_place)
+            sumsq, bad = self._kernels.grad_stats(grads, inv_scale=inv, unscale_in_place=unscale_in_place)
             parts.append(torch.stack([sumsq / copies, bad]).to(device))
         total = torch.stack(parts).sum(dim=0)
         torch.distributed.all_reduce(total)  # one collective for both: SUM of squares and of inf/NaN counts
@@ -402,7 +425,7 @@ class FusedAdamW(torch.optim.Optimizer):
             device = local_tensor(params[0]).device
             on_device = (lambda t: t.to(device, non_blocking=True) if t is not None else None)  # noqa: E731
             beta1, beta2 = group["betas"]  # floats, or tensors the kernel reads on the device
-            triton_adamw.adamw_step(
+            self._kernels.adamw_step(
                 [local_tensor(p) for p in params],
                 [local_tensor(p.grad) for p in params],
                 [local_tensor(s["exp_avg"]) for s in states],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import sys
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch
 import opt_core.kernels.adamw as adamw_kernels
 from opt_core.kernels import dispatch
 from opt_core.kernels.testing import FORWARD_FACTOR, assert_close_to_reference
-from opt_core import FusedAdamW
+from opt_core import DynamicLossScaler, FusedAdamW
 
 # Odd shapes: a 0-d, an empty, shapes that cross the kernel's chunk and block
 # boundaries under the interpreter (CHUNK 4096, BLOCK 512), a long thin one.
@@ -712,3 +713,56 @@ def test_gpu_step_is_capturable_in_a_cuda_graph(tensor_hyper):
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q, rtol=2e-6, atol=1e-7)
         assert float(opt.state[p]["step"]) == 4.0
+
+
+# --------------------------------------------------------------------------- backends
+def test_backend_is_checked_when_the_optimizer_is_built(monkeypatch, tmp_path):
+    """backend="cuda" without the CMake-built library and without CuPy fails at construction, naming both
+    ways to get one; an unknown backend is a ValueError naming the argument."""
+    from opt_core.kernels import cuda_backend
+
+    params = [torch.nn.Parameter(torch.randn(5))]
+    with pytest.raises(ValueError, match="backend must be one of"):
+        FusedAdamW(params, backend="cpp")
+    monkeypatch.delenv("OPT_CORE_CUDA_LIB", raising=False)
+    monkeypatch.delenv("OPT_CORE_CUDA_LOADER", raising=False)
+    monkeypatch.setattr(cuda_backend, "library_path", lambda: tmp_path / "missing.so")
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
+    with pytest.raises(cuda_backend.BackendUnavailable) as err:
+        FusedAdamW(params, backend="cuda")
+    assert "cmake" in str(err.value) and "cupy" in str(err.value).lower()
+    assert FusedAdamW(params).backend == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("master_weights", [False, True], ids=["memory_efficient", "master_weights"])
+def test_gpu_cuda_backend_steps_equal_the_triton_backend_under_the_loss_scaler(master_weights):
+    """FusedAdamW(backend="cuda") with DynamicLossScaler (unscale, inf check, clipping on the CUDA C++
+    kernels) against backend="triton" on the same bf16 parameters and fp16-scaled gradients."""
+    from opt_core.kernels import cuda_backend
+
+    try:
+        cuda_backend.loader()
+    except cuda_backend.BackendUnavailable as e:
+        pytest.skip(str(e))
+    sizes = [(33, 17), (1,), (0,), (4099,)]
+    base = [torch.randn(s, device="cuda").to(torch.bfloat16) for s in sizes]
+    runs = {}
+    for backend in ("triton", "cuda"):
+        params = [torch.nn.Parameter(b.clone()) for b in base]
+        opt = FusedAdamW(params, lr=1e-2, weight_decay=0.1, master_weights=master_weights, max_grad_norm=1.0,
+                         backend=backend)
+        scaler = DynamicLossScaler(init_scale=2.0 ** 10)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        for step in range(4):
+            loss = sum((p.float() * torch.randn(p.shape, device="cuda", generator=gen)).sum() for p in params)
+            if step == 2:
+                loss = loss * float("inf")  # a skipped step: scale backs off, state unchanged
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        runs[backend] = ([p.detach().clone() for p in params], scaler.get_scale())
+    for ours, theirs in zip(runs["cuda"][0], runs["triton"][0]):
+        torch.testing.assert_close(ours.float(), theirs.float(), rtol=0, atol=2 ** -7 * theirs.abs().max().item())
+    assert runs["cuda"][1] == runs["triton"][1]
