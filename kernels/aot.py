@@ -132,6 +132,45 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+_GLOBAL_LOAD = re.compile(r"\bld\.global[\w.:]*")
+_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global[\w.:]*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(\d+)")
+_WGMMA_WAIT = re.compile(r"\bwgmma\.wait_group\.sync\.aligned\s+(\d+)")
+
+
+def _load_bits(mnemonic: str) -> int:
+    """Bits one ``ld.global[...][.vN].<type><bits>`` moves per thread."""
+    parts = mnemonic.split(".")
+    lanes = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d+", p)), 1)
+    width = next((int(p[1:]) for p in reversed(parts) if re.fullmatch(r"[bufs]\d+", p)), 0)
+    return lanes * width
+
+
+def code_facts(ptx: str, ttgir: str) -> dict:
+    """What the compiled code does, read off its PTX (and TTGIR):
+
+    - ``wgmma`` / ``mma``: tensor-core instructions (sm_90 / sm_80);
+    - ``tma``: TMA loads (``cp.async.bulk.tensor`` global -> shared); ``tma_store``: TMA stores (shared -> global);
+    - ``wgmma_max_pending``: the largest ``wgmma.wait_group N``: N > 0 means a matrix product stays in flight
+      while the warpgroup does other work (softmax, the next tile's loads);
+    - ``warp_specialized``: producer/consumer partitions (``ttg.warp_specialize``) with register reallocation
+      (``setmaxnreg``);
+    - ``persistent``: the kernel reads the grid size (``%nctaid``): a tile loop strided by the program count;
+    - ``max_load_bits``: the widest per-thread global load (``ld.global`` vectors, ``cp.async`` copies).
+    """
+    waits = [int(n) for n in _WGMMA_WAIT.findall(ptx)]
+    loads = [_load_bits(m) for m in _GLOBAL_LOAD.findall(ptx)] + [8 * int(n) for n in _CP_ASYNC.findall(ptx)]
+    return {
+        "wgmma": bool(re.search(r"\bwgmma\.", ptx)),
+        "mma": bool(re.search(r"\bmma\.sync\.", ptx)),
+        "tma": bool(re.search(r"\bcp\.async\.bulk\.tensor\.\d+d\.shared::\w+\.global", ptx)),
+        "tma_store": bool(re.search(r"\bcp\.async\.bulk\.tensor\.\d+d\.global\.shared", ptx)),
+        "wgmma_max_pending": max(waits, default=None),
+        "warp_specialized": "ttg.warp_specialize" in ttgir and "setmaxnreg" in ptx,
+        "persistent": "%nctaid" in ptx,
+        "max_load_bits": max(loads, default=0),
+    }
+
+
 def compile_case(c: Case, arch: int) -> dict:
     """Compile ``c`` for sm_``arch``; the facts the checks need, or the error."""
     import triton
@@ -147,18 +186,9 @@ def compile_case(c: Case, arch: int) -> dict:
         src = ASTSource(fn, dict(c.signature), constexprs, attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": c.num_warps, "num_stages": c.num_stages})
-        ptx = compiled.asm["ptx"]
         registers, stack = _resource_usage(compiled.asm["cubin"])
-        result.update(
-            registers=registers,
-            stack=stack,
-            shared=compiled.metadata.shared,
-            max_shared=MAX_SHARED[arch],
-            wgmma=bool(re.search(r"\bwgmma\.", ptx)),
-            mma=bool(re.search(r"\bmma\.sync\.", ptx)),
-            tma="cp.async.bulk.tensor" in ptx,
-            error=None,
-        )
+        result.update(registers=registers, stack=stack, shared=compiled.metadata.shared, max_shared=MAX_SHARED[arch],
+                      **code_facts(compiled.asm["ptx"], compiled.asm["ttgir"]), error=None)
     except Exception as e:  # reported per case; one failure must not hide the others
         result["error"] = f"{type(e).__name__}: {e}"
     result["seconds"] = round(time.perf_counter() - start, 2)

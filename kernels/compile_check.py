@@ -1,7 +1,8 @@
 """``python -m opt_core.kernels.compile_check``: the AOT compile check from the command line.
 
 Compiles every kernel case of ``kernels/aot_cases.py`` for sm_80 and sm_90 (no
-GPU needed) and prints registers, spills, shared memory and tensor-core use per
+GPU needed) and prints registers, spills, shared memory, tensor-core use, TMA loads and stores,
+the deepest wgmma pipelining, warp specialisation, persistence and the widest global load per
 case; exits 1 if any case has a problem.  See ``kernels/aot.py``.
 """
 
@@ -13,6 +14,13 @@ import os
 import sys
 
 from opt_core.kernels import aot, aot_cases
+
+
+def _facts(r: dict) -> str:
+    flags = [name for name in ("wgmma", "mma", "tma", "tma_store", "persistent", "warp_specialized") if r[name]]
+    pending = f" wait<={r['wgmma_max_pending']}" if r["wgmma_max_pending"] is not None else ""
+    return (f"REG {r['registers']:3d} STACK {r['stack']:4d} smem {r['shared']:6d} ld{r['max_load_bits']:>4d}b"
+            f"{pending} {' '.join(flags)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         issues = aot.problems(r)
         failed += bool(issues)
-        facts = ("" if r.get("error") else
-                 f"REG {r['registers']:3d} STACK {r['stack']:4d} smem {r['shared']:6d}"
-                 f"{' wgmma' if r['wgmma'] else ''}{' mma' if r['mma'] else ''}{' tma' if r.get('tma') else ''}")
+        facts = "" if r.get("error") else _facts(r)
         print(f"sm_{r['arch']} {r['case']:<60} {facts} {'; '.join(issues) or 'ok'}")
     if args.json:
         with open(args.json, "w") as f:

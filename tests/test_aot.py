@@ -48,3 +48,25 @@ def test_every_kernel_module_registers_cases():
 def test_compiles_without_spills(compiled, case, arch):
     result = compiled[(case.name, arch)]
     assert not aot.problems(result), aot.problems(result)
+
+
+def test_code_facts_read_off_the_ptx():
+    """The facts the Hopper issues assert on, from hand-written PTX/TTGIR snippets (one per fact)."""
+    ptx = "\n".join([
+        "ld.global.nc.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];",
+        "ld.global.b16 %h1, [%rd2];",
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r5], [%rd3, {%r6, %r7}], [%r8];",
+        "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%rd4, {%r9, %r10}], [%r11];",
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...};",
+        "wgmma.wait_group.sync.aligned 1;", "wgmma.wait_group.sync.aligned 0;",
+        "mov.u32 %r12, %nctaid.x;", "setmaxnreg.inc.sync.aligned.u32 232;",
+    ])
+    facts = aot.code_facts(ptx, "ttg.warp_specialize(%a) ...")
+    assert facts == {"wgmma": True, "mma": False, "tma": True, "tma_store": True, "wgmma_max_pending": 1,
+                     "warp_specialized": True, "persistent": True, "max_load_bits": 128}
+    plain = aot.code_facts("ld.global.b32 %r1, [%rd1];\ncp.async.cg.shared.global [%r2], [%rd2], 16;\n"
+                           "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...};", "")
+    assert plain == {"wgmma": False, "mma": True, "tma": False, "tma_store": False, "wgmma_max_pending": None,
+                     "warp_specialized": False, "persistent": False, "max_load_bits": 128}
+    # a warp_specialize op without register reallocation is not counted as specialised
+    assert not aot.code_facts("setmaxnreg.dec.sync.aligned.u32 40;", "")["warp_specialized"]
