@@ -38,8 +38,9 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    # The CUDA C++ sources travel with the package: the CuPy loader compiles them at run time.
-    package_data={"opt_core.kernels": ["cuda/*.cu", "cuda/*.cuh"]},
+    # The CUDA C++ sources travel with the package: the CuPy loader compiles them at run time.  The tuned
+    # autotune choices per GPU model (kernels/tuned/<gpu>.json) too: an installed wheel starts from them.
+    package_data={"opt_core.kernels": ["cuda/*.cu", "cuda/*.cuh", "tuned/*.json"]},
     # Lower bounds only: an upper pin would fight the CUDA build of torch a user already has.
     # torch.library.custom_op / register_autograd / opcheck need torch 2.4; the GPU machine runs
     # torch 2.11 with Triton 3.6, CI pins Triton 3.6.

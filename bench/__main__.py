@@ -1,18 +1,20 @@
-"""``python -m bench``: check every kernel against float64, then benchmark it against its peers.
+"""``python -m bench``: the benchmark suite, every stage (``bench/suite.py``), or its plan.
 
-On a GPU the results go to ``bench/results/<date>-<gpu>.{json,md}`` (commit
-them with the code that produced them).  Without one, the kernels run under
-Triton's interpreter at small shapes: the check is real, the timings are not
-kernel timings, and the results go to ``runs/bench/`` instead.
+On a GPU: a smoke check of every kernel against float64, a parallel compile warm-up, the table of
+every op against its peers (goal shapes first), a training-step profile, plots and the GPU tests,
+each stage within its share of ``--budget`` seconds; results in ``--out`` as
+``<date>-<gpu>.{json,md}`` (copy them to ``bench/results/`` and commit them with the code that
+produced them, with ``kernels/tuned/<gpu>.json``).  Without one, every stage's orchestration runs on
+the interpreter (the table's timings are not kernel timings) or the reference paths, and the GPU
+tests skip.  ``--plan`` prints what a run compiles and launches on an H200 and about how long it
+takes; ``--dry-run`` prints each stage's time limit and starts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,65 +23,45 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench import harness  # noqa: E402
+from bench import suite  # noqa: E402
+from bench.harness import DTYPES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS = ("layer_norm", "adamw", "attention", "relu_mlp", "mfu")  # each names a bench/<op>.py with check() and cases()
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stages", nargs="+", default=["all"],
+                        help=f"of {', '.join(suite.STAGES)}; 'table' = goal rest profile plots (default: all)")
+    parser.add_argument("--ops", nargs="+", default=list(suite.OPS), choices=suite.OPS)
+    parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(DTYPES))
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--budget", type=float, help="seconds the whole run may take (default: 450 on a GPU, "
+                                                     "900 on the CPU)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes at once (warm-up, smoke)")
+    parser.add_argument("--retune", action="store_true", help="tune every kernel again, ignoring kernels/tuned/")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench", help="results folder")
+    parser.add_argument("--plan", action="store_true", help="print the plan for an H200 and exit")
+    parser.add_argument("--cores", type=int, default=16, help="with --plan: the GPU machine's cores")
+    parser.add_argument("--dry-run", action="store_true", help="print each stage's limit, start nothing")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
-    parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(DTYPES))
-    parser.add_argument("--quick", action="store_true", help="fewer shapes (always on without a GPU)")
-    parser.add_argument("--skip-check", action="store_true", help="benchmark only")
-    parser.add_argument("--out", type=Path, help="results folder (default: bench/results on a GPU, runs/bench on the CPU)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    if args.plan:
+        from bench import plan
 
-    from opt_core.kernels import dispatch  # noqa: F401  (imports Triton after the switch above)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    quick = args.quick or device.type == "cpu"
-    modules = {op: importlib.import_module(f"bench.{op}") for op in args.ops}
-    print(f"opt-core bench on {harness.device_name(device)}"
-          f"{' (Triton interpreter)' if dispatch.INTERPRET else ''}")
-
-    failed = 0
-    if not args.skip_check:
-        print("\n== correctness: error vs float64 <= 2x (forward) / 3x (gradients) PyTorch's own + 1 ulp")
-        for op, module in modules.items():
-            results = module.check(device, quick)
-            bad = [r for r in results if not r.ok]
-            failed += len(bad)
-            worst = max(results, key=lambda r: r.error / r.bound if r.bound else 0.0)
-            print(f"{op}: {len(results) - len(bad)}/{len(results)} comparisons pass; "
-                  f"tightest: {worst}")
-            for r in bad:
-                print(f"  {r}")
-
-    print("\n== microbenchmarks")
-    ceilings = harness.measure_ceilings(device)
-    env = harness.environment(device, ceilings)
-    if device.type == "cpu":
-        print(harness.CPU_NOTE)
-    out = args.out or (ROOT / "bench" / "results" if device.type == "cuda" else ROOT / "runs" / "bench")
-    rows = []
-    for op, module in modules.items():
-        started = time.perf_counter()
-        for case in module.cases(device, quick, tuple(DTYPES[d] for d in args.dtypes)):
-            rows += harness.run_case(case, device, ceilings)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        # Written after every op, so a run cut short by a time limit keeps what it measured.
-        json_path, md_path = harness.write_results(out, env, rows)
-        print(f"{op}: {time.perf_counter() - started:.0f}s", flush=True)
-    print(harness.markdown(env, rows))
-    print(f"results: {json_path} and {md_path}")
-    if failed:
-        print(f"\n{failed} correctness comparison(s) FAILED (listed above)")
-        return 1
-    return 0
+        return plan.main(["--cores", str(args.cores)] + (["--quick"] if args.quick else []))
+    budget = args.budget if args.budget is not None else 450.0 if torch.cuda.is_available() else 900.0
+    try:
+        stages = suite.expand(args.stages)
+    except ValueError as e:
+        print(f"python -m bench: {e}", file=sys.stderr)
+        return 2
+    settings = suite.Settings(args.out, tuple(args.ops), tuple(args.dtypes), args.quick, stages, budget,
+                              max(1, args.workers), args.retune)
+    return suite.dry_run(settings) if args.dry_run else suite.run(settings)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Fused attention: correctness check and benchmark cases for the main job and the bench suite.
+"""Fused attention: smoke check and benchmark cases for the bench suite.
 
 Peers: ``torch.nn.functional.scaled_dot_product_attention`` with each backend
 this PyTorch and device offer (``sdpa-flash``, ``sdpa-cudnn``,
@@ -7,15 +7,27 @@ takes (batch, heads, seqlen, head_dim), so it gets transposed views of the same
 tensors.  Baseline: ``sdpa-flash`` (FlashAttention-2 inside PyTorch) where it
 runs, else cuDNN, else the memory-efficient kernel; every provider's time is in
 the table, so the ratio to the fastest SDPA backend can be read off too.  On
-sm_90 and newer, ``opt-core-no-tma`` is our kernels with the TMA loads switched
-off (``kernels.attention.TMA = "off"``): what the descriptor path buys, at the
-issue's goal shape only (head_dim 128, seqlen 8192; each extra row of configs
-is another round of autotuning compiles in a time-boxed GPU run).  On the CPU:
-one tiny shape against the math SDPA.
+sm_90 and newer, our kernels with a switch of ``kernels/attention.py`` set are
+A/B providers (``VARIANTS``): ``opt-core-no-tma`` (the TMA loads off: what the
+descriptor path buys), ``opt-core-ws`` and ``opt-core-no-ws`` (the forward's
+tuner held to the warp-specialised loop, or kept from it: what the overlap
+buys), ``opt-core-fused-dq`` (the five-product backward, dQ added up by the
+dK/dV kernel in the deterministic order) and ``opt-core-fused-dq-atomic`` (the
+same in any order).  They run at the issue's goal shape (head_dim 128, seqlen
+8192) and the warp-specialisation pair at OPT-125M's heads (head_dim 64,
+seqlen 2048) too: each extra row of configs is another round of autotuning
+compiles in a time-boxed GPU run.  On the CPU: one tiny shape against the
+math SDPA.
 
 Shapes: OPT's head layouts (heads x head_dim = 12x64 for 125M, 32x80 for 2.7B,
 32x128 for 6.7B/13B, 96x128 for 175B) at 16k tokens per batch, seqlen 2048
-(batch 8) and 8192 (batch 2), causal.
+(batch 8) and 8192 (batch 2), causal.  The goal (timed first): 32x128 at
+seqlen 8192, forward and forward+backward.
+
+Bytes, the minimum (n = batch * seqlen * heads * head_dim elements of each of
+q, k, v): the forward reads q, k, v and writes out, 4n; the backward reads q,
+k, v, out and dout and writes dq, dk, dv, 8n; forward+backward 12n; the fp32
+log-sum-exp and delta rows are left out.
 
 FLOPs (written down, as the issue asks): forward 4 * batch * heads * seqlen^2 *
 head_dim (two matrix products of 2 * s^2 * d each), backward 2.5x that (five
@@ -25,49 +37,55 @@ backward (our dQ kernel recomputes two products) is not counted.
 
 from __future__ import annotations
 
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 
 from opt_core import functional
-from bench.harness import Case, has_tma, mode_runner, with_switch
+from bench.harness import Spec, Target, Variant, grouped, mode_runner, selected, switched, variant_names
 from opt_core.kernels import reference
 from opt_core.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, Comparison, compare
 
 from opt_core.kernels import attention as _attention_module
 OPT_HEADS = ((12, 64), (32, 80), (32, 128), (96, 128))  # heads x head_dim
-AB_SHAPE = (8192, 32, 128)  # seqlen, heads, head_dim of the TMA on/off rows
+AB_SHAPE = (8192, 32, 128)  # seqlen, heads, head_dim of the A/B rows (the goal shape)
+WS_SHAPES = (AB_SHAPE, (2048, 12, 64))  # where the warp-specialisation pair runs
+VARIANTS = {v.name: v for v in (
+    Variant("opt-core-no-tma", (("TMA", "off"),), why="pointer loads instead of TMA descriptors"),
+    Variant("opt-core-ws", (("WARP_SPECIALIZE", "on"),), ("fwd", "fwd+bwd"), "the warp-specialised forward only"),
+    Variant("opt-core-no-ws", (("WARP_SPECIALIZE", "off"),), ("fwd", "fwd+bwd"), "no warp-specialised forward"),
+    Variant("opt-core-fused-dq", (("FUSED_DQ", True),), ("bwd", "fwd+bwd"), "five products, deterministic"),
+    Variant("opt-core-fused-dq-atomic", (("FUSED_DQ", True),), ("bwd",), "five products, dQ in any order"),
+)}
 TOKENS = 16384
 SEQLENS = (2048, 8192)
 
 
-# --------------------------------------------------------------------------- correctness
-def check(device: torch.device, quick: bool) -> list[Comparison]:
-    """Output and gradients against float64, by the DESIGN.md rule."""
-    if device.type == "cpu":
-        # interpreter: small shapes, fp16 and fp32 (bf16 products are checked on a GPU)
-        shapes = [(2, 77, 77, 2, 64), (2, 45, 90, 2, 80)]
-        dtypes = (torch.float32, torch.float16)
-    else:
-        shapes = [(2, 1024, 1024, 8, 64), (2, 777, 1031, 4, 80), (1, 2048, 2048, 4, 128)]
-        if not quick:
-            shapes.append((1, 4096, 4096, 2, 256))
-        dtypes = (torch.bfloat16, torch.float16, torch.float32)
+# --------------------------------------------------------------------------- smoke
+def smoke(device: torch.device) -> list[Comparison]:
+    """Output and gradients against float64 at one small causal shape, bf16 and fp16, through the TMA
+    descriptors (sm_90; the interpreter's descriptor path on the CPU) and through pointers; then bf16
+    with the warp-specialised forward and the fused-dQ backward (the A/B providers' kernels)."""
+    shape = (2, 77, 77, 2, 64) if device.type == "cpu" else (2, 333, 333, 4, 128)
+    descriptors = "on" if device.type == "cpu" else "auto"
     results = []
-    for dtype in dtypes:
-        for shape in shapes:
-            for padded in (False, True):
-                results += _check_one(shape, dtype, device, padded)
+    for dtype in (torch.bfloat16, torch.float16):
+        for tma in (descriptors, "off"):
+            with switched(_attention_module, "TMA", tma):
+                results += [dataclasses.replace(c, name=f"{c.name} TMA={tma}")
+                            for c in _check_one(shape, dtype, device)]
+    # The A/B providers' own kernels: the warp-specialised forward, the fused-dQ backward and its store.
+    with switched(_attention_module, "TMA", descriptors), switched(_attention_module, "WARP_SPECIALIZE", "on"), \
+            switched(_attention_module, "FUSED_DQ", True):
+        results += [dataclasses.replace(c, name=f"{c.name} WARP_SPECIALIZE=on FUSED_DQ")
+                    for c in _check_one(shape, torch.bfloat16, device)]
     return results
 
 
-def _check_one(shape, dtype, device, padded) -> list[Comparison]:
+def _check_one(shape, dtype, device) -> list[Comparison]:
     B, Sq, Sk, H, D = shape
     q, k, v = (torch.randn(B, s, H, D, dtype=dtype, device=device) for s in (Sq, Sk, Sk))
-    mask = None
-    if padded:
-        mask = torch.ones(B, Sk, dtype=torch.bool, device=device)
-        mask[-1, : Sk // 3] = False  # left padding on the last sequence
     dout = torch.randn(B, Sq, H, D, dtype=torch.float64, device=device)
 
     def run(fn, cast=None):
@@ -76,10 +94,10 @@ def _check_one(shape, dtype, device, padded) -> list[Comparison]:
         out.backward(dout.to(out.dtype))
         return [out] + [t.grad for t in xs]
 
-    ours = run(lambda *t: functional.attention(*t, causal=True, key_padding_mask=mask))
-    oracle = run(lambda *t: reference.attention(*t, True, None, mask), torch.float64)
-    plain = run(lambda *t: reference.attention(*t, True, None, mask, upcast=False))
-    tag = f"attention {tuple(shape)} {str(dtype).replace('torch.', '')}{' padded' if padded else ''}"
+    ours = run(lambda *t: functional.attention(*t, causal=True))
+    oracle = run(lambda *t: reference.attention(*t, True), torch.float64)
+    plain = run(lambda *t: reference.attention(*t, True, upcast=False))
+    tag = f"attention {tuple(shape)} {str(dtype).replace('torch.', '')}"
     names = ("out", "dq", "dk", "dv")
     return [
         compare(f"{tag} {name}", o, rf, p, factor=FORWARD_FACTOR if i == 0 else GRADIENT_FACTOR)
@@ -144,45 +162,87 @@ def flops(batch: int, heads: int, seqlen: int, head_dim: int, mode: str, causal:
     return int(total / 2 if causal else total)
 
 
-def cases(device: torch.device, quick: bool, dtypes=(torch.bfloat16,)):
-    """Benchmark cases, built lazily: a GPU run holds one shape's tensors at a time."""
-    if device.type == "cuda":
-        shapes = [(TOKENS // s, s, h, d) for s in SEQLENS for h, d in OPT_HEADS]
-        if quick:
-            shapes = [(TOKENS // s, s, h, d) for s in SEQLENS for h, d in ((32, 128),)]
-    else:
-        shapes = [(1, 64, 2, 64)]
+def attention_bytes(batch: int, heads: int, seqlen: int, head_dim: int, element_size: int, mode: str) -> int:
+    n = batch * seqlen * heads * head_dim * element_size
+    return {"fwd": 4 * n, "bwd": 8 * n, "fwd+bwd": 12 * n}[mode]
+
+
+GOAL_SHAPE = (TOKENS // AB_SHAPE[0], *AB_SHAPE)  # batch, seqlen, heads, head_dim
+GOAL_MODES = ("fwd", "fwd+bwd")
+
+
+def _shapes(target: Target, quick: bool) -> list:
+    if not target.gpu:
+        return [(1, 64, 2, 64)]
+    heads = ((32, 128),) if quick else OPT_HEADS
+    return [(TOKENS // s, s, h, d) for s in SEQLENS for h, d in heads]
+
+
+def _variants(target: Target, dtype, shape, mode: str) -> tuple:
+    """The A/B providers of a row: on the TMA path (sm_90, 16-bit), at their shapes."""
+    if not (target.tma and dtype != torch.float32):
+        return ()
+    s_h_d = tuple(shape[1:])
+    return tuple(name for name in variant_names(VARIANTS, mode)
+                 if s_h_d == AB_SHAPE or ("ws" in name.split("-") and s_h_d in WS_SHAPES))
+
+
+def _providers(target: Target, dtype, shape, mode: str) -> tuple:
+    if not target.gpu:
+        peers = ("sdpa-math",)
+    else:  # what SDPA offers on an H200 (the build probes each backend)
+        peers = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient") if dtype != torch.float32 else ("sdpa-efficient",)
+    return ("opt-core",) + peers + _variants(target, dtype, shape, mode)
+
+
+def specs(target: Target, quick: bool, dtypes=(torch.bfloat16,), part: str = "all") -> list[Spec]:
+    out = []
     for dtype in dtypes:
-        if device.type == "cpu" and dtype == torch.bfloat16:
+        if not target.gpu and dtype == torch.bfloat16:
             dtype = torch.float16  # interpreter: bf16 products are covered on a GPU
-        for shape in shapes:
-            yield from _cases_for(shape, dtype, device)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        el = torch.finfo(dtype).bits // 8
+        for shape in _shapes(target, quick):
+            B, S, H, D = shape
+            for mode in ("fwd", "bwd", "fwd+bwd"):
+                providers = _providers(target, dtype, shape, mode)
+                goal = mode in GOAL_MODES and (shape == GOAL_SHAPE or not target.gpu)
+                p = "goal" if goal else "rest"
+                out.append(Spec("attention", f"b{B}xs{S}xh{H}xd{D} causal", dtype, mode,
+                                attention_bytes(B, H, S, D, el, mode), flops(B, H, S, D, mode), providers,
+                                _baseline(providers), p, (shape, dtype, p)))
+    return selected(out, part)
 
 
-def _cases_for(shape, dtype, device):
+def cases(device: torch.device, quick: bool, dtypes=(torch.bfloat16,), part: str = "all"):
+    """Benchmark cases, built lazily: a GPU run holds one shape's tensors at a time."""
+    for (shape, dtype, _), group in grouped(specs(Target.of(device), quick, dtypes, part)):
+        yield from _cases_for(group, shape, dtype, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _ours(variant: str):
+    """Our attention as a variant calls it (``-atomic``: the backward need not be deterministic)."""
+    deterministic = not variant.endswith("-atomic")
+    return lambda q_, k_, v_: functional.attention(q_, k_, v_, causal=True, deterministic=deterministic)
+
+
+def _cases_for(group, shape, dtype, device):
     B, S, H, D = shape
     q, k, v = (torch.randn(B, S, H, D, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
     dout = torch.randn(B, S, H, D, dtype=dtype, device=device)
     providers = {"opt-core": lambda q_, k_, v_: functional.attention(q_, k_, v_, causal=True)}
     for name, backend in _sdpa_backends(device, dtype, D).items():
         providers[name] = _sdpa(backend)
-    baseline = _baseline(providers)
-    el = q.element_size()
-    n = B * S * H * D * el
     leaves = (q, k, v)
-
-    # fwd reads q, k, v and writes out; bwd reads q, k, v, out, dout and writes dq, dk, dv.
-    for mode, nbytes in (("fwd", 4 * n), ("bwd", 8 * n), ("fwd+bwd", 12 * n)):
+    for spec in group:
         wrapped = {}
         for name, fn in providers.items():
             try:
-                wrapped[name] = mode_runner(mode, fn, leaves, (dout,))
+                wrapped[name] = mode_runner(spec.mode, fn, leaves, (dout,))
             except Exception as e:  # bwd runs the forward now: a failure is reported when timed
                 wrapped[name] = _failing(e)
-        if has_tma(device) and dtype != torch.float32 and (S, H, D) == AB_SHAPE:
-            wrapped["opt-core-no-tma"] = with_switch(
-                _attention_module, "TMA", "off", lambda: mode_runner(mode, providers["opt-core"], leaves, (dout,)))
-        yield Case("attention", f"b{B}xs{S}xh{H}xd{D} causal", dtype, mode, nbytes, wrapped, baseline,
-                   flops=flops(B, H, S, D, mode), grad_to_none=list(leaves))
+        for name in (n for n in spec.providers if n in VARIANTS):
+            wrapped[name] = VARIANTS[name].runner(
+                _attention_module, lambda mode=spec.mode, fn=_ours(name): mode_runner(mode, fn, leaves, (dout,)))
+        yield dataclasses.replace(spec.case(wrapped, leaves), baseline=_baseline(wrapped))

@@ -15,7 +15,8 @@ step) at sequence length 2048, timed with ``do_bench`` like every other case.
 FLOPs are the model FLOPs of ``opt_core.flops`` (6N + 12·L·d·s per token, PaLM's
 convention, no causal halving, no recompute), so TFLOP/s over the device's
 dense bf16 peak is MFU; the harness also reports it against the GEMM rate
-measured in the same run.
+measured in the same run.  No byte count (a whole step is compute-bound).  The
+goal (timed first): opt-1.3b.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Case, Lazy
+from bench.harness import Lazy, Spec, Target, grouped, selected
 from opt_core.kernels.testing import FORWARD_FACTOR, Comparison, compare
 from opt_core import flops
 from opt_core.config import OPTConfig
@@ -33,6 +34,7 @@ from opt_core.optim import FusedAdamW
 
 SEQ_LEN = 2048
 GPU_SIZES = (("opt-125m", 8), ("opt-1.3b", 8), ("opt-2.7b", 4))  # (preset, sequences per step)
+GOAL_PRESET = "opt-1.3b"
 HYPER = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
@@ -106,25 +108,50 @@ def _plain(config, batch, device):
     return step
 
 
-def cases(device: torch.device, quick: bool, dtypes=None):
-    """One whole-training-step case per model size; one model in memory at a time."""
-    sizes = GPU_SIZES if device.type == "cuda" else (("test", 2),)
-    if quick and device.type == "cuda":
-        sizes = sizes[:1]
-    for preset, batch_size in sizes:
-        config = OPTConfig.from_preset(preset)
-        seq = min(SEQ_LEN, config.max_position_embeddings)
-        batch = torch.randint(0, config.vocab_size, (batch_size, seq + 1), device=device)
-        step_flops = flops.flops_per_token(config, seq) * batch_size * seq
+def step_flops(config: OPTConfig, batch_size: int, seq: int) -> int:
+    return flops.flops_per_token(config, seq) * batch_size * seq
+
+
+def _sizes(target: Target, quick: bool) -> list[tuple[str, int, int, str]]:
+    """(preset, sequences per step, sequence length, part)."""
+    if not target.gpu:
+        return [("test", 1, 32, "goal")]  # interpreted: a few programs per kernel
+    sizes = [s for s in GPU_SIZES if s[0] == GOAL_PRESET or not quick]
+    return [(preset, batch, SEQ_LEN, "goal" if preset == GOAL_PRESET else "rest") for preset, batch in sizes]
+
+
+def specs(target: Target, quick: bool, dtypes=None, part: str = "all", layers: int | None = None) -> list[Spec]:
+    """One whole-training-step case per model size; ``layers`` overrides the presets' layer count (the
+    suite's warm-up: the same kernels at the same shapes, in less memory)."""
+    out = []
+    for preset, batch_size, seq, p in _sizes(target, quick):
+        config = OPTConfig.from_preset(preset, **({"num_layers": layers} if layers else {}))
+        seq = min(seq, config.max_position_embeddings)
         label = f"{preset} b{batch_size} s{seq} ({flops.matmul_parameters(config) / 1e6:.0f}M matmul params)"
-        providers = {name: Lazy(lambda build=build: build(config, batch, device))
-                     for name, build in (("opt-core", _ours), ("torch-sdpa", _plain))}
-        yield Case("train_step", label, torch.bfloat16, "fwd+bwd+adamw", 0, providers, "torch-sdpa",
-                   flops=step_flops, warmup_ms=2000, rep_ms=3000)
+        if layers:
+            label += f", {layers} layers"
+        out.append(Spec("train_step", label, torch.bfloat16, "fwd+bwd+adamw", 0, step_flops(config, batch_size, seq),
+                        ("opt-core", "torch-sdpa"), "torch-sdpa", p, (preset, batch_size, seq, p),
+                        warmup_ms=1000, rep_ms=2000))
+    return selected(out, part)
 
 
-# --------------------------------------------------------------------------- correctness
-def check(device: torch.device, quick: bool) -> list[Comparison]:
+def cases(device: torch.device, quick: bool, dtypes=None, part: str = "all", layers: int | None = None):
+    """One whole-training-step case per model size; one model in memory at a time."""
+    for (preset, batch_size, seq, _), (spec,) in grouped(specs(Target.of(device), quick, dtypes, part, layers)):
+        config = OPTConfig.from_preset(preset, **({"num_layers": layers} if layers else {}))
+        batch = torch.randint(0, config.vocab_size, (batch_size, seq + 1), device=device)
+        yield spec.case({name: Lazy(lambda build=build: build(config, batch, device))
+                         for name, build in (("opt-core", _ours), ("torch-sdpa", _plain))})
+
+
+def warmup_cases(device: torch.device, quick: bool, dtypes=None):
+    """The table's steps with two layers per model: every kernel at its table shape, a fraction of the memory."""
+    return cases(device, quick, dtypes, "all", layers=2)
+
+
+# --------------------------------------------------------------------------- smoke
+def smoke(device: torch.device) -> list[Comparison]:
     """The peer is the same model: the logits of both, in float32, against the float64 peer."""
     config = OPTConfig.from_preset("test", dropout=0.0)
     ours = OPTForCausalLM(config, device=device).eval()

@@ -82,6 +82,7 @@ import torch
 
 from bench.attention import flops as attention_flops
 from bench import harness
+from bench.adamw import BYTES_PER_PARAM
 from bench.mfu import HYPER
 from opt_core import flops
 from opt_core.config import PRESETS, OPTConfig
@@ -95,8 +96,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_TOKENS_PER_STEP = 16384  # as bench.mfu: 8 sequences of 2048
 HFU_CONVENTION = ("HFU: hardware FLOPs/token, 8N+16·L·d·s with activation recomputation (one more forward), "
                   "the model FLOPs without it")
-# Bytes each parameter moves in one FusedAdamW step, by recipe (bench/adamw.py's counts).
-ADAMW_BYTES_PER_PARAM = {"fp32": 28, "master-weights": 30, "memory-efficient": 22}
 
 # Families named by a stack entry, tried innermost entry first; attention backward before forward
 # because the forward op's autograd node ("GeneratedBackwardFor_opt_core_attention_fwd...") names both.
@@ -116,6 +115,7 @@ _SCOPES = (
 _GEMM = re.compile(r"^aten::(mm|addmm|bmm|baddbmm|addbmm|matmul|linear)$|(Addmm|Mm|Bmm|Baddbmm)Backward|"
                    r"gemm|nvjet|xmma|cutlass|cublas", re.I)
 _STEP = re.compile(r"^ProfilerStep#\d+$")
+_BACKWARD_NODE = "autograd::engine::evaluate_function: "
 _HOST = {"cpu_op", "user_annotation", "cuda_runtime", "cuda_driver"}
 _LAUNCH = {"cuda_runtime", "cuda_driver"}
 _DEVICE = {"kernel", "gpu_memcpy", "gpu_memset"}
@@ -163,14 +163,26 @@ class _HostTree:
                     self.parent[i] = open_[-1]
                     self.child_us[open_[-1]] += events[i]["dur"]
                 open_.append(i)
+        # Sequence number -> the outermost forward op carrying it (ops sorted by start, longest first).
+        self.forward_op = {}
+        for i in sorted(range(len(events)), key=lambda i: (events[i]["ts"], -events[i]["dur"])):
+            seq = events[i].get("args", {}).get("Sequence number")
+            if seq is not None and events[i].get("cat") == "cpu_op" and \
+                    not events[i]["name"].startswith(_BACKWARD_NODE):
+                self.forward_op.setdefault(seq, i)
 
-    def stack(self, i: int) -> list[str]:
-        """Names from event ``i`` outward, up to the profiler's step range."""
-        names = []
+    def stack(self, i: int, follow: bool = True) -> list[str]:
+        """Names from event ``i`` outward, up to the profiler's step range; inside an autograd node, then
+        the stack of the forward op that made the node (the one with its sequence number): the
+        backward of a native-path MLP's linears (``AddmmBackward0``) is the MLP's."""
+        names, forward = [], None
         while i >= 0 and not _STEP.match(self.events[i]["name"]):
-            names.append(self.events[i]["name"])
+            event = self.events[i]
+            names.append(event["name"])
+            if forward is None and event["name"].startswith(_BACKWARD_NODE):
+                forward = self.forward_op.get(event.get("args", {}).get("Sequence number"))
             i = self.parent[i]
-        return names
+        return names + (self.stack(forward, follow=False) if follow and forward is not None else [])
 
 
 def _end(e: dict) -> float:
@@ -353,7 +365,7 @@ def build_step(setup: Setup) -> tuple[Callable[[], None], dict[str, tuple[float,
     element = torch.finfo(setup.dtype).bits // 8
     n_params = sum(p.numel() for p in model.parameters())
     work = family_work(setup.config, setup.batch_size, setup.seq_len, element, setup.recompute, n_params,
-                       ADAMW_BYTES_PER_PARAM[recipe] + element)  # + reading each gradient for the clipping norm
+                       BYTES_PER_PARAM[recipe] + element)  # + reading each gradient for the clipping norm
     return step, work
 
 

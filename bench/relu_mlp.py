@@ -1,30 +1,43 @@
-"""ReLU-MLP: correctness check and benchmark cases for the main job and the bench suite.
+"""ReLU-MLP: smoke check and benchmark cases for the bench suite.
 
 The block, ``residual + dropout(fc2(relu(fc1(x))))`` with dropout 0.1, against
 the unfused PyTorch sequence (``F.linear``, ``relu``, ``F.dropout``, add; the
 baseline), forward and forward+backward.  Each of our six GEMM kernels (with
 its fused epilogue) against ``torch.matmul`` alone on the same operand views
-(cuBLAS on a GPU).  On sm_90 and newer, ``opt-core-no-tma`` is ours with the
-TMA loads switched off (``kernels.relu_mlp.TMA = "off"``), at the largest width
-of the run only (more rows mean more autotuning compiles).  FLOPs count
-2*M*d*ffn per GEMM: 2 in the forward, 4 in the backward.
+(cuBLAS on a GPU).  On sm_90 and newer, ours with a switch of
+``kernels/relu_mlp.py`` set are A/B providers (``VARIANTS``):
+``opt-core-no-tma`` (the TMA loads off) and ``opt-core-no-persistent`` (the
+persistent TMA-store configs kept from the tuner: what they buy), at the 6.7B
+width, and the second at OPT-125M's width too (768: 12 K-steps per tile, where
+an unoverlapped epilogue costs most); more rows mean more autotuning
+compiles.  FLOPs count 2*M*d*ffn per
+GEMM: 2 in the forward, 4 in the backward.  The goal (timed first): the block
+at OPT-1.3B's and 6.7B's widths (2048, 4096), 16k tokens.
+
+Bytes a fused block cannot avoid (M tokens, width d, ffn = 4d, element size
+e): the forward reads x, the residual and both weights, writes out and writes
+h once and reads it back, e(3Md + 2d*ffn + 2M*ffn); the backward reads dy, x
+and h, writes dx and the weight gradients and writes dh and reads it twice,
+e(3Md + 4d*ffn + 4M*ffn).  A GEMM reads both operands and writes its output
+once: e(rows*inner + inner*cols + rows*cols).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 
 from opt_core import functional
-from bench.harness import Case, has_tma, mode_runner, with_switch
+from bench.harness import Spec, Target, Variant, add_variants, grouped, mode_runner, selected, switched
 from opt_core.kernels import reference
 from opt_core.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, Comparison, compare
 
 from opt_core.kernels import relu_mlp as mlp
 
-OPT_WIDTHS = (768, 2560, 5120, 12288)
+OPT_WIDTHS = (768, 2048, 2560, 4096, 5120, 12288)
 TOKENS = 16384
 DROPOUT = 0.1
 NAMES = ("out", "dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias", "dresidual")
@@ -46,17 +59,16 @@ def _inputs(M, d, dtype, device):
     return [t.to(dtype=dtype, device=device) for t in (x, w1, b1, w2, b2, r)]
 
 
-def check(device: torch.device, quick: bool) -> list[Comparison]:
-    """Forward and every gradient against float64, by the DESIGN.md rule."""
-    if device.type == "cpu":  # interpreted: small, and GEMMs in fp16/fp32 only
-        shapes, dtypes = [(33, 96)], (torch.float32, torch.float16)
-    else:
-        shapes = [(1023, 768), (333, 1000)] + ([] if quick else [(2048, 2560), (512, 5120)])
-        dtypes = (torch.float32, torch.float16, torch.bfloat16)
+def smoke(device: torch.device) -> list[Comparison]:
+    """The block's output and every gradient against float64, bf16 and fp16, through the TMA descriptors
+    (sm_90; the interpreter's descriptor path on the CPU) and through pointers."""
+    M, d = (33, 96) if device.type == "cpu" else (333, 1000)
+    descriptors = "on" if device.type == "cpu" else "auto"
     results = []
-    for dtype in dtypes:
-        for M, d in shapes:
-            results += _check_one(M, d, dtype, device)
+    for dtype in (torch.bfloat16, torch.float16):
+        for tma in (descriptors, "off"):
+            with switched(mlp, "TMA", tma):
+                results += [dataclasses.replace(c, name=f"{c.name} TMA={tma}") for c in _check_one(M, d, dtype, device)]
     return results
 
 
@@ -85,23 +97,75 @@ def _check_one(M, d, dtype, device) -> list[Comparison]:
 
 
 # --------------------------------------------------------------------------- benchmark cases
-def cases(device: torch.device, quick: bool, dtypes=(torch.bfloat16,)):
-    """Benchmark cases, built lazily: a GPU run holds one width's tensors at a time."""
-    if device.type == "cuda":
-        tokens, widths = TOKENS, OPT_WIDTHS
-    else:
-        tokens, widths = 64, (64,)
-    if quick:
-        widths = widths[:1] + widths[-1:] if len(widths) > 1 else widths
-    for dtype in dtypes:
-        for d in widths:
-            ab = has_tma(device) and dtype != torch.float32 and d == widths[-1]
-            yield from _block_cases(tokens, d, dtype, device, ab)
-            yield from _gemm_cases(tokens, d, dtype, device, ab)
+GOAL_WIDTHS = (2048, 4096)  # OPT-1.3B and 6.7B
+AB_WIDTH = 4096             # where the A/B providers are timed (sm_90)
+VARIANTS = {v.name: v for v in (
+    Variant("opt-core-no-tma", (("TMA", "off"),), why="pointer loads instead of TMA descriptors"),
+    Variant("opt-core-no-persistent", (("PERSISTENT", "off"),), why="no persistent TMA-store configs"),
+)}
+VARIANT_WIDTHS = {"opt-core-no-tma": (AB_WIDTH,), "opt-core-no-persistent": (768, AB_WIDTH)}
 
 
-def _block_cases(M, d, dtype, device, ab=False):
+def block_bytes(M: int, d: int, element_size: int, mode: str) -> int:
     ffn = 4 * d
+    fwd = 3 * M * d + 2 * d * ffn + 2 * M * ffn
+    bwd = 3 * M * d + 4 * d * ffn + 4 * M * ffn
+    return element_size * {"fwd": fwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def block_flops(M: int, d: int, mode: str) -> int:
+    gemm = 2 * M * d * 4 * d
+    return {"fwd": 2 * gemm, "fwd+bwd": 6 * gemm}[mode]
+
+
+def gemm_dims(M: int, d: int) -> dict[str, tuple[int, int, int]]:
+    """(rows, cols, inner) of each GEMM kernel of the block, by case name."""
+    ffn = 4 * d
+    return {
+        "fc1 (x@W1^T +b1, relu)": (M, ffn, d), "fc2 (h@W2^T +b2, dropout, +residual)": (M, d, ffn),
+        "dh (g@W2, relu mask, db1)": (M, ffn, d), "dW2 (g^T@h)": (d, ffn, M), "dx (dh@W1)": (M, d, ffn),
+        "dW1 (dh^T@x)": (ffn, d, M),
+    }
+
+
+def gemm_bytes(rows: int, cols: int, inner: int, element_size: int) -> int:
+    return element_size * (rows * inner + inner * cols + rows * cols)
+
+
+def _widths(target: Target, quick: bool) -> tuple[int, tuple, tuple]:
+    """(tokens, goal widths, rest widths); every width's GEMM cases are in the rest."""
+    if not target.gpu:
+        return 64, (64,), ()
+    rest = tuple(d for d in OPT_WIDTHS if d not in GOAL_WIDTHS)
+    return TOKENS, GOAL_WIDTHS, (rest[0], rest[-1]) if quick else rest
+
+
+def specs(target: Target, quick: bool, dtypes=(torch.bfloat16,), part: str = "all") -> list[Spec]:
+    M, goal, rest = _widths(target, quick)
+    out = []
+    for dtype in dtypes:
+        el = torch.finfo(dtype).bits // 8
+        for d in goal + rest:
+            ab = tuple(name for name, widths in VARIANT_WIDTHS.items()
+                       if target.tma and dtype != torch.float32 and d in widths)
+            p = "goal" if d in goal else "rest"
+            out += [Spec("relu_mlp", f"{M}x{d}x{4 * d}", dtype, mode, block_bytes(M, d, el, mode),
+                         block_flops(M, d, mode), ("opt-core", "torch-unfused") + ab, "torch-unfused", p,
+                         ("block", M, d, dtype, p)) for mode in ("fwd", "fwd+bwd")]
+            out += [Spec(f"relu_mlp gemm {name}", f"{rows}x{cols}x{inner}", dtype, "fwd",
+                         gemm_bytes(rows, cols, inner, el), 2 * rows * cols * inner,
+                         ("opt-core", "torch.matmul") + ab, "torch.matmul", "rest", ("gemm", M, d, dtype, "rest"))
+                    for name, (rows, cols, inner) in gemm_dims(M, d).items()]
+    return selected(out, part)
+
+
+def cases(device: torch.device, quick: bool, dtypes=(torch.bfloat16,), part: str = "all"):
+    """Benchmark cases, built lazily: a GPU run holds one width's tensors at a time."""
+    for (kind, M, d, dtype, _), group in grouped(specs(Target.of(device), quick, dtypes, part)):
+        yield from (_block_cases if kind == "block" else _gemm_cases)(group, M, d, dtype, device)
+
+
+def _block_cases(group, M, d, dtype, device):
     x, w1, b1, w2, b2, r = (t.requires_grad_(True) for t in _tensors(M, d, dtype, device))
     leaves = (x, w1, b1, w2, b2, r)
     dy = torch.randn(M, d, dtype=dtype, device=device)
@@ -109,22 +173,11 @@ def _block_cases(M, d, dtype, device, ab=False):
         "opt-core": lambda: functional.relu_mlp(x, w1, b1, w2, b2, residual=r, dropout_p=DROPOUT),
         "torch-unfused": lambda: F.dropout(F.linear(F.relu(F.linear(x, w1, b1)), w2, b2), DROPOUT, training=True) + r,
     }
-    gemm_flops = 2 * M * d * ffn
-    el = x.element_size()
-    # Bytes a fused block cannot avoid: x, residual, out, both weights, and h
-    # written once and read back; the backward also reads dy, x, h and writes dx,
-    # dh (read twice) and the weight gradients.
-    fwd_bytes = el * (3 * M * d + 2 * d * ffn + 2 * M * ffn)
-    bwd_bytes = el * (3 * M * d + 4 * d * ffn + 4 * M * ffn)
-    shape = f"{M}x{d}x{ffn}"
-
-    for mode, nbytes, flops in (("fwd", fwd_bytes, 2 * gemm_flops), ("fwd+bwd", fwd_bytes + bwd_bytes, 6 * gemm_flops)):
-        runners = {k: mode_runner(mode, f, (), (dy,)) for k, f in providers.items()}
-        if ab:
-            runners["opt-core-no-tma"] = with_switch(mlp, "TMA", "off",
-                                                     lambda: mode_runner(mode, providers["opt-core"], (), (dy,)))
-        yield Case("relu_mlp", shape, dtype, mode, nbytes, runners, "torch-unfused", flops=flops,
-                   grad_to_none=list(leaves))
+    for spec in group:
+        runners = {k: mode_runner(spec.mode, f, (), (dy,)) for k, f in providers.items()}
+        add_variants(runners, spec, VARIANTS, mlp,
+                     lambda mode=spec.mode: mode_runner(mode, providers["opt-core"], (), (dy,)))
+        yield spec.case(runners, leaves)
 
 
 def _tensors(M, d, dtype, device):
@@ -138,9 +191,9 @@ def _tensors(M, d, dtype, device):
     return x, w1, b1, w2, b2, r
 
 
-def _gemm_cases(M, d, dtype, device, ab=False):
-    """Each GEMM kernel of the block (epilogue included) vs torch.matmul on the same views (and with ``ab``,
-    ours with TMA off)."""
+def _gemm_cases(group, M, d, dtype, device):
+    """Each GEMM kernel of the block (epilogue included) vs torch.matmul on the same views (and, where the
+    spec says, ours with TMA off)."""
     ffn = 4 * d
     with torch.no_grad():
         x, w1, b1, w2, b2, r = _tensors(M, d, dtype, device)
@@ -153,22 +206,19 @@ def _gemm_cases(M, d, dtype, device, ab=False):
     out_fd = torch.empty(ffn, d, dtype=dtype, device=device)
     seed = 0x5DEECE66D
     gemms = {
-        # name: (ours, torch.matmul's operands, its output buffer, (rows, cols, inner))
-        "fc1 (x@W1^T +b1, relu)": (lambda: mlp._launch_fc1(x, w1, b1, out_mf), (x, w1.t()), out_mf, (M, ffn, d)),
+        # name: (ours, torch.matmul's operands, its output buffer)
+        "fc1 (x@W1^T +b1, relu)": (lambda: mlp._launch_fc1(x, w1, b1, out_mf), (x, w1.t()), out_mf),
         "fc2 (h@W2^T +b2, dropout, +residual)": (
-            lambda: mlp._launch_fc2(h, w2, b2, r, seed, DROPOUT, out_md), (h, w2.t()), out_md, (M, d, ffn)),
-        "dh (g@W2, relu mask, db1)": (lambda: mlp._launch_dh(g, w2, h, out_mf, True), (g, w2), out_mf, (M, ffn, d)),
-        "dW2 (g^T@h)": (lambda: mlp._launch_matmul(g.t(), h, out_df), (g.t(), h), out_df, (d, ffn, M)),
-        "dx (dh@W1)": (lambda: mlp._launch_matmul(dh, w1, out_md), (dh, w1), out_md, (M, d, ffn)),
-        "dW1 (dh^T@x)": (lambda: mlp._launch_matmul(dh.t(), x, out_fd), (dh.t(), x), out_fd, (ffn, d, M)),
+            lambda: mlp._launch_fc2(h, w2, b2, r, seed, DROPOUT, out_md), (h, w2.t()), out_md),
+        "dh (g@W2, relu mask, db1)": (lambda: mlp._launch_dh(g, w2, h, out_mf, True), (g, w2), out_mf),
+        "dW2 (g^T@h)": (lambda: mlp._launch_matmul(g.t(), h, out_df), (g.t(), h), out_df),
+        "dx (dh@W1)": (lambda: mlp._launch_matmul(dh, w1, out_md), (dh, w1), out_md),
+        "dW1 (dh^T@x)": (lambda: mlp._launch_matmul(dh.t(), x, out_fd), (dh.t(), x), out_fd),
     }
-    el = x.element_size()
-    for name, (ours, (a, b), out, (rows, cols, inner)) in gemms.items():
+    for spec in group:
+        ours, (a, b), out = gemms[spec.op.removeprefix("relu_mlp gemm ")]
+
         def theirs(a=a, b=b, out=out):
             return torch.matmul(a, b, out=out)
-        runners = {"opt-core": ours, "torch.matmul": theirs}
-        if ab:
-            runners["opt-core-no-tma"] = with_switch(mlp, "TMA", "off", lambda ours=ours: ours)
-        yield Case(f"relu_mlp gemm {name}", f"{rows}x{cols}x{inner}", dtype, "fwd",
-                   el * (rows * inner + inner * cols + rows * cols), runners, "torch.matmul",
-                   flops=2 * rows * cols * inner)
+        yield spec.case(add_variants({"opt-core": ours, "torch.matmul": theirs}, spec, VARIANTS, mlp,
+                                     lambda ours=ours: ours))

@@ -14,7 +14,7 @@ import importlib
 import pytest
 import torch
 
-from bench.__main__ import OPS
+from bench.harness import OPS
 from bench.harness import Lazy
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

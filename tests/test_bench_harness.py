@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from bench import harness
@@ -47,23 +48,38 @@ def test_ceilings_are_measured(device):
     assert c.copy_gbps > 0 and c.gemm_tflops > 0
 
 
-def test_with_switch_sets_a_module_switch_while_building_and_around_each_call():
+def test_with_switches_sets_module_switches_while_building_and_around_each_call():
     import types
 
-    from bench.harness import with_switch
+    from bench.harness import with_switches
 
-    module = types.SimpleNamespace(TMA="auto")
+    module = types.SimpleNamespace(TMA="auto", PERSISTENT="auto")
     seen = []
 
     def build():
-        seen.append(("build", module.TMA))
-        return lambda: seen.append(("call", module.TMA))
+        seen.append(("build", module.TMA, module.PERSISTENT))
+        return lambda: seen.append(("call", module.TMA, module.PERSISTENT))
 
-    run = with_switch(module, "TMA", "off", build)
-    assert module.TMA == "auto"
+    run = with_switches(module, {"TMA": "off", "PERSISTENT": "off"}, build)
+    assert (module.TMA, module.PERSISTENT) == ("auto", "auto")
     run()
     run()
-    assert seen == [("build", "off"), ("call", "off"), ("call", "off")] and module.TMA == "auto"
+    assert seen == [("build", "off", "off"), ("call", "off", "off"), ("call", "off", "off")]
+    assert (module.TMA, module.PERSISTENT) == ("auto", "auto")
+
+
+def test_variants_join_the_rows_of_their_modes_only():
+    from bench.harness import Spec, Variant, add_variants, variant_names
+
+    variants = {"ours-a": Variant("ours-a", (("TMA", "off"),), modes=("fwd",)),
+                "ours-b": Variant("ours-b", (("TMA", "on"),), modes=("bwd",))}
+    assert variant_names(variants, "fwd") == ("ours-a",) and variant_names(variants, "fwd", applies=False) == ()
+    spec = Spec("op", "4", torch.float32, "fwd", 0, 0, ("opt-core", "ours-a"), "opt-core", "rest", ())
+    import types
+
+    module = types.SimpleNamespace(TMA="auto")
+    runners = add_variants({"opt-core": lambda: module.TMA}, spec, variants, module, lambda: lambda: module.TMA)
+    assert sorted(runners) == ["opt-core", "ours-a"] and runners["ours-a"]() == "off" and module.TMA == "auto"
 
 
 def test_mfu_peer_is_the_same_model_on_plain_pytorch():
@@ -88,3 +104,44 @@ def test_mfu_peer_is_the_same_model_on_plain_pytorch():
             want = expected if attention_mask is not None else ours(ids).logits
             real = (attention_mask if attention_mask is not None else torch.ones_like(ids)).bool()
             torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+
+
+def _row(provider, ms, **fields):
+    return harness.Row("layer_norm", "64x768", "bfloat16", "fwd", provider, ms, 0.9 * ms, 1.1 * ms, 1.0, 0.0, "copy",
+                       0.1, 1.0, "torch", **fields)
+
+
+def test_results_are_collected_from_every_process_records(tmp_path):
+    """Each op process appends records to its own file; the results files hold them all, and a line cut
+    short by a killed process is skipped."""
+    env = harness.environment(torch.device("cpu"), harness.Ceilings(100.0, 1.0))
+    (tmp_path / harness.ENVIRONMENT_FILE).write_text(json.dumps(env))
+    first, second = (tmp_path / harness.RECORDS_DIR / name for name in ("0-0-a-goal.jsonl", "1-0-a-rest.jsonl"))
+    ms = [float(t) for t in torch.rand(2) + 0.1]
+    harness.append_records(first, "row", [_row("opt-core", ms[0], part="goal").__dict__])
+    harness.append_records(first, "telemetry", [{"op": "layer_norm", "part": "goal", "when": "before",
+                                                 "nvml": "unavailable: test"}])
+    harness.append_records(second, "row", [_row("torch", ms[1], part="rest", peak_memory_mib=12.7).__dict__])
+    harness.append_records(second, "compile_cache", [{"op": "layer_norm", "part": "rest", "hits": 3, "misses": 1,
+                                                      "compile_s": 0.5, "missed": {"layer_norm.fwd_kernel": 1}}])
+    with second.open("a") as f:
+        f.write('{"type": "row", "op": "cut sh')  # the process was killed mid-line
+    json_path, md_path = harness.collect(tmp_path)
+    data = json.loads(json_path.read_text())
+    assert [(r["provider"], r["ms"], r["part"]) for r in data["rows"]] == [("opt-core", ms[0], "goal"),
+                                                                          ("torch", ms[1], "rest")]
+    assert data["rows"][1]["peak_memory_mib"] == 12.7 and data["telemetry"][0]["nvml"] == "unavailable: test"
+    text = md_path.read_text()
+    assert "| 13 |" in text  # the peak-memory column
+    assert "- layer_norm (rest): 3 loaded from the cache, 1 compiled (0.5 s): layer_norm.fwd_kernel x1" in text
+    assert "NVML unavailable: test" in text
+
+
+@pytest.mark.gpu
+def test_peak_memory_counts_what_a_provider_allocates(device):
+    mib = 64 + int(torch.randint(0, 64, ()))
+    case = harness.Case(op="alloc", shape=f"{mib}MiB", dtype=torch.uint8, mode="fwd", bytes=mib << 20,
+                        providers={"alloc": lambda: torch.empty(mib << 20, dtype=torch.uint8, device=device)},
+                        baseline="alloc")
+    (row,) = harness.run_case(case, device, harness.Ceilings(copy_gbps=1000.0, gemm_tflops=100.0))
+    assert mib <= row.peak_memory_mib < mib + 64
