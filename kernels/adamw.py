@@ -2,14 +2,26 @@
 
 The decisions behind this file:
 
-- Multi-tensor: one launch covers every tensor of a dtype class in a parameter
-  group.  The host builds a table of raw tensor addresses (param, grad,
-  exp_avg, exp_avg_sq, max_exp_avg_sq, master) and a table of chunks (tensor
-  index, first element); each program loads its row, turns the addresses into
-  typed pointers and streams its chunk: one read and one write of each
-  parameter, moment and master, one read of each gradient.  Tables are cached
-  per address tuple, so a steady training loop (same tensors every step)
-  uploads nothing.
+- Multi-tensor: one launch covers every tensor of a class (param dtype, grad
+  dtype, master or not, aligned or not) in a parameter group.  The host builds
+  a table of raw tensor addresses (param, exp_avg, exp_avg_sq, max_exp_avg_sq,
+  master; the gradients' in a table of their own) and a table of chunks
+  (tensor index, first element); each program loads its row, turns the
+  addresses into typed pointers and streams its chunk: one read and one write
+  of each parameter, moment and master, one read of each gradient.
+- 16-byte vectors (2026-12): a table's addresses tell the compiler nothing, so
+  the loads were scalar.  Tensors whose every address is a multiple of 16 bytes
+  and whose size is a multiple of VECTOR_ELEMENTS form the aligned class, whose
+  kernel states both facts (``tl.multiple_of``) and compiles to 128-bit loads
+  and stores; the others (views at odd offsets, odd sizes) take the scalar
+  class.  The AOT check asserts the 128-bit loads.
+- The launch plan (classes and tables) is cached across steps, keyed on the
+  identities of the params and their optimizer state (weakly referenced: the
+  death of one drops the plan, so an id is never reused under it), checked per
+  step against the params' addresses (``p.data = ...`` moves them) and the
+  gradients' signature (dtype, layout, alignment).  Gradients are new tensors
+  every step: their address table is re-uploaded only for a set of addresses
+  not seen in the last few steps.  A steady loop rebuilds nothing.
 - No host synchronisation in a step, so it can be captured in a CUDA graph.
   The bias corrections are computed the way torch.optim.AdamW computes them
   (float64 powers of the betas, rounded to fp32) on the device from the
@@ -33,6 +45,8 @@ The decisions behind this file:
 from __future__ import annotations
 
 import numbers
+import operator
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -48,9 +62,17 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CHUNK = 4096 if dispatch.INTERPRET else 65536
 BLOCK = 512 if dispatch.INTERPRET else 2048
 NUM_WARPS = 8
-# Columns of the address table.
-_P, _G, _M, _V, _VMAX, _MASTER = range(6)
-_COLUMNS = 6
+# Columns of the address table of the tensors a step keeps (the gradients, new every step, have their
+# own table).
+_P, _M, _V, _VMAX, _MASTER = (tl.constexpr(i) for i in range(5))
+_COLUMNS = tl.constexpr(5)
+# The aligned class: every address a multiple of 16 bytes and every size a multiple of this many elements
+# (16 bytes of fp16/bf16), so every load and store is a 16-byte vector.
+VECTOR_ELEMENTS = 8
+# Whether aligned tensors take the 16-byte vector class ("auto") or every tensor the scalar one ("off":
+# the A/B baseline, today's loads).
+VECTOR_LOADS = "auto"
+VECTOR_LOADS_MODES = ("auto", "off")
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -69,27 +91,53 @@ def _hyperparameter(x):
 
 
 @triton.jit
+def _pointer(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """A table address as a DTYPE pointer.  In the aligned class the host checked that every address is a
+    multiple of 16 bytes; a raw address tells the compiler nothing, and without the hint it emits one
+    scalar load per element instead of 16-byte vectors."""
+    ptr = addr.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _chunk(NUMELS, CHUNKS, pid, ALIGNED: tl.constexpr, CHUNK_SIZE: tl.constexpr):
+    """(tensor index, first element, tensor size) of this program's chunk.  In the aligned class sizes
+    are multiples of VECTOR_ELEMENTS (host-checked), so the bounds mask is constant over each vector.
+    The kernels loop over min(CHUNK_SIZE, what is left of the tensor): a small tensor's program does not
+    walk a whole chunk of masked blocks."""
+    t = tl.load(CHUNKS + 2 * pid)
+    start = tl.multiple_of(tl.load(CHUNKS + 2 * pid + 1), CHUNK_SIZE)
+    n = tl.load(NUMELS + t)
+    if ALIGNED:
+        n = tl.multiple_of(n, 8)  # VECTOR_ELEMENTS
+    return t, start, n
+
+
+@triton.jit
 def adamw_kernel(
-    ADDRS, NUMELS, CHUNKS, STEP_SIZE, BC2_SQRT,
+    ADDRS, GRAD_ADDRS, NUMELS, CHUNKS, STEP_SIZE, BC2_SQRT,
     INV_SCALE, CLIP_COEF, FOUND_INF,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
     HAS_MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_INV_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    HAS_INV_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     if HAS_FOUND_INF:
         if tl.load(FOUND_INF) != 0:
             return
-    pid = tl.program_id(0)
-    t = tl.load(CHUNKS + 2 * pid)
-    start = tl.load(CHUNKS + 2 * pid + 1)
-    n = tl.load(NUMELS + t)
-    row = ADDRS + t * 6
-    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    t, start, n = _chunk(NUMELS, CHUNKS, tl.program_id(0), ALIGNED, CHUNK_SIZE)
+    row = ADDRS + t * _COLUMNS
+    p_ptr = _pointer(tl.load(row + _P), P_DTYPE, ALIGNED)
+    g_ptr = _pointer(tl.load(GRAD_ADDRS + t), G_DTYPE, ALIGNED)
+    m_ptr = _pointer(tl.load(row + _M), tl.float32, ALIGNED)
+    v_ptr = _pointer(tl.load(row + _V), tl.float32, ALIGNED)
+    if HAS_MASTER:
+        w_ptr = _pointer(tl.load(row + _MASTER), tl.float32, ALIGNED)
+    if AMSGRAD:
+        vmax_ptr = _pointer(tl.load(row + _VMAX), tl.float32, ALIGNED)
     step_size = tl.load(STEP_SIZE + t)
     bc2_sqrt = tl.load(BC2_SQRT + t)
     if HAS_INV_SCALE:
@@ -102,7 +150,7 @@ def adamw_kernel(
     b2 = _hyperparameter(beta2)
     one_minus_b2 = _hyperparameter(one_minus_beta2)
 
-    for i in range(0, CHUNK_SIZE, BLOCK_SIZE):
+    for i in range(0, tl.minimum(n - start, CHUNK_SIZE), BLOCK_SIZE):
         offs = start + i + tl.arange(0, BLOCK_SIZE)
         mask = offs < n
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -113,7 +161,6 @@ def adamw_kernel(
         if MAXIMIZE:
             g = -g
         if HAS_MASTER:
-            w_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
             p = tl.load(w_ptr + offs, mask=mask, other=0.0)
         else:
             p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -125,7 +172,6 @@ def adamw_kernel(
         m = tl.where(lerp_weight < 0.5, m + lerp_weight * (g - m), g - (g - m) * b1)
         v = v * b2 + (one_minus_b2 * g) * g
         if AMSGRAD:
-            vmax_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
             vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0), v,
                               propagate_nan=tl.PropagateNan.ALL)
             tl.store(vmax_ptr + offs, vmax, mask=mask)
@@ -143,22 +189,20 @@ def adamw_kernel(
 
 @triton.jit
 def grad_stats_kernel(
-    ADDRS, NUMELS, CHUNKS, INV_SCALE, SUMSQ, NONFINITE,
-    G_DTYPE: tl.constexpr, HAS_INV_SCALE: tl.constexpr, UNSCALE_IN_PLACE: tl.constexpr,
+    GRAD_ADDRS, NUMELS, CHUNKS, INV_SCALE, SUMSQ, NONFINITE,
+    G_DTYPE: tl.constexpr, HAS_INV_SCALE: tl.constexpr, UNSCALE_IN_PLACE: tl.constexpr, ALIGNED: tl.constexpr,
     CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     # Per chunk: sum of squares of the (unscaled) gradient, and how many raw
     # values are inf/NaN (checked before unscaling, as GradScaler does).
     pid = tl.program_id(0)
-    t = tl.load(CHUNKS + 2 * pid)
-    start = tl.load(CHUNKS + 2 * pid + 1)
-    n = tl.load(NUMELS + t)
-    g_ptr = tl.load(ADDRS + t * 6 + 1).to(tl.pointer_type(G_DTYPE))
+    t, start, n = _chunk(NUMELS, CHUNKS, pid, ALIGNED, CHUNK_SIZE)
+    g_ptr = _pointer(tl.load(GRAD_ADDRS + t), G_DTYPE, ALIGNED)
     if HAS_INV_SCALE:
         inv_scale = tl.load(INV_SCALE)
     acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     bad = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
-    for i in range(0, CHUNK_SIZE, BLOCK_SIZE):
+    for i in range(0, tl.minimum(n - start, CHUNK_SIZE), BLOCK_SIZE):
         offs = start + i + tl.arange(0, BLOCK_SIZE)
         mask = offs < n
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -173,39 +217,156 @@ def grad_stats_kernel(
 
 
 # --------------------------------------------------------------------------- tables
-class _Tables:
-    """Address, size and chunk tables for one launch, on the tensors' device."""
+def _upload(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``values`` as an int64 tensor on ``device``.  On a GPU from pinned memory without blocking: no host
+    sync, and the caching host allocator does not reuse the block before the copy ends."""
+    host = torch.tensor(list(values) or [0], dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
-    def __init__(self, rows: list[list[int]], numels: list[int], device: torch.device):
+
+class _Chunks:
+    """A launch's grid: per tensor its size, per CHUNK-element chunk its (tensor, first element)."""
+
+    def __init__(self, numels: Sequence[int], device: torch.device):
         chunks = [(t, s) for t, n in enumerate(numels) for s in range(0, n, CHUNK)]
-        self.num_chunks = len(chunks)
-        pin = device.type == "cuda"
-
-        def upload(values, shape):
-            host = torch.tensor(values, dtype=torch.int64).reshape(shape)
-            if pin:  # pinned + non_blocking: no host sync, and the block is not reused before the copy ends
-                host = host.pin_memory()
-            return host.to(device, non_blocking=pin)
-
-        self.addrs = upload([a for r in rows for a in r], (len(rows), _COLUMNS))
-        self.numels = upload(numels, (len(numels),))
-        self.chunks = upload([x for c in chunks for x in c] or [0, 0], (max(1, len(chunks)), 2))
+        self.count = len(chunks)
+        self.numels = _upload(numels, device)
+        self.chunks = _upload([x for c in chunks for x in c], device)
 
 
-_TABLE_CACHE: dict[tuple, _Tables] = {}
-_TABLE_CACHE_SIZE = 64
+class _Addresses:
+    """The address table of a list of tensors, uploaded only for a set of addresses not seen lately:
+    gradients freed by ``zero_grad`` come back at the addresses of a step or two ago."""
+
+    RECENT = 4
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.recent: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, ptrs: tuple) -> torch.Tensor:
+        table = self.recent.pop(ptrs, None)
+        if table is None:
+            table = _upload(ptrs, self.device)
+            if len(self.recent) >= self.RECENT:
+                self.recent.pop(next(iter(self.recent)))
+        self.recent[ptrs] = table  # the most recent last
+        return table
 
 
-def _tables(columns: Sequence[Sequence[Optional[torch.Tensor]]], device: torch.device) -> _Tables:
-    rows = [[t.data_ptr() if t is not None else 0 for t in row] for row in zip(*columns)]
-    numels = [row[_P].numel() for row in zip(*columns)]
-    key = (device, tuple(a for r in rows for a in r), tuple(numels))
-    tables = _TABLE_CACHE.get(key)
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return t.data_ptr() if t is not None else 0
+
+
+def _grad_signature(grads: Sequence[torch.Tensor]) -> tuple[tuple, tuple]:
+    """(addresses, (dtype, contiguous, 16-byte aligned) per gradient): what a plan depends on of the gradients,
+    which are new tensors every step."""
+    ptrs = tuple(map(torch.Tensor.data_ptr, grads))
+    facts = tuple(zip(map(operator.attrgetter("dtype"), grads), map(torch.Tensor.is_contiguous, grads),
+                      (p % 16 == 0 for p in ptrs)))
+    return ptrs, facts
+
+
+class _Launch:
+    """One adamw_kernel launch of a plan: the positions of its tensors in the step's lists, the kernel's
+    flags, and the tables of what persists across steps (sizes, chunks, addresses of params, moments and
+    masters, in the order of the _P ... _MASTER columns)."""
+
+    def __init__(self, idx: list[int], columns: Sequence[Sequence[Optional[torch.Tensor]]], flags: dict,
+                 device: torch.device):
+        self.idx = idx
+        self.flags = flags
+        self.chunks = _Chunks([columns[_P][i].numel() for i in idx], device)
+        self.addrs = _upload([_ptr(column[i]) for i in idx for column in columns], device)
+        self.grad_addrs = _Addresses(device)
+
+
+class _Plan:
+    """How adamw_step runs one set of tensors: one kernel launch per (param dtype, grad dtype, master,
+    aligned) class, and the positions the reference takes (strided tensors, fp64, no interpreter on a CPU).
+
+    Built from the params and their optimizer state, which persist across steps, and the gradients'
+    signature; reused while the same objects come back (the cache key is their ids, and weak references
+    drop the plan when one of them dies, so an id is never reused under it), the params' storage has not
+    moved (``p.data = ...``) and the gradients have the same signature.  Per step it costs a few C-level
+    passes over the lists, not a rebuild of the tables."""
+
+    def __init__(self, key: tuple, columns: Sequence[Sequence[Optional[torch.Tensor]]], grads, device):
+        self.key = key
+        self.param_ptrs = tuple(map(torch.Tensor.data_ptr, columns[_P]))
+        self.grad_facts = _grad_signature(grads)[1]
+        self.refs = [weakref.ref(t, self._expire) for column in columns for t in column if t is not None]
+        classes: dict[tuple, list[int]] = {}
+        for i, (g, row) in enumerate(zip(grads, zip(*columns))):
+            classes.setdefault(_class_of(row, g), []).append(i)
+        self.reference = classes.pop(None, [])
+        self.launches = [_Launch(idx, columns, dict(zip(_CLASS_FLAGS, cls)), device)
+                         for cls, idx in classes.items()]
+
+    def _expire(self, _ref) -> None:
+        if _PLANS.get(self.key) is self:
+            del _PLANS[self.key]
+
+    def fits(self, params: Sequence[torch.Tensor], grad_facts: tuple) -> bool:
+        return grad_facts == self.grad_facts and tuple(map(torch.Tensor.data_ptr, params)) == self.param_ptrs
+
+
+_CLASS_FLAGS = ("P_DTYPE", "G_DTYPE", "HAS_MASTER", "ALIGNED")
+
+
+def _class_of(row: tuple, g: torch.Tensor) -> Optional[tuple]:
+    """The kernel class (values of _CLASS_FLAGS) of one parameter's tensors (row: param, moments, vmax,
+    master), or None where the reference runs it: the kernel walks each tensor as one flat block."""
+    p = row[_P]
+    tensors = (*row, g)
+    if not (all(t is None or t.is_contiguous() for t in tensors) and dispatch.use_triton(p, KERNEL_DTYPES)
+            and g.dtype in KERNEL_DTYPES):
+        return None
+    aligned = (VECTOR_LOADS == "auto" and p.numel() % VECTOR_ELEMENTS == 0
+               and all(t is None or t.data_ptr() % 16 == 0 for t in tensors))
+    return TL_DTYPES[p.dtype], TL_DTYPES[g.dtype], row[_MASTER] is not None, aligned
+
+
+def _check_vector_loads() -> None:
+    if VECTOR_LOADS not in VECTOR_LOADS_MODES:
+        raise ValueError(f"opt_core.kernels.adamw.VECTOR_LOADS must be one of {VECTOR_LOADS_MODES}, "
+                         f"got {VECTOR_LOADS!r}")
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_PLANS_SIZE = 16
+
+
+def _plan(columns: Sequence[Sequence[Optional[torch.Tensor]]], grads: Sequence[torch.Tensor],
+          device: torch.device) -> tuple[_Plan, tuple]:
+    """(the plan for these tensors, the gradients' addresses), cached across steps.  The key holds the
+    switches too: under ``dispatch.reference_backend()`` the same tensors take the reference."""
+    _check_vector_loads()
+    key = (device, dispatch.forced_path(), VECTOR_LOADS, *(tuple(map(id, column)) for column in columns))
+    ptrs, facts = _grad_signature(grads)
+    plan = _PLANS.get(key)
+    if plan is None or not plan.fits(columns[_P], facts):
+        if plan is None and len(_PLANS) >= _PLANS_SIZE:
+            _PLANS.pop(next(iter(_PLANS)))
+        plan = _PLANS[key] = _Plan(key, columns, grads, device)
+    return plan, ptrs
+
+
+# grad_stats: per (device, dtype, alignment, sizes) the grid and the recent address tables.
+_GRAD_TABLES: dict[tuple, tuple[_Chunks, _Addresses]] = {}
+_GRAD_TABLES_SIZE = 64
+
+
+def _grad_tables(key: tuple, grads: Sequence[torch.Tensor], device: torch.device) -> tuple[_Chunks, torch.Tensor]:
+    tables = _GRAD_TABLES.get(key)
     if tables is None:
-        if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
-            _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
-        tables = _TABLE_CACHE[key] = _Tables(rows, numels, device)
-    return tables
+        if len(_GRAD_TABLES) >= _GRAD_TABLES_SIZE:
+            _GRAD_TABLES.pop(next(iter(_GRAD_TABLES)))
+        tables = _GRAD_TABLES[key] = (_Chunks(key[-1], device), _Addresses(device))
+    chunks, addresses = tables
+    return chunks, addresses(tuple(map(torch.Tensor.data_ptr, grads)))
 
 
 def _none(n):
@@ -312,37 +473,28 @@ def adamw_step(
     amsgrad = max_exp_avg_sqs is not None
     masters = list(masters) if masters is not None else _none(len(params))
     vmaxes = list(max_exp_avg_sqs) if amsgrad else _none(len(params))
-
-    classes: dict[tuple, list[int]] = {}
-    for i, (p, g) in enumerate(zip(params, grads)):
-        # The kernel walks each tensor as one flat block; other layouts take the reference.
-        dense = all(t is None or t.is_contiguous()
-                    for t in (p, g, exp_avgs[i], exp_avg_sqs[i], vmaxes[i], masters[i]))
-        use_kernel = dense and dispatch.use_triton(p, KERNEL_DTYPES) and g.dtype in KERNEL_DTYPES
-        classes.setdefault((use_kernel, p.dtype, g.dtype, masters[i] is not None), []).append(i)
-    for (use_kernel, p_dtype, g_dtype, has_master), idx in classes.items():
-        pick = lambda lst: [lst[i] for i in idx]  # noqa: E731
-        if not use_kernel:
-            reference.adamw_step(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(list(steps)),
-                                 lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                                 max_exp_avg_sqs=pick(vmaxes) if amsgrad else None, masters=pick(masters),
-                                 maximize=maximize, inv_scale=inv_scale, clip_coef=clip_coef, found_inf=found_inf,
-                                 advance_steps=False)
-            continue
-        tables = _tables([pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(vmaxes), pick(masters)],
-                         device)
-        step_size, bc2_sqrt = _bias_corrections(pick(list(steps)), lr, beta1, beta2, device)
+    plan, grad_ptrs = _plan((params, exp_avgs, exp_avg_sqs, vmaxes, masters), grads, device)
+    steps = list(steps)
+    if plan.reference:
+        pick = lambda lst: [lst[i] for i in plan.reference]  # noqa: E731
+        reference.adamw_step(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(steps),
+                             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                             max_exp_avg_sqs=pick(vmaxes) if amsgrad else None, masters=pick(masters),
+                             maximize=maximize, inv_scale=inv_scale, clip_coef=clip_coef, found_inf=found_inf,
+                             advance_steps=False)
+    if plan.launches:
         decay, b1, one_minus_b1, b2, one_minus_b2 = kernel_hyperparameters(lr, beta1, beta2, weight_decay, device)
+    for launch in plan.launches:
+        step_size, bc2_sqrt = _bias_corrections([steps[i] for i in launch.idx], lr, beta1, beta2, device)
         with dispatch.device_guard(params[0]):
-            adamw_kernel[(tables.num_chunks,)](
-                tables.addrs, tables.numels, tables.chunks, step_size, bc2_sqrt,
+            adamw_kernel[(launch.chunks.count,)](
+                launch.addrs, launch.grad_addrs(tuple(grad_ptrs[i] for i in launch.idx)),
+                launch.chunks.numels, launch.chunks.chunks, step_size, bc2_sqrt,
                 inv_scale, clip_coef, found_inf,
                 decay, b1, one_minus_b1, b2, one_minus_b2, eps,
-                P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype],
-                HAS_MASTER=has_master, AMSGRAD=amsgrad, MAXIMIZE=maximize,
-                HAS_INV_SCALE=inv_scale is not None, HAS_CLIP=clip_coef is not None,
-                HAS_FOUND_INF=found_inf is not None,
-                CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
+                AMSGRAD=amsgrad, MAXIMIZE=maximize, HAS_INV_SCALE=inv_scale is not None,
+                HAS_CLIP=clip_coef is not None, HAS_FOUND_INF=found_inf is not None,
+                CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS, **launch.flags,
             )
     if found_inf is None:
         torch._foreach_add_(list(steps), 1.0)
@@ -371,27 +523,30 @@ def grad_stats(
             raise ValueError(f"grads[{i}] is on {g.device} but grads[0] is on {device}")
     if unscale_in_place and inv_scale is None:
         raise ValueError("unscale_in_place needs inv_scale")
+    _check_vector_loads()
     sumsq, bad = [], []
     classes: dict[tuple, list[torch.Tensor]] = {}
     for g in grads:
-        classes.setdefault((g.is_contiguous() and dispatch.use_triton(g, KERNEL_DTYPES), g.dtype), []).append(g)
-    for (use_kernel, g_dtype), gs in classes.items():
+        kernel = g.is_contiguous() and dispatch.use_triton(g, KERNEL_DTYPES)
+        aligned = kernel and VECTOR_LOADS == "auto" and g.numel() % VECTOR_ELEMENTS == 0 and g.data_ptr() % 16 == 0
+        classes.setdefault((kernel, g.dtype, aligned), []).append(g)
+    for (use_kernel, g_dtype, aligned), gs in classes.items():
         if not use_kernel:
             s, b = reference.grad_stats(gs, inv_scale=inv_scale, unscale_in_place=unscale_in_place)
             sumsq.append(s.reshape(1))
             bad.append(b.reshape(1))
             continue
-        n = len(gs)
-        tables = _tables([gs, gs, _none(n), _none(n), _none(n), _none(n)], device)  # sizes come from column 0
-        part_sumsq = dispatch.empty((tables.num_chunks,), dtype=torch.float32, device=device)
-        part_bad = dispatch.empty((tables.num_chunks,), dtype=torch.int32, device=device)
+        chunks, grad_addrs = _grad_tables((device, g_dtype, aligned, tuple(g.numel() for g in gs)), gs, device)
+        part_sumsq = dispatch.empty((chunks.count,), dtype=torch.float32, device=device)
+        part_bad = dispatch.empty((chunks.count,), dtype=torch.int32, device=device)
         with dispatch.device_guard(gs[0]):
-            grad_stats_kernel[(tables.num_chunks,)](
-                tables.addrs, tables.numels, tables.chunks, inv_scale, part_sumsq, part_bad,
+            grad_stats_kernel[(chunks.count,)](
+                grad_addrs, chunks.numels, chunks.chunks, inv_scale, part_sumsq, part_bad,
                 G_DTYPE=TL_DTYPES[g_dtype], HAS_INV_SCALE=inv_scale is not None,
-                UNSCALE_IN_PLACE=unscale_in_place, CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
+                UNSCALE_IN_PLACE=unscale_in_place, ALIGNED=aligned, CHUNK_SIZE=CHUNK, BLOCK_SIZE=BLOCK,
+                num_warps=NUM_WARPS,
             )
-        sumsq.append(part_sumsq[: tables.num_chunks].sum().reshape(1))
-        bad.append(part_bad[: tables.num_chunks].sum().to(torch.float32).reshape(1))
+        sumsq.append(part_sumsq.sum().reshape(1))
+        bad.append(part_bad.sum().to(torch.float32).reshape(1))
     return torch.cat(sumsq).sum(), torch.cat(bad).sum()
 

@@ -60,6 +60,7 @@ class Case:
     tensor_cores: bool = False
     archs: tuple = ARCHS      # the targets this config is used on (a Hopper-only tile lists only 90)
     tma: bool = False         # takes tensor descriptors: the PTX must load through TMA
+    expects: tuple = ()       # (fact, value) pairs of code_facts the compiled code must show
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +72,13 @@ class Descriptor:
 
 
 def case(name: str, fn: Any, args: dict, constexprs: dict, *, num_warps: int, num_stages: int = 1,
-         tensor_cores: bool = False, archs: tuple = ARCHS) -> Case:
+         tensor_cores: bool = False, archs: tuple = ARCHS, expects: dict | None = None) -> Case:
     """Build a case from the values a launch passes.
 
     ``args`` maps each runtime argument to what would be passed: a torch dtype
     for a tensor of that dtype, a ``Descriptor`` for a tensor descriptor, None
-    for an absent tensor, an int or a float.
+    for an absent tensor, an int or a float.  ``expects`` maps code_facts keys to the values the
+    compiled code must show (e.g. ``{"tma_store": True, "persistent": True}``, ``{"max_load_bits": 128}``).
     """
     signature, consts, div16 = {}, dict(constexprs), []
     tma = False
@@ -110,8 +112,10 @@ def case(name: str, fn: Any, args: dict, constexprs: dict, *, num_warps: int, nu
             raise TypeError(f"AOT case {name}: cannot specialise {arg!r}={value!r}")
     if tma and any(a < 90 for a in archs):
         raise ValueError(f"AOT case {name}: tensor descriptors (TMA) need sm_90 or newer, got archs {archs}")
-    return Case(name, fn.__module__, fn.__name__, signature, consts, tuple(div16), num_warps, num_stages,
-                tensor_cores, tuple(archs), tma)
+    # The defining module of the Python function: under the interpreter ``fn`` is an InterpretedFunction,
+    # whose own __module__ is Triton's.
+    return Case(name, fn.fn.__module__, fn.__name__, signature, consts, tuple(div16), num_warps, num_stages,
+                tensor_cores, tuple(archs), tma, tuple(sorted((expects or {}).items())))
 
 
 def _cuobjdump() -> str:
@@ -133,7 +137,8 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 
 
 _GLOBAL_LOAD = re.compile(r"\bld\.global[\w.:]*")
-_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global[\w.:]*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(\d+)")
+# Triton's PTX writes the copy size in hex ("..., 0x10, %r3;"), hand-written PTX often in decimal.
+_CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global[\w.:]*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
 _WGMMA_WAIT = re.compile(r"\bwgmma\.wait_group\.sync\.aligned\s+(\d+)")
 
 
@@ -154,11 +159,13 @@ def code_facts(ptx: str, ttgir: str) -> dict:
       while the warpgroup does other work (softmax, the next tile's loads);
     - ``warp_specialized``: producer/consumer partitions (``ttg.warp_specialize``) with register reallocation
       (``setmaxnreg``);
-    - ``persistent``: the kernel reads the grid size (``%nctaid``): a tile loop strided by the program count;
+    - ``persistent``: the kernel's own code reads the grid size (``tt.get_num_programs`` in the TTGIR): a tile
+      loop strided by the program count (``%nctaid`` in the PTX alone is not enough: the lowering of a
+      device-side tensor descriptor reads it to find its scratch slot);
     - ``max_load_bits``: the widest per-thread global load (``ld.global`` vectors, ``cp.async`` copies).
     """
     waits = [int(n) for n in _WGMMA_WAIT.findall(ptx)]
-    loads = [_load_bits(m) for m in _GLOBAL_LOAD.findall(ptx)] + [8 * int(n) for n in _CP_ASYNC.findall(ptx)]
+    loads = [_load_bits(m) for m in _GLOBAL_LOAD.findall(ptx)] + [8 * int(n, 0) for n in _CP_ASYNC.findall(ptx)]
     return {
         "wgmma": bool(re.search(r"\bwgmma\.", ptx)),
         "mma": bool(re.search(r"\bmma\.sync\.", ptx)),
@@ -166,7 +173,7 @@ def code_facts(ptx: str, ttgir: str) -> dict:
         "tma_store": bool(re.search(r"\bcp\.async\.bulk\.tensor\.\d+d\.global\.shared", ptx)),
         "wgmma_max_pending": max(waits, default=None),
         "warp_specialized": "ttg.warp_specialize" in ttgir and "setmaxnreg" in ptx,
-        "persistent": "%nctaid" in ptx,
+        "persistent": "tt.get_num_programs" in ttgir,
         "max_load_bits": max(loads, default=0),
     }
 
@@ -177,7 +184,8 @@ def compile_case(c: Case, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    result = {"case": c.name, "arch": arch, "tensor_cores_required": c.tensor_cores, "tma_required": c.tma}
+    result = {"case": c.name, "arch": arch, "tensor_cores_required": c.tensor_cores, "tma_required": c.tma,
+              "expects": dict(c.expects)}
     start = time.perf_counter()
     try:
         fn = getattr(importlib.import_module(c.module), c.kernel)
@@ -211,6 +219,9 @@ def problems(result: dict) -> list[str]:
             found.append("no mma in the sm_80 PTX")
     if result.get("tma_required") and not result["tma"]:
         found.append("no TMA load (cp.async.bulk.tensor) in the PTX")
+    for fact, wanted in result.get("expects", {}).items():
+        if result[fact] != wanted:
+            found.append(f"{fact} is {result[fact]}, expected {wanted}")
     return found
 
 

@@ -32,32 +32,46 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # --------------------------------------------------------------------------- adamw
+# What the memory-bound kernels' main configs must compile to: 16-byte loads.
+_VECTOR_LOADS = {"max_load_bits": 128}
+# The scalar (unaligned) class is the rare one (views at odd offsets, sizes not a multiple of 8): compiled
+# for the two parameter layouts a model has, fp32 and bf16 with fp32 masters.
+_ADAMW_UNALIGNED = {(torch.float32, False), (torch.bfloat16, True)}
+
+
 def adamw_cases() -> list[aot.Case]:
+    """Every (param dtype, master, amsgrad) in the aligned (16-byte vector) class, the main layouts in
+    the scalar class; grad_stats per dtype in both."""
     cases = []
-    table = dict(ADDRS=torch.int64, NUMELS=torch.int64, CHUNKS=torch.int64)
+    table = dict(ADDRS=torch.int64, GRAD_ADDRS=torch.int64, NUMELS=torch.int64, CHUNKS=torch.int64)
     for p_dtype, g_dtype, master in ((torch.float32, torch.float32, False), (torch.bfloat16, torch.bfloat16, False),
                                      (torch.float16, torch.float16, False), (torch.bfloat16, torch.bfloat16, True),
                                      (torch.float16, torch.float16, True)):
-        tag = f"{_dtype_name(p_dtype)}{',master' if master else ''}"
-        for amsgrad in (False, True):
-            cases.append(aot.case(
-                f"adamw_step[{tag}{',amsgrad' if amsgrad else ''}]", adamw.adamw_kernel,
-                dict(**table, STEP_SIZE=torch.float32, BC2_SQRT=torch.float32, INV_SCALE=torch.float32,
-                     CLIP_COEF=torch.float32, FOUND_INF=torch.float32, decay=0.99, beta1=0.9, one_minus_beta1=0.1,
-                     beta2=0.95, one_minus_beta2=0.05, eps=1e-8),
-                dict(P_DTYPE=adamw.TL_DTYPES[p_dtype], G_DTYPE=adamw.TL_DTYPES[g_dtype], HAS_MASTER=master,
-                     AMSGRAD=amsgrad, MAXIMIZE=False, HAS_INV_SCALE=True, HAS_CLIP=True, HAS_FOUND_INF=True,
-                     CHUNK_SIZE=65536, BLOCK_SIZE=2048),
-                num_warps=adamw.NUM_WARPS,
-            ))
+        for aligned in (True, False):
+            if not aligned and (p_dtype, master) not in _ADAMW_UNALIGNED:
+                continue
+            tag = f"{_dtype_name(p_dtype)}{',master' if master else ''}{'' if aligned else ',unaligned'}"
+            for amsgrad in (False, True) if aligned else (False,):
+                cases.append(aot.case(
+                    f"adamw_step[{tag}{',amsgrad' if amsgrad else ''}]", adamw.adamw_kernel,
+                    dict(**table, STEP_SIZE=torch.float32, BC2_SQRT=torch.float32, INV_SCALE=torch.float32,
+                         CLIP_COEF=torch.float32, FOUND_INF=torch.float32, decay=0.99, beta1=0.9,
+                         one_minus_beta1=0.1, beta2=0.95, one_minus_beta2=0.05, eps=1e-8),
+                    dict(P_DTYPE=adamw.TL_DTYPES[p_dtype], G_DTYPE=adamw.TL_DTYPES[g_dtype], HAS_MASTER=master,
+                         AMSGRAD=amsgrad, MAXIMIZE=False, HAS_INV_SCALE=True, HAS_CLIP=True, HAS_FOUND_INF=True,
+                         ALIGNED=aligned, CHUNK_SIZE=65536, BLOCK_SIZE=2048),
+                    num_warps=adamw.NUM_WARPS, expects=_VECTOR_LOADS if aligned else None,
+                ))
     for g_dtype in adamw.KERNEL_DTYPES:
-        cases.append(aot.case(
-            f"grad_stats[{_dtype_name(g_dtype)}]", adamw.grad_stats_kernel,
-            dict(**table, INV_SCALE=torch.float32, SUMSQ=torch.float32, NONFINITE=torch.int32),
-            dict(G_DTYPE=adamw.TL_DTYPES[g_dtype], HAS_INV_SCALE=True, UNSCALE_IN_PLACE=True,
-                 CHUNK_SIZE=65536, BLOCK_SIZE=2048),
-            num_warps=adamw.NUM_WARPS,
-        ))
+        for aligned in (True, False):
+            cases.append(aot.case(
+                f"grad_stats[{_dtype_name(g_dtype)}{'' if aligned else ',unaligned'}]", adamw.grad_stats_kernel,
+                dict(GRAD_ADDRS=torch.int64, NUMELS=torch.int64, CHUNKS=torch.int64, INV_SCALE=torch.float32,
+                     SUMSQ=torch.float32, NONFINITE=torch.int32),
+                dict(G_DTYPE=adamw.TL_DTYPES[g_dtype], HAS_INV_SCALE=True, UNSCALE_IN_PLACE=True, ALIGNED=aligned,
+                     CHUNK_SIZE=65536, BLOCK_SIZE=2048),
+                num_warps=adamw.NUM_WARPS, expects=_VECTOR_LOADS if aligned else None,
+            ))
     return cases
 
 
@@ -83,7 +97,7 @@ def _attention_args(dtype, head_dim, padding_mask, dropout):
     S, heads = ATTENTION_SEQLEN, ATTENTION_HEADS[head_dim]
     args = dict(
         Q=dtype, K=dtype, V=dtype, KPM=torch.uint8 if padding_mask else dtype, O=dtype, DO=dtype, DQ=dtype,
-        DK=dtype, DV=dtype, LSE=torch.float32, DELTA=torch.float32,
+        DK=dtype, DV=dtype, LSE=torch.float32, DELTA=torch.float32, DQ_ACC=None, LOCKS=None,
         heads=heads, seqlen_q=S, seqlen_k=S, seqlen_bucket=S, qk_scale=0.1, sm_scale=0.1,
         dropout_p=0.1 if dropout else 0.0, dropout_scale=1.0 / 0.9 if dropout else 1.0,
         seed=_ATTENTION_SEED[dropout], stride_mb=S if padding_mask else 0, stride_mn=1 if padding_mask else 0,
@@ -105,9 +119,11 @@ def _attention_configs(kind, flags, variant):
     return kept
 
 
-def _attention_kernel_cases(kind, dtype, head_dim, variant=attention.PLAIN, *, tma=False):
+def _attention_kernel_cases(kind, dtype, head_dim, variant=attention.PLAIN, *, tma=False, fused_dq=False,
+                            deterministic=True):
     """AOT cases of one kernel ("fwd", "dkdv", "dq", "pre"), causal, for the configs its prune function
-    keeps; with ``tma``, the streamed operands as descriptors, for sm_90 only."""
+    keeps; with ``tma``, the streamed operands as descriptors, for sm_90 only; with ``fused_dq``, the
+    dK/dV kernel that adds up dQ as well, in key-block order if ``deterministic``."""
     fn = _ATTENTION_KERNELS[kind][0]
     padding_mask, dropout = variant != attention.PLAIN, variant == attention.DROPOUT
     args = _attention_args(dtype, head_dim, padding_mask, dropout)
@@ -117,6 +133,13 @@ def _attention_kernel_cases(kind, dtype, head_dim, variant=attention.PLAIN, *, t
         flags.update(CAUSAL=True, HAS_KPM=padding_mask, HAS_DROPOUT=dropout,
                      DOT_PRECISION=attention.dot_precision(dtype), TMA=tma)
         tag += f",causal{',kpm' if padding_mask else ''}{',dropout' if dropout else ''}{',tma' if tma else ''}"
+    if kind == "fwd":  # every loop the tuner may pick; a config's WARP_SPECIALIZE overrides the default
+        flags.update(SPECIALIZE="auto" if tma else "off", WARP_SPECIALIZE=False)
+    if kind == "dkdv":
+        flags.update(FUSED_DQ=fused_dq, DETERMINISTIC=deterministic)
+        if fused_dq:
+            args.update(DQ_ACC=torch.float32, LOCKS=torch.int32)
+            tag += ",fused_dq" if deterministic else ",fused_dq_unordered"
     cases = []
     for cfg in _attention_configs(kind, flags, variant):
         # fp32 multiplies on the FMA units (exact fp32), not the tensor cores; wgmma takes 64 rows per
@@ -129,12 +152,15 @@ def _attention_kernel_cases(kind, dtype, head_dim, variant=attention.PLAIN, *, t
             names, block = attention.STREAMED[kind]
             for name in names:
                 launch[name] = aot.Descriptor(dtype, (1, cfg.kwargs[block], 1, flags["BLOCK_D"]))
-        meta = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+        meta = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items() if k != "WARP_SPECIALIZE")
+        meta += ",specialized" if cfg.kwargs.get("WARP_SPECIALIZE") else ""
         cases.append(aot.case(
             f"attention_{kind}[{tag},{meta},warps={cfg.num_warps},stages={cfg.num_stages}]",
             fn, launch, dict(flags, **cfg.kwargs),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_cores=tensor_cores,
             archs=(90,) if tma else aot.ARCHS,
+            # the compiler's pass gives up on a loop it cannot split without an error: check it did not
+            expects={"warp_specialized": True} if cfg.kwargs.get("WARP_SPECIALIZE") else None,
         ))
     return cases
 
@@ -149,8 +175,9 @@ def _attention_variants(head_dim):
 def attention_cases() -> list[aot.Case]:
     """Every (shape, variant) the tables keep, bf16 and causal, at head_dim 64, 80, 128 and 256; the
     same for fp32 inputs at 64, 128 and 256; fp16 once per kernel; the TMA path (sm_90; bf16 and fp16
-    share it) at OPT's head dims; the delta preprocess per tile.  The dropout variant is compiled with
-    the padding mask too (dropout without a mask runs a subset of that code)."""
+    share it) at OPT's head dims; the delta preprocess per tile; the dK/dV kernel with the fused dQ and
+    dQ's store at OPT's head dims.  The dropout variant is compiled with the padding mask too (dropout
+    without a mask runs a subset of that code)."""
     cases = []
     for dtype, head_dims in ((torch.bfloat16, (64, 80, 128, 256)), (torch.float32, (64, 128, 256))):
         for head_dim in head_dims:
@@ -165,7 +192,29 @@ def attention_cases() -> list[aot.Case]:
                 cases += _attention_kernel_cases(kind, torch.bfloat16, head_dim, variant, tma=True)
     for head_dim in (64, 80, 128, 256):
         cases += _attention_kernel_cases("pre", torch.bfloat16, head_dim)
+    for head_dim in (64, 80, 128):  # the fused dQ runs where its table has shapes: the TMA path
+        for variant in _attention_variants(head_dim):
+            if attention.fused_dq_shapes(head_dim, variant):
+                cases += _attention_kernel_cases("dkdv", torch.bfloat16, head_dim, variant, tma=True, fused_dq=True)
+        # In any order: the same loop without the turns (and with the other launch order).
+        cases += _attention_kernel_cases("dkdv", torch.bfloat16, head_dim, tma=True, fused_dq=True,
+                                         deterministic=False)
+        cases.append(_attention_dq_store_case(head_dim))
     return cases
+
+
+def attention_default_forward_cases(head_dims=(64, 80, 128)) -> list[aot.Case]:
+    """The forward config sm_90 runs untuned at each head dim (bf16, causal, the TMA path): the first its
+    prune function keeps."""
+    return [_attention_kernel_cases("fwd", torch.bfloat16, head_dim, tma=True)[0] for head_dim in head_dims]
+
+
+def _attention_dq_store_case(head_dim):
+    """The fused dQ's store (fp32 sum -> dQ) as the launch runs it."""
+    flags = dict(HEAD_DIM=head_dim, BLOCK_M=attention.DQ_STORE_ROWS, BLOCK_D=attention.block_d(head_dim))
+    return aot.case(f"attention_dq_store[D={head_dim},bfloat16,BLOCK_M={attention.DQ_STORE_ROWS}]",
+                    attention.bwd_dq_store_kernel, dict(_attention_args(torch.bfloat16, head_dim, False, False),
+                                                        DQ_ACC=torch.float32), flags, num_warps=4)
 
 
 # --------------------------------------------------------------------------- layer_norm
@@ -173,18 +222,47 @@ def attention_cases() -> list[aot.Case]:
 # once, at the widest such OPT width.
 LAYER_NORM_WIDTHS = (768, 1024, 2048, 2560, 4096, 5120, 7168, 9216, 12288)
 LAYER_NORM_ROWS = 16384
-# The backward's grid on an H100/H200: two programs per SM.
+# The two-pass backward's grid on an H100/H200: two programs per SM.
 _LAYER_NORM_BWD_PROGRAMS = 2 * 132
+_LAYER_NORM_BWD = {  # kernel name -> (its configs, its prune function)
+    "bwd_kernel": (layer_norm.BWD_CONFIGS, layer_norm.prune_bwd_configs),
+    "bwd_wide_kernel": (layer_norm.BWD_WIDE_CONFIGS, layer_norm.prune_bwd_wide_configs),
+    "bwd_two_pass_kernel": (layer_norm.BWD_TWO_PASS_CONFIGS, layer_norm.prune_bwd_two_pass_configs),
+}
 
 
-def _layer_norm_bwd_kernel(block_n):
-    """(kernel, name, tile constexprs, configs) of the backward a row of tile ``block_n`` takes."""
-    if block_n <= layer_norm.MAX_REGISTER_ROW_BWD:
-        return (layer_norm.bwd_kernel, "layer_norm_bwd", dict(BLOCK_N=block_n),
-                layer_norm.prune_bwd_configs(layer_norm.BWD_CONFIGS, {}, BLOCK_N=block_n))
-    chunk = layer_norm.WIDE_CHUNK
-    return (layer_norm.bwd_wide_kernel, "layer_norm_bwd_wide", dict(CHUNK=chunk),
-            layer_norm.prune_bwd_wide_configs(layer_norm.BWD_WIDE_CONFIGS, {}, CHUNK=chunk))
+def _layer_norm_bwd_configs(name, tile, dtype):
+    """The configs a backward keeps; fp16's pipelined (STAGES > 1) ones are bf16's code but for the
+    conversions, and are compiled in bf16 only.  The first (what a launch runs untuned) must load 16-byte
+    vectors."""
+    configs, prune = _LAYER_NORM_BWD[name]
+    kept = prune(configs, {}, **tile)
+    return [c for c in kept if dtype != torch.float16 or c.kwargs.get("STAGES", 1) == 1]
+
+
+def _layer_norm_bwd_cases(N, dtype, tag):
+    """The backward sm_80 and sm_90 run for rows of width N (at 12288 in fp16/bf16 they differ)."""
+    args = dict(
+        X=dtype, W=dtype, DY=dtype, DH=dtype, DX=dtype, DW_PART=torch.float32, DB_PART=torch.float32,
+        MEAN=torch.float32, RSTD=torch.float32, stride_xm=N, stride_xn=1, stride_dym=N, stride_dyn=1,
+        stride_dhm=N, stride_dhn=1, M=LAYER_NORM_ROWS, N=N,
+        rows_per_program=triton.cdiv(LAYER_NORM_ROWS, _LAYER_NORM_BWD_PROGRAMS),
+    )
+    by_variant: dict = {}
+    for arch in aot.ARCHS:
+        name, tile = layer_norm.bwd_variant(N, dtype, arch)
+        by_variant.setdefault((name, tuple(tile.items())), []).append(arch)
+    cases = []
+    for (name, tile), archs in by_variant.items():
+        for i, cfg in enumerate(_layer_norm_bwd_configs(name, dict(tile), dtype)):
+            meta = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items() if k != "PROGRAMS_PER_SM")
+            cases.append(aot.case(
+                f"layer_norm_{name.removesuffix('_kernel')}[{tag}{',' + meta if meta else ''},warps={cfg.num_warps}]",
+                getattr(layer_norm, name), args, dict(HAS_DH=True, HAS_W=True, HAS_B=True, **dict(tile), **cfg.kwargs),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, archs=tuple(archs),
+                expects=_VECTOR_LOADS if i == 0 else None,
+            ))
+    return cases
 
 
 def layer_norm_cases() -> list[aot.Case]:
@@ -198,26 +276,14 @@ def layer_norm_cases() -> list[aot.Case]:
                 X=dtype, RES=dtype, W=dtype, B=dtype, Y=dtype, H=dtype, MEAN=torch.float32, RSTD=torch.float32,
                 stride_xm=N, stride_xn=1, stride_rm=N, stride_rn=1, M=LAYER_NORM_ROWS, N=N, eps=1e-5,
             )
-            for cfg in layer_norm.prune_fwd_configs(layer_norm.FWD_CONFIGS, {}, BLOCK_N=block_n):
+            for i, cfg in enumerate(layer_norm.prune_fwd_configs(layer_norm.FWD_CONFIGS, {}, BLOCK_N=block_n)):
                 cases.append(aot.case(
                     f"layer_norm_fwd[{tag},BLOCK_M={cfg.kwargs['BLOCK_M']},warps={cfg.num_warps}]",
                     layer_norm.fwd_kernel, fwd_args,
                     dict(HAS_RES=True, HAS_W=True, HAS_B=True, BLOCK_N=block_n, **cfg.kwargs),
-                    num_warps=cfg.num_warps,
+                    num_warps=cfg.num_warps, expects=_VECTOR_LOADS if i == 0 else None,
                 ))
-            bwd_args = dict(
-                X=dtype, W=dtype, DY=dtype, DH=dtype, DX=dtype, DW_PART=torch.float32, DB_PART=torch.float32,
-                MEAN=torch.float32, RSTD=torch.float32, stride_xm=N, stride_xn=1, stride_dym=N, stride_dyn=1,
-                stride_dhm=N, stride_dhn=1, M=LAYER_NORM_ROWS, N=N,
-                rows_per_program=triton.cdiv(LAYER_NORM_ROWS, _LAYER_NORM_BWD_PROGRAMS),
-            )
-            kernel, name, tile, configs = _layer_norm_bwd_kernel(block_n)
-            for cfg in configs:
-                cases.append(aot.case(
-                    f"{name}[{tag},BLOCK_M={cfg.kwargs['BLOCK_M']},warps={cfg.num_warps}]",
-                    kernel, bwd_args, dict(HAS_DH=True, HAS_W=True, HAS_B=True, **tile, **cfg.kwargs),
-                    num_warps=cfg.num_warps,
-                ))
+            cases += _layer_norm_bwd_cases(N, dtype, tag)
     return cases
 
 
@@ -235,8 +301,8 @@ _RELU_MLP_SEED = 0x5DEECE66D  # odd and above 2^31: an unspecialised int64, as a
 def _relu_mlp_gemms(d, dtype):
     """(role, kernel, args, flags) for every GEMM of the block at width d, on the pointer path."""
     M, ffn = RELU_MLP_TOKENS, 4 * d
-    common = dict(INPUT_PRECISION=relu_mlp.input_precision(dtype), TMA=False, A_T=False, B_T=False)
-    fc = dict(BIAS=dtype, seed=0, drop_threshold=0, drop_scale=1.0)
+    common = dict(INPUT_PRECISION=relu_mlp.input_precision(dtype), TMA=False, A_T=False, B_T=False, TMA_STORE=False)
+    fc = dict(BIAS=dtype, OUT_DESC=None, seed=0, drop_threshold=0, drop_scale=1.0)
     return [
         ("fc1", relu_mlp.fc_kernel,
          dict(A=dtype, B=dtype, RES=None, C=dtype, M=M, N=ffn, K=d, stride_am=d, stride_ak=1,
@@ -248,41 +314,52 @@ def _relu_mlp_gemms(d, dtype):
               **dict(fc, seed=_RELU_MLP_SEED, drop_threshold=relu_mlp.dropout_threshold(0.1), drop_scale=1 / 0.9)),
          dict(HAS_BIAS=True, RELU=False, DROPOUT=True, HAS_RESIDUAL=True, **common)),
         ("dh", relu_mlp.dh_kernel,
-         dict(A=dtype, B=dtype, H=dtype, DH=dtype, DB_PART=torch.float32, M=M, N=ffn, K=d,
+         dict(A=dtype, B=dtype, H=dtype, DH=dtype, OUT_DESC=None, DB_PART=torch.float32, M=M, N=ffn, K=d,
               stride_am=d, stride_ak=1, stride_bk=ffn, stride_bn=1, stride_hm=ffn, stride_dhm=ffn),
          dict(HAS_DBIAS=True, **common)),
         ("dw2", relu_mlp.matmul_kernel,  # g^T @ h
-         dict(A=dtype, B=dtype, C=dtype, M=d, N=ffn, K=M, stride_am=1, stride_ak=d, stride_bk=ffn,
+         dict(A=dtype, B=dtype, C=dtype, OUT_DESC=None, M=d, N=ffn, K=M, stride_am=1, stride_ak=d, stride_bk=ffn,
               stride_bn=1, stride_cm=ffn), common),
         ("dx", relu_mlp.matmul_kernel,  # dh @ W1
-         dict(A=dtype, B=dtype, C=dtype, M=M, N=d, K=ffn, stride_am=ffn, stride_ak=1, stride_bk=d,
+         dict(A=dtype, B=dtype, C=dtype, OUT_DESC=None, M=M, N=d, K=ffn, stride_am=ffn, stride_ak=1, stride_bk=d,
               stride_bn=1, stride_cm=d), common),
         ("dw1", relu_mlp.matmul_kernel,  # dh^T @ x
-         dict(A=dtype, B=dtype, C=dtype, M=ffn, N=d, K=M, stride_am=1, stride_ak=ffn, stride_bk=d,
+         dict(A=dtype, B=dtype, C=dtype, OUT_DESC=None, M=ffn, N=d, K=M, stride_am=1, stride_ak=ffn, stride_bk=d,
               stride_bn=1, stride_cm=d), common),
     ]
 
 
+# The paths a GEMM launch takes: (TMA loads, TMA stores).  The TMA path is sm_90's (bf16 compiled, fp16
+# shares it); with TMA stores only the persistent configs differ from it (the others leave the output's
+# descriptor unread), so those are what that path compiles.
+_RELU_MLP_PATHS = {torch.bfloat16: ((False, False), (True, False), (True, True))}
+
+
 def _relu_mlp_gemm_cases(d, dtype):
-    """(role, tag, d, case) for every GEMM at width d and each config its prune function keeps; in bf16
-    also on the TMA path (sm_90, fp16 shares it), the operands as descriptors in the orientation they
+    """(role, tag, d, case) for every GEMM at width d and each config its prune function keeps, on each
+    path: the operands (and on the persistent path the output) as descriptors in the orientation they
     are stored in."""
     named = []
     for role, kernel, args, flags in _relu_mlp_gemms(d, dtype):
-        for tma in ([False, True] if dtype == torch.bfloat16 else [False]):
-            layout = dict(TMA=tma, A_T=tma and args["stride_am"] == 1, B_T=tma and args["stride_bk"] == 1)
-            for cfg in relu_mlp.prune_gemm_configs(relu_mlp.GEMM_CONFIGS, args, **dict(flags, **layout)):
+        for tma, tma_store in _RELU_MLP_PATHS.get(dtype, ((False, False),)):
+            layout = dict(TMA=tma, A_T=tma and args["stride_am"] == 1, B_T=tma and args["stride_bk"] == 1,
+                          TMA_STORE=tma_store)
+            configs = relu_mlp.prune_gemm_configs(relu_mlp.GEMM_CONFIGS, args, **dict(flags, **layout))
+            for cfg in [c for c in configs if c.kwargs["PERSISTENT"] or not tma_store]:
                 bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-                tag = (f"{_dtype_name(dtype)}{',tma' if tma else ''},{bm}x{bn}x{bk},"
-                       f"w{cfg.num_warps},s{cfg.num_stages}")
+                path = ",tma,persistent" if tma_store else ",tma" if tma else ""
+                tag = f"{_dtype_name(dtype)}{path},{bm}x{bn}x{bk},w{cfg.num_warps},s{cfg.num_stages}"
                 launch = dict(args)
                 if tma:
                     launch["A"] = aot.Descriptor(dtype, (bk, bm) if layout["A_T"] else (bm, bk))
                     launch["B"] = aot.Descriptor(dtype, (bn, bk) if layout["B_T"] else (bk, bn))
+                if tma_store:
+                    launch["OUT_DESC"] = aot.Descriptor(dtype, (bm, relu_mlp.epilogue_slice_n(bn, persistent=True)))
                 named.append((role, tag, d, aot.case(
                     role, kernel, launch, dict(flags, **layout, **cfg.kwargs), num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages, tensor_cores=dtype != torch.float32,
                     archs=(90,) if tma else aot.ARCHS,
+                    expects=dict(tma_store=True, persistent=True) if tma_store else None,
                 )))
     return named
 

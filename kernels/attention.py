@@ -8,9 +8,13 @@
   statistics; only O and the log-sum-exp are written.  Key blocks every row sees completely run without
   mask arithmetic, the blocks on the diagonal or the end of the keys with it, blocks above the diagonal
   never.  Programs walk query blocks last to first, the blocks of one head together (K/V stay in L2).
-- Backward: deterministic, no atomics.  A preprocess kernel writes delta = rowsum(dO * O); one kernel
-  per key block accumulates dK and dV over the query blocks that see it (scores computed transposed),
-  one per query block accumulates dQ.
+  On sm_90's TMA path the tuner may also pick a warp-specialised loop (a producer warpgroup, two
+  consumer ones that overlap one's softmax with the other's products; switch ``WARP_SPECIALIZE``).
+- Backward: bitwise repeatable.  A preprocess kernel writes delta = rowsum(dO * O); one kernel per key
+  block accumulates dK and dV over the query blocks that see it (scores computed transposed), one per
+  query block accumulates dQ (7 products, no atomics).  With ``FUSED_DQ`` (sm_90's TMA path, where its
+  table has a shape) the dK/dV kernel adds dQ up itself in fp32 (5 products), in key-block order unless
+  ``deterministic=False``.
 - Head dims 1 to 256 on a power-of-two tile of at least 16.  fp16/bf16 on the tensor cores; fp32 with
   ``input_precision="ieee"``; fp64 runs ``kernels/reference.py``.
 - Dropout: keep(b, h, i, j) = rand(seed, ((b*H + h)*Sq + i)*Sk + j) >= p, one counter-based Philox
@@ -40,7 +44,9 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from opt_core.kernels import dispatch
+from opt_core.kernels import native
 from opt_core.kernels import reference
+from opt_core.kernels import tuning
 from opt_core.kernels.op_registry import Direction, register_op
 from opt_core.kernels.validation import SEED_LIMIT, check_float, check_same_device, check_seed, check_tensor
 
@@ -50,6 +56,8 @@ LOG2E = math.log2(math.e)
 # The same constants inside the kernels (a jit function reads only constexpr globals).
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(math.log(2.0))
+DQ_ACC_ROW_BLOCK = 128  # >= every dK/dV BLOCK_M, a power of two as they are
+_DQ_ACC_ROW_BLOCK = tl.constexpr(DQ_ACC_ROW_BLOCK)
 
 
 # --------------------------------------------------------------------------- configs
@@ -64,17 +72,33 @@ NO_DROPOUT = frozenset({PLAIN, PADDING_MASK})
 class _ShapeTable:
     """Per (head-dim tile, fp32 inputs): the block shapes (BLOCK_M, BLOCK_N, num_warps, num_stages) a
     kernel keeps, each with the variants it is kept for; ``both`` on the pointer and the TMA path,
-    ``tma_only`` on the TMA path (sm_90) as well."""
+    ``tma_only`` on the TMA path (sm_90) as well, ``specialized`` there too with the forward's
+    warp-specialised loop.  Shapes come out as (BLOCK_M, BLOCK_N, num_warps, num_stages, specialised)."""
 
     both: dict
     tma_only: dict
+    specialized: dict = dataclasses.field(default_factory=dict)
+
+    def _tables(self, tma, specialize="auto"):
+        plain = [(self.both, False), (self.tma_only, False)] if tma else [(self.both, False)]
+        if not tma or specialize == "off":
+            return plain
+        return [(self.specialized, True)] + ([] if specialize == "on" else plain)
 
     def shapes(self):
-        return sorted({shape for table in (self.both, self.tma_only) for row in table.values() for shape in row})
+        found = {shape + (ws,) for table, ws in self._tables(True) for row in table.values() for shape in row}
+        return sorted(found, key=lambda shape: (not shape[-1], shape))
 
-    def kept(self, key, variant, tma):
-        tables = (self.both, self.tma_only) if tma else (self.both,)
-        return {shape for table in tables for shape, variants in table.get(key, {}).items() if variant in variants}
+    def kept(self, key, variant, tma, specialize="auto"):
+        """The shapes kept for ``variant`` at ``key``, in order: the warp-specialised ones as the table lists
+        them, then the others sorted (the first is what a launch runs untuned, ``OPT_CORE_TUNING=first``);
+        ``specialize`` "on" keeps only the warp-specialised ones where the table has some, "off" none."""
+        def found(tables):
+            rows = [(ws, shape) for table, ws in tables for shape, variants in table.get(key, {}).items()
+                    if variant in variants]
+            return [shape + (True,) for ws, shape in rows if ws] + sorted(shape + (False,) for ws, shape in rows
+                                                                           if not ws)
+        return found(self._tables(tma, specialize)) or found(self._tables(tma, "off"))
 
 
 # BLOCK_M counts query rows and BLOCK_N key rows in every kernel.  Each (shape, variant) compiles at
@@ -104,6 +128,12 @@ _FWD_SHAPES = _ShapeTable(
         (64, False): {(128, 128, 8, 3): {PADDING_MASK}, (128, 128, 8, 4): NO_DROPOUT},
         (128, False): {(128, 128, 8, 2): NO_DROPOUT, (128, 128, 8, 3): NO_DROPOUT},
     },
+    # 4 warps: the compiler adds a producer warpgroup and splits the 128 rows over two consumer ones
+    # (232 registers each, the producer 40).  128x128 with a mask or dropout fails the compiler's pass.
+    specialized={
+        (64, False): {(128, 128, 4, 3): {PLAIN}, (128, 64, 4, 3): EVERY_VARIANT},
+        (128, False): {(128, 128, 4, 2): {PLAIN}, (128, 64, 4, 3): EVERY_VARIANT},
+    },
 )
 _DKDV_SHAPES = _ShapeTable(
     both={
@@ -118,6 +148,18 @@ _DKDV_SHAPES = _ShapeTable(
     tma_only={
         (64, False): {(64, 128, 8, 3): NO_DROPOUT, (32, 128, 8, 3): NO_DROPOUT},
         (128, False): {(32, 128, 8, 3): NO_DROPOUT, (64, 64, 8, 3): NO_DROPOUT},
+    },
+)
+# The dK/dV kernel that also adds up dQ (FUSED_DQ): dS K is one more product per query block, its
+# [BLOCK_M, BLOCK_D] fp32 tile one more accumulator, so the query block is 64 rows (one wgmma's M).  Only
+# the TMA path has the registers: at head_dim 64 each warpgroup owns 64 whole key rows of a 128-key block;
+# at 128 (and 80) only 64 keys fit (the warpgroups split the 64 queries of S^T and dP^T: m64n32), and
+# neither the mask nor dropout does.  Where the table has no shape, dQ keeps its own kernel.
+_DKDV_FUSED_DQ_SHAPES = _ShapeTable(
+    both={},
+    tma_only={
+        (64, False): {(64, 128, 8, 3): EVERY_VARIANT, (64, 128, 8, 2): {PLAIN}, (64, 64, 4, 2): {PLAIN}},
+        (128, False): {(64, 64, 8, 2): {PLAIN}},
     },
 )
 _DQ_SHAPES = _ShapeTable(
@@ -136,28 +178,38 @@ _DQ_SHAPES = _ShapeTable(
 )
 
 
-def _descriptor_blocks(names, rows):
+def _pre_hook(names, rows, zeroed=()):
     """Autotune pre-hook: the TMA descriptors among ``names`` get this config's block, [1, rows, 1, BLOCK_D] of
     (batch, seqlen, heads, head_dim).  A launch builds them before the config is known (pointer launches
-    pass tensors, which the hook leaves alone)."""
+    pass tensors, which the hook leaves alone).  The buffers named in ``zeroed`` (the fused dQ's sum and
+    locks, when present) start at 0 for every run, the tuner's timing runs included."""
     def hook(nargs):
         for name in names:
             if isinstance(nargs[name], TensorDescriptor):
                 nargs[name].block_shape = [1, nargs[rows], 1, nargs["BLOCK_D"]]
+        for name in zeroed:
+            if nargs[name] is not None:
+                nargs[name].zero_()
     return hook
 
 
 # The operands each kernel streams through its loop, and the block that sizes their tile.
 STREAMED = {"fwd": (("K", "V"), "BLOCK_N"), "dkdv": (("Q", "DO"), "BLOCK_M"), "dq": (("K", "V"), "BLOCK_N")}
+# The buffers a kernel adds into (the dK/dV kernel's fused dQ).
+_ADDED_INTO = {"dkdv": ("DQ_ACC", "LOCKS")}
 
 
-def _config(kind, m, n, warps, stages):
-    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages,
-                         pre_hook=_descriptor_blocks(*STREAMED[kind]))
+def _config(kind, m, n, warps, stages, specialized=False):
+    # Only the forward's warp-specialised shapes carry the flag: the others keep the kwargs (and so the
+    # tuned-table entries) they had before it existed.
+    kwargs = {"BLOCK_M": m, "BLOCK_N": n, **({"WARP_SPECIALIZE": True} if specialized else {})}
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages,
+                         pre_hook=_pre_hook(*STREAMED[kind], _ADDED_INTO.get(kind, ())))
 
 
 FWD_CONFIGS = [_config("fwd", *shape) for shape in _FWD_SHAPES.shapes()]
-BWD_DKDV_CONFIGS = [_config("dkdv", *shape) for shape in _DKDV_SHAPES.shapes()]
+BWD_DKDV_CONFIGS = [_config("dkdv", *shape)
+                    for shape in sorted(set(_DKDV_SHAPES.shapes()) | set(_DKDV_FUSED_DQ_SHAPES.shapes()))]
 BWD_DQ_CONFIGS = [_config("dq", *shape) for shape in _DQ_SHAPES.shapes()]
 # delta = rowsum(dO * O) reads two tiles: one shape per tile width.
 BWD_PRE_CONFIGS = [triton.Config({"BLOCK_M": 64}, num_warps=4), triton.Config({"BLOCK_M": 32}, num_warps=4)]
@@ -167,18 +219,23 @@ def _variant(flags):
     return DROPOUT if flags.get("HAS_DROPOUT") else PADDING_MASK if flags.get("HAS_KPM") else PLAIN
 
 
-def _configs_for(configs, table, flags):
+def _table_key(flags):
     # Head dims up to 64 use the 64-wide tile's shapes (narrower tiles need fewer
     # registers); 80 and 111 run on the 128-wide tile, 129 to 256 on the 256-wide.
-    key = max(64, flags["BLOCK_D"]), flags.get("DOT_PRECISION") == "ieee"
-    kept = table.kept(key, _variant(flags), tma=bool(flags.get("TMA")))
+    return max(64, flags["BLOCK_D"]), flags.get("DOT_PRECISION") == "ieee"
+
+
+def _configs_for(configs, table, flags):
+    kept = table.kept(_table_key(flags), _variant(flags), tma=bool(flags.get("TMA")),
+                      specialize=flags.get("SPECIALIZE", WARP_SPECIALIZE))
     # Nothing from the table in the list: a caller (the interpreter, a test)
     # passed its own configs; keep them.
-    return [c for c in configs if _shape(c) in kept] or configs
+    listed = {_shape(c): c for c in configs}
+    return [listed[shape] for shape in kept if shape in listed] or configs
 
 
 def _shape(c):
-    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs.get("WARP_SPECIALIZE", False)
 
 
 def prune_fwd_configs(configs, nargs, **kwargs):
@@ -186,7 +243,7 @@ def prune_fwd_configs(configs, nargs, **kwargs):
 
 
 def prune_bwd_dkdv_configs(configs, nargs, **kwargs):
-    return _configs_for(configs, _DKDV_SHAPES, kwargs)
+    return _configs_for(configs, _DKDV_FUSED_DQ_SHAPES if kwargs.get("FUSED_DQ") else _DKDV_SHAPES, kwargs)
 
 
 def prune_bwd_dq_configs(configs, nargs, **kwargs):
@@ -352,6 +409,44 @@ def _fwd_blocks(
     return acc, l_i, m_i
 
 
+@triton.jit
+def _fwd_blocks_specialized(
+    state, q, last_key, keys, dropout, hi, qk_scale,
+    HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``_fwd_blocks`` over [0, hi) as sm_90's warp specialisation takes it: a producer warpgroup streams
+    K/V by TMA, the compiler splits the 128 query rows over two consumer warpgroups with barriers of
+    their own, so one's softmax overlaps the other's products.  Every block is masked against
+    ``last_key`` (per row, the last key it sees): the pass rejects the unmasked/masked loop pair and a
+    branch in the loop alike, and one compare per score is all the mask costs."""
+    acc, l_i, m_i = state
+    K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32, seqlen_k, diag = keys
+    drop_rows, dropout_p, seed = dropout
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        k = K.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(cols[None, :] <= last_key[:, None], s, float("-inf"))
+        if HAS_KPM:
+            real = tl.load(KPM + start_n.to(tl.int64) * stride_mn + offs_n * stride_mn, mask=cols < seqlen_k,
+                           other=0) != 0
+            s = tl.where(real[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_sub)
+        p = tl.math.exp2(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            p = tl.where(_survives_dropout(seed, drop_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
+        v = V.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
 @triton.jit(do_not_specialize=["seed"])
 def fwd_kernel(
     Q, K, V, KPM, O, LSE,
@@ -360,9 +455,10 @@ def fwd_kernel(
     heads, seqlen_q, seqlen_k, seqlen_bucket, qk_scale, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, SPECIALIZE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
 ):
-    # seqlen_bucket only keys the autotuner.
+    # seqlen_bucket and SPECIALIZE (which loops the tuner may pick) only key the autotuner;
+    # WARP_SPECIALIZE (a config's) picks the loop.
     bh, start_m, b32, h32 = _query_block_program(seqlen_q, heads, BLOCK_M=BLOCK_M)
     b = b32.to(tl.int64)
     h = h32.to(tl.int64)
@@ -377,22 +473,38 @@ def fwd_kernel(
     rows = start_m + offs_m
     row_ok = rows < seqlen_q
     tile_mask = _tile_mask(row_ok, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=tile_mask, other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh
+    if WARP_SPECIALIZE:
+        # The compiler splits q's rows over the consumer warpgroups only when q arrives by TMA: a
+        # descriptor of this (batch, head), built on the device, zero-filled as the masked load is.
+        q = tl.make_tensor_descriptor(q_base, shape=[seqlen_q, HEAD_DIM], strides=[stride_qs, 1],
+                                      block_shape=[BLOCK_M, BLOCK_D]).load([start_m, 0])
+    else:
+        q = tl.load(q_base + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :], mask=tile_mask,
+                    other=0.0)
     drop_rows = (bh.to(tl.int64) * seqlen_q + rows) * seqlen_k
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full, hi = _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-    keys = (K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32, seqlen_k, seqlen_k - seqlen_q)
+    diag = seqlen_k - seqlen_q
+    keys = (K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32, seqlen_k, diag)
     dropout = (drop_rows, dropout_p, seed)
-    state = _fwd_blocks((acc, l_i, m_i), q, rows, keys, dropout, 0, full, qk_scale, MASKED=False, CAUSAL=CAUSAL,
-                        HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
-                        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TMA=TMA)
-    acc, l_i, m_i = _fwd_blocks(state, q, rows, keys, dropout, full, hi, qk_scale, MASKED=True, CAUSAL=CAUSAL,
-                                HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
-                                DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TMA=TMA)
+    if WARP_SPECIALIZE:
+        last_key = tl.full([BLOCK_M], seqlen_k - 1, dtype=tl.int32)
+        if CAUSAL:
+            last_key = tl.minimum(rows + diag, last_key)
+        acc, l_i, m_i = _fwd_blocks_specialized((acc, l_i, m_i), q, last_key, keys, dropout, hi, qk_scale,
+                                                HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
+                                                BLOCK_D=BLOCK_D)
+    else:
+        state = _fwd_blocks((acc, l_i, m_i), q, rows, keys, dropout, 0, full, qk_scale, MASKED=False,
+                            CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
+                            DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TMA=TMA)
+        acc, l_i, m_i = _fwd_blocks(state, q, rows, keys, dropout, full, hi, qk_scale, MASKED=True, CAUSAL=CAUSAL,
+                                    HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
+                                    DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TMA=TMA)
 
     sees_no_key = l_i == 0.0  # 0 out, even if a shared tile held 0 * NaN
     l_safe = tl.where(sees_no_key, 1.0, l_i)
@@ -434,28 +546,63 @@ def bwd_preprocess_kernel(
     tl.store(DELTA + bh.to(tl.int64) * seqlen_q + rows, delta, mask=row_ok)
 
 
+# The fused dQ's order (DETERMINISTIC): dQ's parts of a query block are added from the highest key block
+# that visits it down.  Its lock holds the token (index + 1) of the key block that added last; a key block
+# waits for the token of the one above it, adds, and puts its own.  Key-block programs start highest
+# first, so a program only waits for programs that started before it (no deadlock), and the order of the
+# fp32 sums never depends on timing (bitwise repeatable).
+
+
+@triton.jit
+def _take_turn(lock, token, wait, pass_previous):
+    """Before a query block's part of dQ: wait (``wait``) for the key block above this one to have added its
+    part (``lock`` holds its token, token + 1), and pass the previous query block's turn on
+    (``pass_previous``; its lock is ``lock - 1``).  Triton hands a scalar atomic's result to every thread
+    through shared memory and a CTA barrier, so every thread's adds of the previous query block are issued
+    before thread 0's release (an explicit barrier here costs the kernel registers it does not have)."""
+    turn = tl.atomic_add(lock, 0, sem="acquire")
+    if wait:
+        while turn != token + 1:
+            turn = tl.atomic_add(lock, 0, sem="acquire")
+    if pass_previous:
+        tl.atomic_xchg(lock - 1, token, sem="release")
+
+
+@triton.jit
+def _pass_turn(lock, token):
+    """After the last query block of a loop: every thread's adds issued, then the turn passes on."""
+    tl.debug_barrier()
+    tl.atomic_xchg(lock, token, sem="release")
+
+
 @triton.jit
 def _dkdv_blocks(
-    grads, key_block, queries, dropout, lo, hi, qk_scale,
+    grads, key_block, queries, dropout, dq_sum, lo, hi, qk_scale,
     MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
     """Accumulate grads = (dK, dV) of key_block = (k, v, key_real, cols) over the query blocks [lo, hi).
     queries = (Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32, seqlen_q, seqlen_k, diag): Q and dO
-    are descriptors with TMA, as K and V in the forward."""
+    are descriptors with TMA, as K and V in the forward.  With FUSED_DQ, dS K of each query block is also
+    added into dQ's fp32 sum, DETERMINISTIC in turn: dq_sum = (DQ_ACC and LOCKS of this (batch, head),
+    this key block's token, the first query row the key block above it visits)."""
     dk, dv = grads
     k, v, key_real, cols = key_block
     Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32, seqlen_q, seqlen_k, diag = queries
     drop_base, dropout_p, dropout_scale, seed = dropout
+    DQ_ACC, LOCKS, token, wait_from = dq_sum
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_offs = offs_m[:, None] * stride_qs + offs_d[None, :]
     do_offs = offs_m[:, None] * stride_dos + offs_d[None, :]
+    dq_offs = offs_m[:, None] * BLOCK_D + offs_d[None, :]
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < seqlen_q
         m64 = tl.cast(start_m, tl.int64)
+        if FUSED_DQ and DETERMINISTIC:
+            _take_turn(LOCKS + start_m // BLOCK_M, token, start_m >= wait_from, start_m != lo)
         if TMA:
             q = Q.load([b32, start_m, h32, 0]).reshape(BLOCK_M, BLOCK_D)
             do = DO.load([b32, start_m, h32, 0]).reshape(BLOCK_M, BLOCK_D)
@@ -487,25 +634,75 @@ def _dkdv_blocks(
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if FUSED_DQ:
+            # DQ_ACC has whole blocks of rows and BLOCK_D columns: no mask (rows past seqlen_q and
+            # columns past head_dim add zeros that are never read).
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION)
+            tl.atomic_add(DQ_ACC + m64 * BLOCK_D + dq_offs, dq, sem="relaxed")
+    if FUSED_DQ and DETERMINISTIC:
+        if hi > lo:
+            _pass_turn(LOCKS + tl.cdiv(hi, BLOCK_M) - 1, token)
     return dk, dv
+
+
+@triton.jit
+def _dq_acc_rows(seqlen_q):
+    """Rows per (batch, head) of the fused dQ's fp32 sum, (batch * heads, rows, BLOCK_D): seqlen_q rounded
+    up to DQ_ACC_ROW_BLOCK, a whole number of any BLOCK_M, so its tiles need no mask."""
+    return tl.cdiv(seqlen_q, _DQ_ACC_ROW_BLOCK) * _DQ_ACC_ROW_BLOCK
+
+
+@triton.jit
+def _first_query_row(start_n, seqlen_q, diag, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The first query block (its first row) that sees a key of the block starting at ``start_n``
+    (causal: query i sees key j iff i >= j - diag); the dK/dV loop visits it and every later one."""
+    if CAUSAL:
+        lo = _clamp(start_n - diag, 0, seqlen_q)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+    return lo
+
+
+@triton.jit
+def _dq_sum_of(DQ_ACC, LOCKS, bh, n_idx, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The fused dQ's ``dq_sum`` for key block ``n_idx`` of (batch, head) ``bh``: its DQ_ACC and LOCKS, its
+    token, and the first query row the key block above it (the one before it in the order) visits, from
+    which on it waits for that one's part."""
+    wait_from = seqlen_q
+    if (n_idx + 1) * BLOCK_N < seqlen_k:
+        wait_from = _first_query_row((n_idx + 1) * BLOCK_N, seqlen_q, seqlen_k - seqlen_q, CAUSAL=CAUSAL,
+                                     BLOCK_M=BLOCK_M)
+    dq_acc = DQ_ACC + bh.to(tl.int64) * _dq_acc_rows(seqlen_q) * BLOCK_D
+    return dq_acc, LOCKS + bh * tl.cdiv(seqlen_q, BLOCK_M), n_idx + 1, wait_from
 
 
 @triton.jit(do_not_specialize=["seed"])
 def bwd_dkdv_kernel(
-    Q, K, V, KPM, DO, LSE, DELTA, DK, DV,
+    Q, K, V, KPM, DO, LSE, DELTA, DK, DV, DQ_ACC, LOCKS,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_mb, stride_mn,
     heads, seqlen_q, seqlen_k, seqlen_bucket, sm_scale, qk_scale, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
-    # Causal: the first key blocks are seen by the most queries; they start first.
+    """dK and dV of one key block; with FUSED_DQ also its part of dQ, added into DQ_ACC (fp32, zeroed, see
+    _dq_acc_rows), with DETERMINISTIC in key-block order through LOCKS (one int32 per (batch, head) and
+    query block of BLOCK_M rows, zeroed)."""
     num_n = tl.cdiv(seqlen_k, BLOCK_N)
     pid = tl.program_id(0)
     bh = pid // num_n
-    start_n = (pid % num_n) * BLOCK_N
+    if FUSED_DQ and DETERMINISTIC:
+        # dQ's parts are added from the last key block down, and a program waits only for programs that
+        # started before it: the last key blocks start first.
+        n_idx = num_n - 1 - pid % num_n
+    else:
+        # Causal: the first key blocks are seen by the most queries; they start first.
+        n_idx = pid % num_n
+    start_n = n_idx * BLOCK_N
     b32 = bh // heads
     h32 = bh % heads
     b = b32.to(tl.int64)
@@ -526,16 +723,17 @@ def bwd_dkdv_kernel(
         key_real = col_ok
 
     diag = seqlen_k - seqlen_q
+    # Rows before `lo` see none of this block (no visit); rows from `mid` on see all of it (no mask).
+    lo = _first_query_row(start_n, seqlen_q, diag, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M)
     if CAUSAL:
-        # Query i sees key j iff i >= j - diag.  Rows before `lo` see none of this
-        # block (no visit); rows from `mid` on see all of it (no mask).
-        lo = _clamp(start_n - diag, 0, seqlen_q)
-        lo = (lo // BLOCK_M) * BLOCK_M
         mid = _clamp(start_n + BLOCK_N - 1 - diag, lo, seqlen_q)
         mid = lo + tl.cdiv(mid - lo, BLOCK_M) * BLOCK_M
     else:
-        lo = 0
         mid = 0
+    dq_sum = (DQ_ACC, LOCKS, seqlen_q, seqlen_q)
+    if FUSED_DQ:
+        dq_sum = _dq_sum_of(DQ_ACC, LOCKS, bh, n_idx, seqlen_q, seqlen_k, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M,
+                            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -547,12 +745,12 @@ def bwd_dkdv_kernel(
     key_block = (k, v, key_real, cols)
     queries = (Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32, seqlen_q, seqlen_k, diag)
     dropout = (bh.to(tl.int64) * seqlen_q * seqlen_k, dropout_p, dropout_scale, seed)
-    grads = _dkdv_blocks((dk, dv), key_block, queries, dropout, lo, mid, qk_scale, MASKED=True, HAS_KPM=HAS_KPM,
-                         HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
-                         BLOCK_D=BLOCK_D, TMA=TMA)
-    dk, dv = _dkdv_blocks(grads, key_block, queries, dropout, mid, seqlen_q, qk_scale, MASKED=False,
+    grads = _dkdv_blocks((dk, dv), key_block, queries, dropout, dq_sum, lo, mid, qk_scale, MASKED=True,
+                         HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
+                         BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, TMA=TMA, FUSED_DQ=FUSED_DQ, DETERMINISTIC=DETERMINISTIC)
+    dk, dv = _dkdv_blocks(grads, key_block, queries, dropout, dq_sum, mid, seqlen_q, qk_scale, MASKED=False,
                           HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
-                          BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, TMA=TMA)
+                          BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, TMA=TMA, FUSED_DQ=FUSED_DQ, DETERMINISTIC=DETERMINISTIC)
 
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + n64 * stride_dks + offs_n[:, None] * stride_dks + offs_d[None, :],
@@ -657,6 +855,28 @@ def bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=tile_mask)
 
 
+@triton.jit
+def bwd_dq_store_kernel(
+    DQ_ACC, DQ, stride_dqb, stride_dqs, stride_dqh, heads, seqlen_q, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ = sm_scale * the fp32 sum the dK/dV kernel added up (FUSED_DQ), in dQ's dtype and layout."""
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    start_m = (pid % num_m) * BLOCK_M
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
+    tile_mask = _tile_mask(rows < seqlen_q, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    acc = tl.load(DQ_ACC + (bh.to(tl.int64) * _dq_acc_rows(seqlen_q) + rows)[:, None] * BLOCK_D + offs_d[None, :],
+                  mask=tile_mask)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows.to(tl.int64)[:, None] * stride_dqs + offs_d[None, :],
+             (acc * sm_scale).to(DQ.dtype.element_ty), mask=tile_mask)
+
+
 # --------------------------------------------------------------------------- dropout mask
 @triton.jit(do_not_specialize=["seed"])
 def _dropout_mask_kernel(OUT, seqlen_q, seqlen_k, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -668,23 +888,26 @@ def _dropout_mask_kernel(OUT, seqlen_q, seqlen_k, dropout_p, seed, BLOCK_M: tl.c
     tl.store(OUT + counter, kept.to(tl.int8), mask=(rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :])
 
 
-_fwd = triton.autotune(
+_fwd = tuning.autotune(
     _for_launch(FWD_CONFIGS, "fwd"),
-    key=["HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "TMA", "seqlen_bucket"],
+    key=["HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "TMA", "SPECIALIZE", "seqlen_bucket"],
+    buckets=["seqlen_bucket"],
     prune_configs_by={"early_config_prune": prune_fwd_configs},
 )(fwd_kernel)
-_bwd_pre = triton.autotune(
+_bwd_pre = tuning.autotune(
     _for_launch(BWD_PRE_CONFIGS, "pre"), key=["HEAD_DIM"],
     prune_configs_by={"early_config_prune": prune_bwd_pre_configs},
 )(bwd_preprocess_kernel)
-_bwd_dkdv = triton.autotune(
+_bwd_dkdv = tuning.autotune(
     _for_launch(BWD_DKDV_CONFIGS, "dkdv"),
-    key=["HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "TMA", "seqlen_bucket"],
+    key=["HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "TMA", "FUSED_DQ", "DETERMINISTIC", "seqlen_bucket"],
+    buckets=["seqlen_bucket"],
     prune_configs_by={"early_config_prune": prune_bwd_dkdv_configs},
 )(bwd_dkdv_kernel)
-_bwd_dq = triton.autotune(
+_bwd_dq = tuning.autotune(
     _for_launch(BWD_DQ_CONFIGS, "dq"),
     key=["HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_DROPOUT", "TMA", "seqlen_bucket"],
+    buckets=["seqlen_bucket"],
     prune_configs_by={"early_config_prune": prune_bwd_dq_configs},
 )(bwd_dq_kernel)
 
@@ -739,6 +962,63 @@ def _descriptor(t):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 1, 1])
 
 
+# Whether the forward's tuner may pick the warp-specialised loop on sm_90's TMA path: "auto" beside
+# today's loop, "on" instead of it where a shape has one (GPU tests, A/B), "off" never.
+WARP_SPECIALIZE = "auto"
+SPECIALIZE_MODES = ("auto", "on", "off")
+
+
+def _specialize_mode(q: Tensor, tma: bool) -> str:
+    """The forward's SPECIALIZE flag: the switch, where the TMA path runs and q suits the descriptor the
+    specialised loop loads it through ("off" elsewhere); on a GPU it also installs the scratch allocator
+    that descriptor needs."""
+    if WARP_SPECIALIZE not in SPECIALIZE_MODES:
+        raise ValueError(f"opt_core.kernels.attention.WARP_SPECIALIZE must be one of {SPECIALIZE_MODES}, "
+                         f"got {WARP_SPECIALIZE!r}")
+    if not (tma and dispatch.tma_aligned(q)):
+        return "off"
+    if q.device.type == "cuda":
+        _install_scratch_allocator()
+    return WARP_SPECIALIZE
+
+
+def _scratch(size: int, alignment: int, stream: Optional[int]) -> Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _install_scratch_allocator() -> None:
+    """Descriptors built on the device (the specialised loop's q) live in global scratch memory that
+    Triton allocates at launch through ``triton.set_allocator``: torch's allocator, unless the caller
+    installed one (Triton keeps it per context)."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+# Where dQ comes from: False, its own kernel (Q K^T and dO V^T recomputed: 7 products); True, the dK/dV
+# kernel adds it up (5 products) where its table has a shape (sm_90's TMA path; see _DKDV_FUSED_DQ_SHAPES),
+# its own kernel elsewhere.
+FUSED_DQ = False
+DQ_STORE_ROWS = 64  # rows per program of the fused dQ's store (a [64, <=128] fp32 tile)
+
+
+def fused_dq_shapes(head_dim: int, variant: str) -> list:
+    """The dK/dV shapes with the fused dQ sm_90's TMA path keeps for 16-bit inputs at ``head_dim``."""
+    return _DKDV_FUSED_DQ_SHAPES.kept(_table_key(dict(BLOCK_D=block_d(head_dim))), variant, tma=True)
+
+
+def _fused_dq(q: Tensor, flags: dict, tma: bool) -> bool:
+    """Whether the dK/dV kernel adds up dQ for this launch: the switch is on and the fused table keeps a
+    shape for its head-dim tile, variant and path (the interpreter, which runs any shape: fp16/bf16 up to
+    head_dim 128)."""
+    if not isinstance(FUSED_DQ, bool):
+        raise TypeError(f"opt_core.kernels.attention.FUSED_DQ must be a bool, got {FUSED_DQ!r}")
+    if not FUSED_DQ or q.dtype not in dispatch.TMA_DTYPES or flags["BLOCK_D"] > 128:
+        return False
+    return dispatch.INTERPRET or bool(_DKDV_FUSED_DQ_SHAPES.kept(_table_key(flags), _variant(flags), tma))
+
+
 def _dropout_args(dropout_p, seed):
     """(dropout_p, dropout_scale, seed) as the kernels take them."""
     if dropout_p > 0:
@@ -747,9 +1027,10 @@ def _dropout_args(dropout_p, seed):
 
 
 def _launch_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool,
-                softmax_scale: float, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+                softmax_scale: float, dropout_p: float, seed: int,
+                deterministic: bool = True) -> tuple[Tensor, Tensor]:
     """(out, lse): out (batch, seqlen_q, heads, head_dim); lse (batch, heads, seqlen_q) fp32, natural log,
-    +inf on rows that see no key."""
+    +inf on rows that see no key.  ``deterministic`` is the backward's (saved for it)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
@@ -765,15 +1046,16 @@ def _launch_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tens
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_mb, stride_mn,
         H, Sq, Sk, _seqlen_bucket(Sq, Sk), softmax_scale * LOG2E, dropout_p, dropout_scale, seed,
         HEAD_DIM=D, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0,
-        DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d(D), TMA=tma,
+        DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d(D), TMA=tma, SPECIALIZE=_specialize_mode(q, tma),
     )
     return out, lse
 
 
 def _launch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                 key_padding_mask: Optional[Tensor], causal: bool, softmax_scale: float, dropout_p: float,
-                seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv), deterministic (no atomics)."""
+                seed: int, deterministic: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv); bitwise repeatable but with FUSED_DQ and not ``deterministic`` (then dQ's fp32 parts
+    are added in whatever order the key blocks finish)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
@@ -796,11 +1078,22 @@ def _launch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     common = (H, Sq, Sk, _seqlen_bucket(Sq, Sk), softmax_scale, softmax_scale * LOG2E,
               *_dropout_args(dropout_p, seed))
     tma = _tma_usable(q, dout)  # the dK/dV kernel streams Q and dO
+    fused = _fused_dq(q, flags, tma)
+    # The fp32 sum of dQ and one lock per query block of the smallest BLOCK_M a dot allows (16), for any
+    # config; the config's pre-hook zeroes both before each run.
+    rows = triton.cdiv(Sq, DQ_ACC_ROW_BLOCK) * DQ_ACC_ROW_BLOCK
+    dq_acc = torch.empty((B * H, rows, block_d(D)), dtype=torch.float32, device=q.device) if fused else None
+    locks = torch.empty((B * H * triton.cdiv(Sq, 16),), dtype=torch.int32, device=q.device) if fused else None
     _bwd_dkdv[lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]) * B * H,)](
         _descriptor(q) if tma else q, k, v, mask, _descriptor(dout) if tma else dout, lse, delta, dk, dv,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-        stride_mb, stride_mn, *common, **flags, TMA=tma,
+        dq_acc, locks, *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+        stride_mb, stride_mn, *common, **flags, TMA=tma, FUSED_DQ=fused, DETERMINISTIC=deterministic,
     )
+    if fused:
+        bwd_dq_store_kernel[(triton.cdiv(Sq, DQ_STORE_ROWS) * B * H,)](
+            dq_acc, dq, *_strides(dq), H, Sq, softmax_scale, HEAD_DIM=D, BLOCK_M=DQ_STORE_ROWS, BLOCK_D=block_d(D),
+        )
+        return dq, dk, dv
     tma = _tma_usable(k, v)  # the dQ kernel streams K and V
     _bwd_dq[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]) * B * H,)](
         q, _descriptor(k) if tma else k, _descriptor(v) if tma else v, mask, dout, lse, delta, dq,
@@ -837,14 +1130,15 @@ def _reference_mask_for(q, k, dropout_p, seed):
     return _reference_dropout_mask(seed, dropout_p, B, H, Sq, k.shape[1], q.device)
 
 
-def _reference_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+def _reference_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed, deterministic=True):
     keep = _reference_mask_for(q, k, dropout_p, seed)
     out = reference.attention(q, k, v, causal, softmax_scale, key_padding_mask, keep, dropout_p)
     lse = reference.attention_lse(q, k, causal, softmax_scale, key_padding_mask)
     return out.contiguous(), lse.float().contiguous()
 
 
-def _reference_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+def _reference_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dropout_p, seed,
+                   deterministic=True):
     # Differentiates the reference forward again: the saved out and lse go unread.
     keep = _reference_mask_for(q, k, dropout_p, seed)
 
@@ -856,27 +1150,27 @@ def _reference_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_sc
 
 
 # --------------------------------------------------------------------------- torch.library ops
-def _fwd_fake(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+def _fwd_fake(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed, deterministic=True):
     B, Sq, H, D = q.shape
     return q.new_empty((B, Sq, H, D)), q.new_empty((B, H, Sq), dtype=torch.float32)
 
 
-def _bwd_fake(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dropout_p, seed):
+def _bwd_fake(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, dropout_p, seed, deterministic=True):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed = inputs
+    q, k, v, key_padding_mask, *args = inputs  # causal, softmax_scale, dropout_p, seed, deterministic
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-    ctx.args = (causal, softmax_scale, dropout_p, seed)
+    ctx.args = tuple(args)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
     dq, dk, dv = torch.ops.opt_core.attention_bwd(dout, q, k, v, out, lse, key_padding_mask, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * (1 + len(ctx.args))
 
 
 register_op("attention", dtypes=KERNEL_DTYPES, setup_context=_setup_context, gradients=_backward,
@@ -941,12 +1235,15 @@ def attention(
       stored.  Without ``seed`` one is drawn from torch's CPU generator, so
       ``torch.manual_seed`` reproduces a run.  (Drawing it is a ``.item()``: under
       ``torch.compile`` pass ``seed`` or expect a graph break when dropout_p > 0.)
-    - ``deterministic``: accepted for FlashAttention compatibility; the backward
-      is always deterministic (no atomics), so the flag changes nothing.
+    - ``deterministic``: True keeps the backward bitwise repeatable; False lets
+      ``FUSED_DQ``'s dK/dV kernel add dQ's fp32 parts in any order (elsewhere
+      the backward has no atomics and the flag changes nothing).
 
     fp16/bf16 run the Triton kernels with fp32 accumulation and softmax
-    statistics; fp32 runs them with exact (not TF32) fp32 products; fp64, and
-    CPU tensors without the interpreter, run ``opt_core.kernels.reference.attention``.
+    statistics; fp32 runs them with exact (not TF32) fp32 products; fp64 runs
+    ``opt_core.kernels.reference.attention``.  CPU tensors without the interpreter
+    run ``kernels/native.py`` (SDPA, plain autograd; dropout there is torch's own,
+    ``seed`` unused).
     head_dim may be 1 to 256 (tiles are padded to a power of two).
 
     NaN: a NaN in q row i gives a NaN output row i; a NaN in k or v at key j
@@ -979,12 +1276,16 @@ def attention(
         check_seed("seed", seed)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    if dispatch.use_native(q, KERNEL_DTYPES):
+        return native.attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                key_padding_mask=key_padding_mask, dropout_p=dropout_p)
     if dropout_p == 0.0:
         seed = 0
     elif seed is None:
         seed = int(torch.randint(0, SEED_LIMIT - 1, (1,)).item())
 
-    out, _ = torch.ops.opt_core.attention_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed)
+    out, _ = torch.ops.opt_core.attention_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed,
+                                              deterministic)
     return out
 
 

@@ -21,6 +21,10 @@ else fused into their epilogues; forward and backward.
   graph; the kernels never specialise on it.
 - TMA on sm_90: the mainloop reads A and B through 2-D descriptors over the operands as stored, with
   results bitwise those of the pointer path; switch ``TMA = "auto" | "on" | "off"``.
+- Persistent GEMMs with TMA stores on sm_90 (2026-12): where the output's layout allows, persistent
+  configs (one program per SM, grouped tile order, the tile and K loops flattened into one pipelined
+  loop, the epilogue in eighths written by TMA stores) join today's as autotune candidates; switch
+  ``PERSISTENT = "auto" | "off"``.
 
 The reasoning and measurements behind each point: ``docs/kernels.md``, section ReLU-MLP.
 """
@@ -37,7 +41,9 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from opt_core.kernels import dispatch
+from opt_core.kernels import native
 from opt_core.kernels import reference
+from opt_core.kernels import tuning
 from opt_core.kernels.op_registry import Direction, register_op
 from opt_core.kernels.validation import check_float, check_same_device, check_seed, check_shape, check_tensor
 
@@ -52,16 +58,27 @@ TMA_SMEM_BUDGET = 220 * 1024
 def _descriptor_blocks(nargs):
     """Autotune pre-hook: TMA descriptors get this config's tiles, [BLOCK_M, BLOCK_K] of A and [BLOCK_K,
     BLOCK_N] of B, or their transposes where the operand is stored the other way round (A_T, B_T).  Pointer
-    launches pass tensors, which it leaves alone."""
+    launches pass tensors, which it leaves alone.  The output's descriptor (OUT_DESC, launches with TMA
+    stores) gets one epilogue slice of the persistent loop."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     if isinstance(nargs["A"], TensorDescriptor):
         nargs["A"].block_shape = [bk, bm] if nargs["A_T"] else [bm, bk]
     if isinstance(nargs["B"], TensorDescriptor):
         nargs["B"].block_shape = [bn, bk] if nargs["B_T"] else [bk, bn]
+    if isinstance(nargs.get("OUT_DESC"), TensorDescriptor):
+        nargs["OUT_DESC"].block_shape = [bm, epilogue_slice_n(bn, persistent=True)]
 
 
-def _gemm_config(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+def epilogue_slice_n(block_n, persistent):
+    """Columns the epilogue handles (and a TMA store writes) at a time: quarters of wide tiles, eighths on
+    the persistent path, see ``_in_column_slices``."""
+    if block_n < 128:
+        return block_n
+    return block_n // 8 if persistent else block_n // 4
+
+
+def _gemm_config(bm, bn, bk, warps, stages, group_m=8, persistent=False):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "PERSISTENT": persistent},
                          num_warps=warps, num_stages=stages, pre_hook=_descriptor_blocks)
 
 
@@ -88,7 +105,17 @@ TMA_ONLY_CONFIGS = [
     _gemm_config(128, 256, 64, 8, 4),
     _gemm_config(256, 128, 64, 8, 4),
 ]
-GEMM_CONFIGS = HALF_CONFIGS + FP32_CONFIGS + TMA_ONLY_CONFIGS
+# Persistent, TMA stores (sm_90, launches whose output TMA can write): one program per SM walks the tiles
+# in grouped order; the tile loop and the K loop are one flattened loop, so the software pipeliner issues
+# the next tile's first loads while this tile's epilogue runs, and the epilogue's TMA stores drain from
+# shared memory while the next mainloop starts.  Beside today's configs, not instead: the autotuner
+# picks per shape bucket.  (Triton 3.6's Hopper warp specialisation does not apply: it needs 4 warps and
+# fails on these epilogues, see docs/kernels.md.)
+PERSISTENT_CONFIGS = [
+    _gemm_config(128, 256, 64, 8, 3, persistent=True),
+    _gemm_config(128, 256, 64, 8, 4, persistent=True),
+]
+GEMM_CONFIGS = HALF_CONFIGS + FP32_CONFIGS + TMA_ONLY_CONFIGS + PERSISTENT_CONFIGS
 _FP32_IDS = {id(c) for c in FP32_CONFIGS}
 _TMA_ONLY_IDS = {id(c) for c in TMA_ONLY_CONFIGS}
 
@@ -101,20 +128,23 @@ DROPOUT_BWD_ROW_QUANTUM = 64
 
 
 def _smem_bytes(c, element_size):
+    """The mainloop's stages, and for the persistent configs the epilogue slice a TMA store reads from."""
     k = c.kwargs
-    return c.num_stages * (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"]) * element_size
+    staging = k["BLOCK_M"] * epilogue_slice_n(k["BLOCK_N"], persistent=True) if k["PERSISTENT"] else 0
+    return (c.num_stages * (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"]) + staging) * element_size
 
 
 def prune_gemm_configs(configs, nargs, **kwargs):
-    """The configs of the operands' precision that fit shared memory, less those
-    whose BLOCK_M or BLOCK_N exceeds the problem (rounded up to a power of two)
-    and is not the smallest on offer: a 256-row tile for 40 tokens only wastes
-    the SM.  The smallest tile if nothing is left."""
+    """The configs of the operands' precision that fit shared memory (the persistent ones only where
+    the launch gives TMA stores), less those whose BLOCK_M or BLOCK_N exceeds the problem (rounded up
+    to a power of two) and is not the smallest on offer: a 256-row tile for 40 tokens only wastes the
+    SM.  The smallest tile if nothing is left."""
     fp32 = kwargs["INPUT_PRECISION"] == "ieee"
     tma = bool(kwargs.get("TMA"))
+    tma_store = bool(kwargs.get("TMA_STORE"))
     budget = TMA_SMEM_BUDGET if tma else SMEM_BUDGET
     pool = [c for c in configs if (id(c) in _FP32_IDS) == fp32 and (tma or id(c) not in _TMA_ONLY_IDS)
-            and _smem_bytes(c, 4 if fp32 else 2) <= budget]
+            and (tma_store or not c.kwargs["PERSISTENT"]) and _smem_bytes(c, 4 if fp32 else 2) <= budget]
     M, N = nargs["M"], nargs["N"]
     min_m = min(c.kwargs["BLOCK_M"] for c in pool)
     min_n = min(c.kwargs["BLOCK_N"] for c in pool)
@@ -141,8 +171,10 @@ def _for_launch(configs, interpreter_config):
 # tiles are as big as numpy's matmul allows before OpenBLAS goes multi-threaded
 # (a 128x64 @ 64x128 dot takes ~15 ms on 2 cores instead of ~0.1 ms), and small
 # enough that the test shapes have partial tiles, partial quarters, several K
-# steps and a partial last K step.  GROUP_M=3 leaves partial groups.
-_INTERP_GEMM = _gemm_config(128, 128, 32, 4, 1, group_m=3)
+# steps and a partial last K step.  GROUP_M=3 leaves partial groups.  It asks for the persistent loop,
+# which runs where a launch gives TMA stores (TMA and PERSISTENT "on"/"auto"); other launches run
+# today's one-tile-per-program kernel with it, so the one config tests both.
+_INTERP_GEMM = _gemm_config(128, 128, 32, 4, 1, group_m=3, persistent=True)
 _INTERP_DROPOUT_BWD = triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4)
 
 
@@ -213,11 +245,10 @@ def dropout_mask(seed: int, p: float, shape: Sequence[int], device=None) -> torc
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _tile_coordinates(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped ordering: consecutive programs walk GROUP_M row tiles down one
+def _tile_coordinates(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped ordering: consecutive tiles walk GROUP_M row tiles down one
     # column of tiles before moving right, so the B columns they stream are
     # reused from L2 by the whole group.
-    pid = tl.program_id(0)
     tiles_m = (M + BLOCK_M - 1) // BLOCK_M
     tiles_n = (N + BLOCK_N - 1) // BLOCK_N
     per_group = GROUP_M * tiles_n
@@ -237,7 +268,7 @@ def _gemm_tile(A, B, M, N, K, strides,
     With TMA, A and B are 2-D descriptors over the operands as stored (A_T: A is stored (K, M); B_T: B
     is stored (N, K)) and tiles past the edges arrive as zeros; otherwise pointers read through
     ``strides`` = (stride_am, stride_ak, stride_bk, stride_bn)."""
-    pid_m, pid_n = _tile_coordinates(M, N, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M)
+    pid_m, pid_n = _tile_coordinates(tl.program_id(0), M, N, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M)
     if TMA:
         acc = _tma_mainloop(A, B, K, pid_m, pid_n, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                             INPUT_PRECISION=INPUT_PRECISION, A_T=A_T, B_T=B_T)
@@ -265,6 +296,29 @@ def _tma_mainloop(A, B, K, pid_m, pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
             b = B.load([off_k, off_n])
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     return acc
+
+
+@triton.jit
+def _persistent_gemm(A, B, M, N, K, EPILOGUE: tl.constexpr, epilogue_args,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     INPUT_PRECISION: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr):
+    """Every tile this program owns (tiles pid, pid + programs, ...: the grid is one program per SM) through
+    the TMA mainloop and ``EPILOGUE`` (see ``_in_column_slices``).  ``flatten`` makes the tile loop and
+    the K loop one pipelined loop, so the next tile's loads are in flight during this tile's epilogue.
+    The epilogue counts tiles with its own counter, as Triton's persistent-matmul tutorial does: the
+    pipeliner then need not keep the mainloop's coordinates alive across the loop's stages."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    epilogue_tile = pid - programs
+    for tile in tl.range(pid, tiles, programs, flatten=True):
+        pid_m, pid_n = _tile_coordinates(tile, M, N, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M)
+        acc = _tma_mainloop(A, B, K, pid_m, pid_n, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                            INPUT_PRECISION=INPUT_PRECISION, A_T=A_T, B_T=B_T)
+        epilogue_tile += programs
+        pid_m, pid_n = _tile_coordinates(epilogue_tile, M, N, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M)
+        _in_column_slices(acc, pid_m, pid_n, EPILOGUE, epilogue_args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                          EIGHTHS=True)
 
 
 @triton.jit
@@ -302,33 +356,61 @@ def _quarters(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _in_halves(x, row0, col0, EPILOGUE: tl.constexpr, epilogue_args, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """EPILOGUE on the left and right halves of the [BLOCK_M, WIDTH] slice x starting at column col0."""
+    left, right = tl.split(tl.permute(tl.reshape(x, (BLOCK_M, 2, WIDTH // 2)), (0, 2, 1)))
+    EPILOGUE(left, row0, col0, *epilogue_args, BLOCK_M=BLOCK_M, SLICE_N=WIDTH // 2)
+    EPILOGUE(right, row0, col0 + WIDTH // 2, *epilogue_args, BLOCK_M=BLOCK_M, SLICE_N=WIDTH // 2)
+
+
+@triton.jit
 def _in_column_slices(acc, pid_m, pid_n, EPILOGUE: tl.constexpr, epilogue_args,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``EPILOGUE(slice, rows, first column, *epilogue_args, SLICE_N=width)`` over tile (pid_m, pid_n):
-    on its four column quarters once BLOCK_N >= 128, else on the whole tile.  Callers write the
-    ``epilogue_args`` tuple in the call: a tuple assigned to a variable first has its constexprs turned
-    into tensors (Triton's assignment rule), and the epilogue's flags must stay constexprs.  With a whole
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EIGHTHS: tl.constexpr):
+    """``EPILOGUE(slice, first row, first column, *epilogue_args, BLOCK_M=, SLICE_N=width)`` over tile
+    (pid_m, pid_n): on its four column quarters (with ``EIGHTHS``, eighths) once BLOCK_N >= 128, else on
+    the whole tile.  Callers write the ``epilogue_args`` tuple in the call: a tuple assigned to a variable
+    first has its constexprs turned into tensors (Triton's assignment rule), and the epilogue's flags must
+    stay constexprs.  With a whole
     128-register-per-thread accumulator live beside the dropout's Philox words, a residual or activation
     tile and the store's layout conversion, ptxas spills (up to 840 bytes per thread at 128x256 on
-    sm_90); in quarters no kept config spills."""
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    sm_90); in quarters no kept config spills.  The persistent loop works in eighths: its flattened loop
+    keeps more alive, and its fc2 epilogue (dropout, residual) takes 238 registers in quarters, 198 in
+    eighths; a TMA store then stages an eighth of the tile in shared memory."""
+    row0 = pid_m * BLOCK_M
     col0 = pid_n * BLOCK_N
     if BLOCK_N >= 128:
         S: tl.constexpr = BLOCK_N // 4
         q0, q1, q2, q3 = _quarters(acc, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-        EPILOGUE(q0, rows, col0, *epilogue_args, SLICE_N=S)
-        EPILOGUE(q1, rows, col0 + S, *epilogue_args, SLICE_N=S)
-        EPILOGUE(q2, rows, col0 + 2 * S, *epilogue_args, SLICE_N=S)
-        EPILOGUE(q3, rows, col0 + 3 * S, *epilogue_args, SLICE_N=S)
+        if EIGHTHS:
+            _in_halves(q0, row0, col0, EPILOGUE, epilogue_args, BLOCK_M, S)
+            _in_halves(q1, row0, col0 + S, EPILOGUE, epilogue_args, BLOCK_M, S)
+            _in_halves(q2, row0, col0 + 2 * S, EPILOGUE, epilogue_args, BLOCK_M, S)
+            _in_halves(q3, row0, col0 + 3 * S, EPILOGUE, epilogue_args, BLOCK_M, S)
+        else:
+            EPILOGUE(q0, row0, col0, *epilogue_args, BLOCK_M=BLOCK_M, SLICE_N=S)
+            EPILOGUE(q1, row0, col0 + S, *epilogue_args, BLOCK_M=BLOCK_M, SLICE_N=S)
+            EPILOGUE(q2, row0, col0 + 2 * S, *epilogue_args, BLOCK_M=BLOCK_M, SLICE_N=S)
+            EPILOGUE(q3, row0, col0 + 3 * S, *epilogue_args, BLOCK_M=BLOCK_M, SLICE_N=S)
     else:
-        EPILOGUE(acc, rows, col0, *epilogue_args, SLICE_N=BLOCK_N)
+        EPILOGUE(acc, row0, col0, *epilogue_args, BLOCK_M=BLOCK_M, SLICE_N=BLOCK_N)
 
 
 @triton.jit
-def _fc_epilogue(acc, rows, col0, BIAS, RES, C, M, N, stride_rm, stride_rn, stride_cm,
+def _store_slice(C, OUT_DESC, value, row0, col0, rows, cols, mask, stride_cm):
+    """One epilogue slice of the output: a TMA store where the persistent loop has the output's
+    descriptor (TMA clips what lies past the edges), else a masked store through pointers."""
+    if OUT_DESC is None:
+        tl.store(C + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], value.to(C.dtype.element_ty), mask=mask)
+    else:
+        OUT_DESC.store([row0, col0], value.to(C.dtype.element_ty))
+
+
+@triton.jit
+def _fc_epilogue(acc, row0, col0, BIAS, RES, C, OUT_DESC, M, N, stride_rm, stride_rn, stride_cm,
                  seed, drop_threshold, drop_scale,
                  HAS_BIAS: tl.constexpr, RELU: tl.constexpr, DROPOUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                  BLOCK_M: tl.constexpr, SLICE_N: tl.constexpr):
+    rows = row0 + tl.arange(0, BLOCK_M)
     cols = col0 + tl.arange(0, SLICE_N)
     col_ok = cols < N
     if HAS_BIAS:
@@ -342,85 +424,108 @@ def _fc_epilogue(acc, rows, col0, BIAS, RES, C, M, N, stride_rm, stride_rn, stri
         acc = acc * _dropout_multiplier(seed, rows, col0, drop_threshold, drop_scale, BLOCK_M=BLOCK_M,
                                         BLOCK_N=SLICE_N)
     mask = (rows < M)[:, None] & col_ok[None, :]
-    r = rows.to(tl.int64)[:, None]
     if HAS_RESIDUAL:
-        acc += tl.load(RES + r * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0).to(tl.float32)
-    tl.store(C + r * stride_cm + cols[None, :], acc.to(C.dtype.element_ty), mask=mask)
+        acc += tl.load(RES + rows.to(tl.int64)[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask,
+                       other=0.0).to(tl.float32)
+    _store_slice(C, OUT_DESC, acc, row0, col0, rows, cols, mask, stride_cm)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def fc_kernel(
-    A, B, BIAS, RES, C,
+    A, B, BIAS, RES, C, OUT_DESC,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_rn, stride_cm,
     seed, drop_threshold, drop_scale,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, DROPOUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr, TMA_STORE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """C = [RES +] [dropout]([relu](A @ B [+ BIAS])): GEMM 1 with bias and ReLU,
-    GEMM 2 with bias, dropout and the residual add."""
-    acc, pid_m, pid_n = _gemm_tile(A, B, M, N, K, (stride_am, stride_ak, stride_bk, stride_bn),
-                                   BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
-                                   INPUT_PRECISION=INPUT_PRECISION, TMA=TMA, A_T=A_T, B_T=B_T)
-    _in_column_slices(acc, pid_m, pid_n, _fc_epilogue, (BIAS, RES, C, M, N, stride_rm, stride_rn, stride_cm, seed,
-                      drop_threshold, drop_scale, HAS_BIAS, RELU, DROPOUT, HAS_RESIDUAL, BLOCK_M),
-                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    GEMM 2 with bias, dropout and the residual add.  OUT_DESC: C's descriptor where the launch gives
+    TMA stores (TMA_STORE), for the persistent configs."""
+    if PERSISTENT and TMA_STORE:
+        _persistent_gemm(A, B, M, N, K, _fc_epilogue, (BIAS, RES, C, OUT_DESC, M, N, stride_rm, stride_rn, stride_cm,
+                         seed, drop_threshold, drop_scale, HAS_BIAS, RELU, DROPOUT, HAS_RESIDUAL),
+                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+                         INPUT_PRECISION=INPUT_PRECISION, A_T=A_T, B_T=B_T)
+    else:
+        acc, pid_m, pid_n = _gemm_tile(A, B, M, N, K, (stride_am, stride_ak, stride_bk, stride_bn),
+                                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+                                       INPUT_PRECISION=INPUT_PRECISION, TMA=TMA, A_T=A_T, B_T=B_T)
+        _in_column_slices(acc, pid_m, pid_n, _fc_epilogue, (BIAS, RES, C, None, M, N, stride_rm, stride_rn,
+                          stride_cm, seed, drop_threshold, drop_scale, HAS_BIAS, RELU, DROPOUT, HAS_RESIDUAL),
+                          BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, EIGHTHS=False)
 
 
 @triton.jit
-def _dh_epilogue(acc, rows, col0, H, DH, DB_PART, pid_m, M, N, stride_hm, stride_dhm,
-                 HAS_DBIAS: tl.constexpr, SLICE_N: tl.constexpr):
+def _dh_epilogue(acc, row0, col0, H, DH, OUT_DESC, DB_PART, M, N, stride_hm, stride_dhm,
+                 HAS_DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, SLICE_N: tl.constexpr):
+    rows = row0 + tl.arange(0, BLOCK_M)
     cols = col0 + tl.arange(0, SLICE_N)
     col_ok = cols < N
     mask = (rows < M)[:, None] & col_ok[None, :]
-    r = rows.to(tl.int64)[:, None]
     # Rows past M load h = 0, so they add nothing to the column sums.
-    h = tl.load(H + r * stride_hm + cols[None, :], mask=mask, other=0.0)
+    h = tl.load(H + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :], mask=mask, other=0.0)
     acc = tl.where(h <= 0, 0.0, acc)
-    tl.store(DH + r * stride_dhm + cols[None, :], acc.to(DH.dtype.element_ty), mask=mask)
+    _store_slice(DH, OUT_DESC, acc, row0, col0, rows, cols, mask, stride_dhm)
     if HAS_DBIAS:
-        tl.store(DB_PART + pid_m.to(tl.int64) * N + cols, tl.sum(acc, axis=0), mask=col_ok)
+        tl.store(DB_PART + (row0 // BLOCK_M).to(tl.int64) * N + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
 @triton.jit
 def dh_kernel(
-    A, B, H, DH, DB_PART,
+    A, B, H, DH, OUT_DESC, DB_PART,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_hm, stride_dhm,
     HAS_DBIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr, A_T: tl.constexpr,
-    B_T: tl.constexpr,
+    B_T: tl.constexpr, TMA_STORE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """DH = where(H <= 0, 0, A @ B) (A = g, B = W2) and, per row tile, the fp32
-    column sums of DH (the db1 partials)."""
-    acc, pid_m, pid_n = _gemm_tile(A, B, M, N, K, (stride_am, stride_ak, stride_bk, stride_bn),
-                                   BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
-                                   INPUT_PRECISION=INPUT_PRECISION, TMA=TMA, A_T=A_T, B_T=B_T)
-    _in_column_slices(acc, pid_m, pid_n, _dh_epilogue, (H, DH, DB_PART, pid_m, M, N, stride_hm, stride_dhm, HAS_DBIAS),
-                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    column sums of DH (the db1 partials).  OUT_DESC as in fc_kernel, over DH."""
+    if PERSISTENT and TMA_STORE:
+        _persistent_gemm(A, B, M, N, K, _dh_epilogue, (H, DH, OUT_DESC, DB_PART, M, N, stride_hm, stride_dhm,
+                         HAS_DBIAS), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+                         INPUT_PRECISION=INPUT_PRECISION, A_T=A_T, B_T=B_T)
+    else:
+        acc, pid_m, pid_n = _gemm_tile(A, B, M, N, K, (stride_am, stride_ak, stride_bk, stride_bn),
+                                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+                                       INPUT_PRECISION=INPUT_PRECISION, TMA=TMA, A_T=A_T, B_T=B_T)
+        _in_column_slices(acc, pid_m, pid_n, _dh_epilogue, (H, DH, None, DB_PART, M, N, stride_hm, stride_dhm,
+                          HAS_DBIAS), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, EIGHTHS=False)
 
 
 @triton.jit
-def _store_epilogue(acc, rows, col0, C, M, N, stride_cm, SLICE_N: tl.constexpr):
+def _store_epilogue(acc, row0, col0, C, OUT_DESC, M, N, stride_cm, BLOCK_M: tl.constexpr, SLICE_N: tl.constexpr):
+    rows = row0 + tl.arange(0, BLOCK_M)
     cols = col0 + tl.arange(0, SLICE_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    tl.store(C + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], acc.to(C.dtype.element_ty), mask=mask)
+    _store_slice(C, OUT_DESC, acc, row0, col0, rows, cols, mask, stride_cm)
 
 
 @triton.jit
 def matmul_kernel(
-    A, B, C,
+    A, B, C, OUT_DESC,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
-    INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, TMA: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr, TMA_STORE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
-    """C = A @ B: dx = dh @ W1 and the weight gradients dW2 = g^T @ h, dW1 = dh^T @ x."""
-    acc, pid_m, pid_n = _gemm_tile(A, B, M, N, K, (stride_am, stride_ak, stride_bk, stride_bn),
-                                   BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
-                                   INPUT_PRECISION=INPUT_PRECISION, TMA=TMA, A_T=A_T, B_T=B_T)
-    _in_column_slices(acc, pid_m, pid_n, _store_epilogue, (C, M, N, stride_cm), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    """C = A @ B: dx = dh @ W1 and the weight gradients dW2 = g^T @ h, dW1 = dh^T @ x.  OUT_DESC as in
+    fc_kernel."""
+    if PERSISTENT and TMA_STORE:
+        _persistent_gemm(A, B, M, N, K, _store_epilogue, (C, OUT_DESC, M, N, stride_cm),
+                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+                         INPUT_PRECISION=INPUT_PRECISION, A_T=A_T, B_T=B_T)
+    else:
+        acc, pid_m, pid_n = _gemm_tile(A, B, M, N, K, (stride_am, stride_ak, stride_bk, stride_bn),
+                                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+                                       INPUT_PRECISION=INPUT_PRECISION, TMA=TMA, A_T=A_T, B_T=B_T)
+        _in_column_slices(acc, pid_m, pid_n, _store_epilogue, (C, None, M, N, stride_cm),
+                          BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, EIGHTHS=False)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -456,16 +561,20 @@ def dropout_bwd_kernel(
         tl.store(DB_PART + pid_r.to(tl.int64) * N + cols, db, mask=col_ok)
 
 
-_GEMM_KEY = ["M", "N", "K", "INPUT_PRECISION", "TMA", "A_T", "B_T"]
+_GEMM_KEY = ["M", "N", "K", "INPUT_PRECISION", "TMA", "A_T", "B_T", "TMA_STORE"]
+# Token counts are M or K of every GEMM: sizes key by their power-of-two bucket (prune_gemm_configs
+# reads next_power_of_2 of M and N too), so a new batch size does not tune again.
+_GEMM_BUCKETS = ["M", "N", "K"]
 _GEMM_PRUNE = {"early_config_prune": prune_gemm_configs}
-_fc = triton.autotune(_for_launch(GEMM_CONFIGS, _INTERP_GEMM), key=_GEMM_KEY + ["RELU", "DROPOUT", "HAS_RESIDUAL"],
-                      prune_configs_by=_GEMM_PRUNE)(fc_kernel)
-_dh = triton.autotune(_for_launch(GEMM_CONFIGS, _INTERP_GEMM), key=_GEMM_KEY,
-                      prune_configs_by=_GEMM_PRUNE)(dh_kernel)
-_matmul = triton.autotune(_for_launch(GEMM_CONFIGS, _INTERP_GEMM), key=_GEMM_KEY,
-                          prune_configs_by=_GEMM_PRUNE)(matmul_kernel)
-_dropout_bwd = triton.autotune(_for_launch(DROPOUT_BWD_CONFIGS, _INTERP_DROPOUT_BWD), key=["N", "DROPOUT", "WRITE_G"],
-                               prune_configs_by={"early_config_prune": prune_dropout_bwd_configs})(dropout_bwd_kernel)
+_fc = tuning.autotune(_for_launch(GEMM_CONFIGS, _INTERP_GEMM), key=_GEMM_KEY + ["RELU", "DROPOUT", "HAS_RESIDUAL"],
+                      prune_configs_by=_GEMM_PRUNE, buckets=_GEMM_BUCKETS)(fc_kernel)
+_dh = tuning.autotune(_for_launch(GEMM_CONFIGS, _INTERP_GEMM), key=_GEMM_KEY,
+                      prune_configs_by=_GEMM_PRUNE, buckets=_GEMM_BUCKETS)(dh_kernel)
+_matmul = tuning.autotune(_for_launch(GEMM_CONFIGS, _INTERP_GEMM), key=_GEMM_KEY,
+                          prune_configs_by=_GEMM_PRUNE, buckets=_GEMM_BUCKETS)(matmul_kernel)
+_dropout_bwd = tuning.autotune(_for_launch(DROPOUT_BWD_CONFIGS, _INTERP_DROPOUT_BWD), key=["N", "DROPOUT", "WRITE_G"],
+                               prune_configs_by={"early_config_prune": prune_dropout_bwd_configs},
+                               buckets=["N"])(dropout_bwd_kernel)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -498,8 +607,32 @@ def _operands(a, b):
     return a, b, dict(TMA=False, A_T=False, B_T=False)
 
 
-def _gemm_grid(M, N):
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+# Whether GEMMs on the TMA path may run the persistent configs, which write their output through TMA
+# stores: "auto" beside today's configs (the autotuner picks per shape bucket), "off" today's kernels only
+# (the A/B baseline).
+PERSISTENT = "auto"
+PERSISTENT_MODES = ("auto", "off")
+
+
+def _output(c, layout):
+    """(OUT_DESC, TMA_STORE) for a GEMM writing the contiguous c: c's descriptor (the pre-hook sets its block
+    shape) where the switch allows, the operands come through TMA and c's layout suits TMA; else (None,
+    False)."""
+    if PERSISTENT not in PERSISTENT_MODES:
+        raise ValueError(f"opt_core.kernels.relu_mlp.PERSISTENT must be one of {PERSISTENT_MODES}, got {PERSISTENT!r}")
+    if PERSISTENT == "off" or not layout["TMA"] or not dispatch.tma_aligned(c, 1):
+        return None, False
+    return TensorDescriptor(c, list(c.shape), [c.stride(0), 1], [1, 1]), True
+
+
+def _gemm_grid(M, N, device):
+    def grid(meta):
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        if meta["PERSISTENT"] and meta["TMA_STORE"]:
+            # One program per SM (a persistent tile fills an SM's shared memory), each walking its tiles.
+            return (min(tiles, dispatch.num_sms(device)),)
+        return (tiles,)
+    return grid
 
 
 def _dropout_args(seed, p):
@@ -513,9 +646,10 @@ def _launch_matmul(a, b, c):
     M, K = a.shape
     N = b.shape[1]
     A, B, layout = _operands(a, b)
-    _matmul[_gemm_grid(M, N)](
-        A, B, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
-        INPUT_PRECISION=input_precision(a.dtype), **layout,
+    out_desc, tma_store = _output(c, layout)
+    _matmul[_gemm_grid(M, N, c.device)](
+        A, B, c, out_desc, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+        INPUT_PRECISION=input_precision(a.dtype), TMA_STORE=tma_store, **layout,
     )
 
 
@@ -524,12 +658,13 @@ def _launch_fc1(x, w1, b1, h):
     M, d = x.shape
     ffn = w1.shape[0]
     A, B, layout = _operands(x, w1.t())
-    _fc[_gemm_grid(M, ffn)](
-        A, B, b1, None, h, M, ffn, d,
+    out_desc, tma_store = _output(h, layout)
+    _fc[_gemm_grid(M, ffn, h.device)](
+        A, B, b1, None, h, out_desc, M, ffn, d,
         x.stride(0), x.stride(1), w1.stride(1), w1.stride(0), 0, 0, h.stride(0),
         0, 0, 1.0,
         HAS_BIAS=b1 is not None, RELU=True, DROPOUT=False, HAS_RESIDUAL=False,
-        INPUT_PRECISION=input_precision(x.dtype), **layout,
+        INPUT_PRECISION=input_precision(x.dtype), TMA_STORE=tma_store, **layout,
     )
 
 
@@ -539,14 +674,15 @@ def _launch_fc2(h, w2, b2, residual, seed, p, out):
     d = w2.shape[0]
     seed_, threshold, scale = _dropout_args(seed, p)
     A, B, layout = _operands(h, w2.t())
-    _fc[_gemm_grid(M, d)](
-        A, B, b2, residual, out, M, d, ffn,
+    out_desc, tma_store = _output(out, layout)
+    _fc[_gemm_grid(M, d, out.device)](
+        A, B, b2, residual, out, out_desc, M, d, ffn,
         h.stride(0), h.stride(1), w2.stride(1), w2.stride(0),
         residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
         out.stride(0),
         seed_, threshold, scale,
         HAS_BIAS=b2 is not None, RELU=False, DROPOUT=p > 0.0, HAS_RESIDUAL=residual is not None,
-        INPUT_PRECISION=input_precision(h.dtype), **layout,
+        INPUT_PRECISION=input_precision(h.dtype), TMA_STORE=tma_store, **layout,
     )
 
 
@@ -561,10 +697,11 @@ def _launch_dh(g, w2, h, dh, has_db1):
         min_block_m = min(c.kwargs["BLOCK_M"] for c in _dh.configs)
         db1_part = dispatch.empty((triton.cdiv(M, min_block_m), ffn), dtype=torch.float32, device=g.device)
     A, B, layout = _operands(g, w2)
-    _dh[_gemm_grid(M, ffn)](
-        A, B, h, dh, db1_part, M, ffn, d,
+    out_desc, tma_store = _output(dh, layout)
+    _dh[_gemm_grid(M, ffn, dh.device)](
+        A, B, h, dh, out_desc, db1_part, M, ffn, d,
         g.stride(0), g.stride(1), w2.stride(0), w2.stride(1), h.stride(0), dh.stride(0),
-        HAS_DBIAS=has_db1, INPUT_PRECISION=input_precision(g.dtype), **layout,
+        HAS_DBIAS=has_db1, INPUT_PRECISION=input_precision(g.dtype), TMA_STORE=tma_store, **layout,
     )
     if not has_db1:
         return None
@@ -742,7 +879,9 @@ def relu_mlp(
     generator when None, so ``torch.manual_seed`` reproduces a run.
     ``dropout_mask(seed, p, out.shape)`` regenerates the keep-mask.
     fp16/bf16/fp32 run the Triton kernels (fp32 accumulation; fp32 operands
-    without TF32); fp64 runs the reference.
+    without TF32), or ``kernels/native.py`` on a CPU without the interpreter
+    (plain autograd; dropout there is torch's own ``F.dropout``, ``seed`` unused);
+    fp64 runs the reference.
     """
     check_tensor("x", x, min_ndim=1)
     d = x.shape[-1]
@@ -778,6 +917,8 @@ def relu_mlp(
         check_seed("seed", seed)
 
     p = dropout_p if training else 0.0
+    if dispatch.use_native(x, KERNEL_DTYPES):
+        return native.relu_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=residual, dropout_p=p)
     if p == 0.0:
         seed_t = torch.zeros((), dtype=torch.int64)
     elif seed is None:

@@ -61,12 +61,14 @@ def test_code_facts_read_off_the_ptx():
         "wgmma.wait_group.sync.aligned 1;", "wgmma.wait_group.sync.aligned 0;",
         "mov.u32 %r12, %nctaid.x;", "setmaxnreg.inc.sync.aligned.u32 232;",
     ])
-    facts = aot.code_facts(ptx, "ttg.warp_specialize(%a) ...")
+    facts = aot.code_facts(ptx, "%0 = tt.get_num_programs x : i32\nttg.warp_specialize(%a) ...")
     assert facts == {"wgmma": True, "mma": False, "tma": True, "tma_store": True, "wgmma_max_pending": 1,
                      "warp_specialized": True, "persistent": True, "max_load_bits": 128}
-    plain = aot.code_facts("ld.global.b32 %r1, [%rd1];\ncp.async.cg.shared.global [%r2], [%rd2], 16;\n"
+    plain = aot.code_facts("ld.global.b32 %r1, [%rd1];\ncp.async.cg.shared.global [%r2], [%rd2], 0x10, %r3;\n"
+                           "mov.u32 %r4, %nctaid.x;\n"
                            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...};", "")
     assert plain == {"wgmma": False, "mma": True, "tma": False, "tma_store": False, "wgmma_max_pending": None,
                      "warp_specialized": False, "persistent": False, "max_load_bits": 128}
-    # a warp_specialize op without register reallocation is not counted as specialised
+    # hex copy sizes as Triton writes them; %nctaid without tt.get_num_programs (descriptor scratch) is not
+    # persistence; a warp_specialize op without register reallocation is not counted as specialised
     assert not aot.code_facts("setmaxnreg.dec.sync.aligned.u32 40;", "")["warp_specialized"]

@@ -10,14 +10,18 @@ and a ragged tail; test_other_block_shapes swaps in smaller and square ones.
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from opt_core import functional
-from opt_core.kernels import dispatch, reference
+from opt_core.kernels import aot, dispatch, reference
 from opt_core.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
 from opt_core import FusedSelfAttention
 
@@ -69,13 +73,13 @@ def _run(fn, tensors, grad, dtype=None):
     return out, [x.grad for x in xs]
 
 
-def _check(B, Sq, Sk, H, D, dtype, device, *, causal, pad="none", sum_grad=False, scale=None):
+def _check(B, Sq, Sk, H, D, dtype, device, *, causal, pad="none", sum_grad=False, scale=None, deterministic=True):
     q, k, v = _qkv(B, Sq, Sk, H, D, dtype, device)
     mask = _padding_mask(B, Sk, pad, device)
     grad = None if sum_grad else torch.randn(B, Sq, H, D, dtype=torch.float64, device=device)
 
-    ours, ours_g = _run(lambda *t: functional.attention(*t, causal=causal, softmax_scale=scale, key_padding_mask=mask),
-                        (q, k, v), grad)
+    ours, ours_g = _run(lambda *t: functional.attention(*t, causal=causal, softmax_scale=scale, key_padding_mask=mask,
+                                                       deterministic=deterministic), (q, k, v), grad)
     ref, ref_g = _run(lambda *t: reference.attention(*t, causal, scale, mask), (q, k, v), grad, torch.float64)
     plain, plain_g = _run(lambda *t: reference.attention(*t, causal, scale, mask, upcast=False), (q, k, v), grad)
 
@@ -379,6 +383,137 @@ def test_tma_falls_back_where_the_layout_does_not_allow_it(device, tma_on, monke
         functional.attention(*_qkv(1, 4, 4, 1, 16, torch.float16, device))
 
 
+# --------------------------------------------------------------------------- sm_90's new loops
+@pytest.fixture
+def specialized_forward(monkeypatch, tma_on):
+    """The forward's warp-specialised loop (sm_90's TMA path) at the interpreter's block shape; yields the
+    descriptors the launches built, as ``tma_on`` does."""
+    if not dispatch.INTERPRET:
+        pytest.skip("forces the interpreter's config; on a GPU WARP_SPECIALIZE='on' does (the gpu tests)")
+    monkeypatch.setattr(attn._fwd, "configs", [attn._config("fwd", 64, 32, 4, 1, specialized=True)])
+    monkeypatch.setattr(attn._fwd, "cache", {})
+    yield tma_on
+
+
+def _forward(q, k, v, mask, causal):
+    return torch.ops.opt_core.attention_fwd(q, k, v, mask, causal, q.shape[-1] ** -0.5, 0.0, 0)
+
+
+@pytest.mark.parametrize("seqlens, causal, pad, D, H", TMA_CASES, ids=str)
+def test_specialized_forward_is_todays_loop_bit_for_bit(seqlens, causal, pad, D, H, device, specialized_forward,
+                                                       monkeypatch):
+    """One loop over every key block, each masked against the row's last key, q through a device-side
+    descriptor: the same arithmetic as the unmasked/masked loop pair, so out and lse are bitwise the same,
+    and so are the gradients computed from them (test_specialized_forward_with_gradients_and_dropout runs
+    them)."""
+    Sq, Sk = seqlens
+    q, k, v = _qkv(2, Sq, Sk, H, D, torch.float16, device)
+    mask = _padding_mask(2, Sk, pad, device)
+    out, lse = _forward(q, k, v, mask, causal)
+    ref = reference.attention(q.double(), k.double(), v.double(), causal, None, mask)
+    assert_close_to_reference("out", out, ref, reference.attention(q, k, v, causal, None, mask, upcast=False),
+                              factor=FORWARD_FACTOR)
+    monkeypatch.setattr(attn._fwd, "configs", [attn._config("fwd", 64, 32, 4, 1)])
+    monkeypatch.setattr(attn._fwd, "cache", {})
+    out_plain, lse_plain = _forward(q, k, v, mask, causal)
+    assert torch.equal(out, out_plain) and torch.equal(lse, lse_plain)
+
+
+def test_specialized_forward_with_gradients_and_dropout(device, specialized_forward):
+    _check(2, 113, 203, 2, 80, torch.float16, device, causal=True, pad="left")
+    test_dropout_matches_reference_with_the_same_mask((130, 70), "right", torch.float16, device)
+    assert len(specialized_forward) == 12
+
+
+def test_warp_specialize_switch(device, monkeypatch):
+    q = torch.empty(1, 8, 1, 64, dtype=torch.float16, device=device)
+    monkeypatch.setattr(attn, "WARP_SPECIALIZE", "on")
+    assert attn._specialize_mode(q, tma=True) == "on"
+    assert attn._specialize_mode(q, tma=False) == "off"
+    assert attn._specialize_mode(q.new_empty(8 * 64 + 1)[1:].view(1, 8, 1, 64), tma=True) == "off"  # misaligned
+    flags = dict(BLOCK_D=128, HAS_KPM=False, HAS_DROPOUT=False, TMA=True)
+    kept = {mode: [attn._shape(c) for c in attn.prune_fwd_configs(attn.FWD_CONFIGS, {}, **flags, SPECIALIZE=mode)]
+            for mode in attn.SPECIALIZE_MODES}
+    assert all(shape[-1] for shape in kept["on"]) and not any(shape[-1] for shape in kept["off"])
+    assert kept["auto"] == kept["on"] + kept["off"]
+    monkeypatch.setattr(attn, "WARP_SPECIALIZE", "sometimes")
+    with pytest.raises(ValueError, match="opt_core.kernels.attention.WARP_SPECIALIZE must be one of"):
+        attn._specialize_mode(q, tma=True)
+
+
+# (seqlens, causal, pad, head_dim, deterministic): the fused dQ's geometry (the key blocks that visit a
+# query block, the first that waits) at odd sizes, in both orders.
+FUSED_DQ_CASES = [((1, 1), True, "none", 64, True), ((17, 17), False, "left", 111, False),
+                  ((128, 128), True, "right", 80, True), ((200, 200), False, "none", 64, True),
+                  ((113, 203), True, "left", 128, False), ((203, 113), True, "right", 64, True),
+                  ((1, 239), False, "none", 128, True)]
+
+
+@pytest.fixture
+def fused_dq(monkeypatch):
+    monkeypatch.setattr(attn, "FUSED_DQ", True)
+
+
+@pytest.mark.parametrize("seqlens, causal, pad, D, deterministic", FUSED_DQ_CASES, ids=str)
+def test_fused_dq_matches_float64_reference(seqlens, causal, pad, D, deterministic, device, fused_dq):
+    """dQ added up by the dK/dV kernel (5 products)."""
+    Sq, Sk = seqlens
+    _check(2, Sq, Sk, 2, D, torch.float16, device, causal=causal, pad=pad, deterministic=deterministic)
+
+
+def test_fused_dq_leaves_dk_dv_bit_for_bit(device, monkeypatch):
+    """The dK/dV kernel's own arithmetic is that of the 7-product path, its programs in another order."""
+    seed = torch.randint(0, 2 ** 31, ()).item()  # the same fresh inputs for both paths
+    grads = []
+    for fused in (True, False):
+        monkeypatch.setattr(attn, "FUSED_DQ", fused)
+        torch.manual_seed(seed)
+        grads.append(_check(2, 70, 90, 2, 64, torch.float16, device, causal=True, pad="right")[1])
+    (_, dk, dv), (_, dk_7, dv_7) = grads
+    assert torch.equal(dk, dk_7) and torch.equal(dv, dv_7)
+
+
+def test_fused_dq_with_dropout_and_other_block_shapes(device, fused_dq, monkeypatch):
+    test_dropout_matches_reference_with_the_same_mask((130, 70), "right", torch.float16, device)
+    # Several key blocks per query block (each waits from its first), and several query blocks per key block.
+    for (m, n), seqlens, pad in (((32, 16), (45, 61), "left"), ((16, 32), (61, 45), "right")):
+        monkeypatch.setattr(attn._bwd_dkdv, "configs", [attn._config("dkdv", m, n, 4, 1)])
+        monkeypatch.setattr(attn._bwd_dkdv, "cache", {})
+        _check(2, *seqlens, 2, 40, torch.float16, device, causal=True, pad=pad)
+
+
+def test_fused_dq_applies_where_its_table_has_a_shape(device, monkeypatch):
+    q = torch.empty(1, 8, 1, 128, dtype=torch.bfloat16, device=device)
+    flags = dict(BLOCK_D=128, HAS_KPM=False, HAS_DROPOUT=False)
+    assert not attn._fused_dq(q, flags, tma=True)  # the switch is off
+    monkeypatch.setattr(attn, "FUSED_DQ", True)
+    assert not attn._fused_dq(q.float(), flags, tma=True)
+    assert not attn._fused_dq(q.new_empty(1, 8, 1, 256), dict(flags, BLOCK_D=256), tma=True)
+    monkeypatch.setattr(dispatch, "INTERPRET", False)  # a GPU's launch: only the table's shapes
+    assert attn._fused_dq(q, flags, tma=True)
+    assert not attn._fused_dq(q, flags, tma=False) and not attn._fused_dq(q, dict(flags, HAS_KPM=True), tma=True)
+    monkeypatch.setattr(attn, "FUSED_DQ", "yes")
+    with pytest.raises(TypeError, match="opt_core.kernels.attention.FUSED_DQ must be a bool"):
+        attn._fused_dq(q, flags, tma=True)
+
+
+def test_default_forward_configs_overlap_the_softmax_with_a_product():
+    """The forward config sm_90 runs untuned (the first its prune keeps on the TMA path, what
+    OPT_CORE_TUNING=first runs) at OPT's head dims: the softmax overlaps a wgmma (the warp-specialised loop,
+    or a product left in flight across it), no spills, shared memory within the limit (AOT, no GPU)."""
+    script = ("import json; from opt_core.kernels import aot, aot_cases; "
+              "cases = aot_cases.attention_default_forward_cases(); "
+              "print(json.dumps(aot.compile_all(cases, archs=(90,), workers=1)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["case"].split(",")[0] for r in results] == [f"attention_fwd[D={d}" for d in (64, 80, 128)]
+    for r in results:
+        assert not aot.problems(r), (r["case"], aot.problems(r))
+        assert r["warp_specialized"] or (r["wgmma_max_pending"] or 0) >= 1, r
+
+
 # --------------------------------------------------------------------------- NaN
 def _sdpa_math(q, k, v, causal, mask):
     """PyTorch's math SDPA with the equivalent boolean attn_mask, in our layout."""
@@ -677,6 +812,44 @@ def test_gpu_pointer_path_where_tma_is_available(D, monkeypatch):
     """On sm_90 the tests above take the TMA path; this keeps the pointer path (sm_80's) checked there too."""
     monkeypatch.setattr(attn, "TMA", "off")
     _check(2, 777, 1031, 4, D, torch.bfloat16, torch.device("cuda"), causal=True, pad="left")
+
+
+def _sm90():
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the warp-specialised forward and the fused dQ run on sm_90's TMA path")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 80, 128])
+def test_gpu_specialized_forward_matches_reference(D, monkeypatch):
+    """The warp-specialised configs alone (the tuner picks among them): the compiler's partitions, which the
+    interpreter does not run, against the float64 oracle; run these first on a new GPU or Triton."""
+    _sm90()
+    monkeypatch.setattr(attn, "WARP_SPECIALIZE", "on")
+    _check(2, 777, 1031, 4, D, torch.bfloat16, torch.device("cuda"), causal=True)
+    _check(2, 1024, 1024, 4, D, torch.bfloat16, torch.device("cuda"), causal=False, pad="left")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 80, 128])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_gpu_fused_dq_matches_reference(D, deterministic, monkeypatch):
+    _sm90()
+    monkeypatch.setattr(attn, "FUSED_DQ", True)
+    _check(2, 777, 1031, 4, D, torch.bfloat16, torch.device("cuda"), causal=True, deterministic=deterministic)
+    _check(2, 1024, 1024, 4, D, torch.bfloat16, torch.device("cuda"), causal=False, deterministic=deterministic)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_dq_in_order_is_bitwise_repeatable(monkeypatch):
+    """The key blocks' turns fix the order of dQ's fp32 sums whatever the timing: run it a few times."""
+    _sm90()
+    monkeypatch.setattr(attn, "FUSED_DQ", True)
+    q, k, v = _qkv(2, 2048, 2048, 8, 128, torch.bfloat16, torch.device("cuda"))
+    grad = torch.randn_like(q)
+    runs = [_run(lambda *t: functional.attention(*t, causal=True), (q, k, v), grad)[1] for _ in range(3)]
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
 @pytest.mark.gpu

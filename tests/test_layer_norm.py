@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from opt_core import functional
-from opt_core.kernels import dispatch, reference
+from opt_core.kernels import aot_cases, dispatch, reference
+from opt_core.kernels import layer_norm as ln
 from opt_core.kernels.layer_norm import MAX_N
 from opt_core.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
 from opt_core import FusedLayerNorm
@@ -100,9 +101,63 @@ def test_without_full_affine(affine, N, device):
 
 @pytest.mark.parametrize("rows", [1, 9, 37])
 def test_wide_backward_with_several_row_tiles_per_program(rows, device):
-    # Rows wider than 8192 take the chunked backward; with 37 rows each program
+    # fp32 rows wider than 8192 take the two-pass backward; with 37 rows each program
     # owns several row tiles, so its dW/dB partials are accumulated, not just stored.
     _check_against_oracle((rows, 8200), torch.float32, device)
+
+
+@pytest.mark.parametrize("wide", ["auto", "off"])
+def test_wide_16_bit_rows_on_either_backward(wide, device, monkeypatch):
+    # fp16 rows above 8192: the one-read three-chunk kernel (sm_90 and the interpreter), or with the
+    # switch off the two-pass kernel sm_80 runs; 37 rows give every program several rows (the
+    # interpreter counts 4 SMs), the second and third chunks partial.
+    monkeypatch.setattr(ln, "WIDE_BWD", wide)
+    _check_against_oracle((37, 9000), torch.float16, device, residual=True)
+
+
+def test_backward_kernel_for_each_width_dtype_and_gpu(monkeypatch):
+    assert ln.bwd_variant(768, torch.bfloat16, 80) == ("bwd_kernel", dict(BLOCK_N=1024, PIPELINE=True))
+    assert ln.bwd_variant(8192, torch.float32, 90) == ("bwd_kernel", dict(BLOCK_N=8192, PIPELINE=True))
+    wide, two_pass = ("bwd_wide_kernel", dict(CHUNK=4096)), ("bwd_two_pass_kernel", dict(CHUNK=4096))
+    assert ln.bwd_variant(12288, torch.bfloat16, 90) == wide
+    assert ln.bwd_variant(8193, torch.float16, 90) == wide
+    assert ln.bwd_variant(12288, torch.bfloat16, 80) == two_pass  # sm_80's ptxas spills the fp16 wide kernel
+    assert ln.bwd_variant(12288, torch.float32, 90) == two_pass   # fp32 chunks do not fit the registers
+    assert ln.bwd_variant(12289, torch.bfloat16, 90) == two_pass  # more than three chunks
+    monkeypatch.setattr(ln, "WIDE_BWD", "off")
+    assert ln.bwd_variant(12288, torch.bfloat16, 90) == two_pass
+    monkeypatch.setattr(ln, "WIDE_BWD", "on")
+    with pytest.raises(ValueError, match="opt_core.kernels.layer_norm.WIDE_BWD must be one of"):
+        ln.bwd_variant(12288, torch.bfloat16, 90)
+
+
+def test_backward_configs_keep_todays_beside_the_pipelined_ones(monkeypatch):
+    for block_n in (1024, 2048, 4096, 8192):
+        kept = ln.prune_bwd_configs(ln.BWD_CONFIGS, {}, BLOCK_N=block_n)
+        today = [c for c in kept if c.kwargs["STAGES"] == 1]
+        assert today and all(c.kwargs["PROGRAMS_PER_SM"] == 2 for c in today)
+        assert {c.kwargs["STAGES"] for c in kept} == {1, 2}
+        assert ln.prune_bwd_configs(ln.BWD_CONFIGS, {}, BLOCK_N=block_n, PIPELINE=False) == today
+    monkeypatch.setattr(ln, "BWD_PIPELINE", "off")
+    assert ln.bwd_variant(1000, torch.bfloat16, 90) == ("bwd_kernel", dict(BLOCK_N=1024, PIPELINE=False))
+    monkeypatch.setattr(ln, "BWD_PIPELINE", "never")
+    with pytest.raises(ValueError, match="opt_core.kernels.layer_norm.BWD_PIPELINE must be one of"):
+        ln.bwd_variant(1000, torch.bfloat16, 90)
+
+
+def test_aot_cases_cover_each_backward_where_it_runs():
+    cases = {c.name: c for c in aot_cases.layer_norm_cases()}
+    wide = [c for name, c in cases.items() if name.startswith("layer_norm_bwd_wide[")]
+    assert {c.name.split(",")[1] for c in wide} == {"float16", "bfloat16"} and all(c.archs == (90,) for c in wide)
+    two_pass = [c for name, c in cases.items() if name.startswith("layer_norm_bwd_two_pass[")]
+    assert {(c.name.split(",")[1], c.archs) for c in two_pass} == {
+        ("float16", (80,)), ("bfloat16", (80,)), ("float32", (80, 90))}
+    # both loop depths of the register backward, and 16-byte loads asserted for the config each
+    # kernel runs untuned
+    assert any("STAGES=2" in name for name in cases) and any("STAGES=1" in name for name in cases)
+    firsts = [c for c in cases.values() if dict(c.expects) == {"max_load_bits": 128}]
+    assert {c.name.split("[")[0] for c in firsts} == {"layer_norm_fwd", "layer_norm_bwd", "layer_norm_bwd_wide",
+                                                      "layer_norm_bwd_two_pass"}
 
 
 @pytest.mark.parametrize("N", [100, 9000])

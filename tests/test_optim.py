@@ -19,8 +19,10 @@ from opt_core.kernels.testing import FORWARD_FACTOR, assert_close_to_reference
 from opt_core import DynamicLossScaler, FusedAdamW
 
 # Odd shapes: a 0-d, an empty, shapes that cross the kernel's chunk and block
-# boundaries under the interpreter (CHUNK 4096, BLOCK 512), a long thin one.
-SHAPES = [(3, 1501), (), (0,), (4097,), (1, 7), (513, 9), (2, 2, 3)]
+# boundaries under the interpreter (CHUNK 4096, BLOCK 512), a long thin one; the
+# one whose size is a multiple of 8 (4104) takes the 16-byte vector class, the
+# others the scalar one.
+SHAPES = [(3, 1501), (), (0,), (4097,), (1, 7), (513, 9), (8, 513), (2, 2, 3)]
 
 
 def _params(dtype=torch.float32, device="cpu", seed=0):
@@ -399,6 +401,87 @@ def test_launches_do_not_grow_with_the_number_of_parameters(monkeypatch):
             p.grad = torch.randn_like(p)
         opt.step()
         assert len(launches) == 1, (n, len(launches))
+
+
+def _recording_launches(monkeypatch):
+    """The ALIGNED flag of every adamw_kernel launch, in order."""
+    launches = []
+    original = adamw_kernels.adamw_kernel.run
+
+    def run(*args, **kwargs):
+        launches.append(kwargs["ALIGNED"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(adamw_kernels.adamw_kernel, "run", run)
+    return launches
+
+
+def test_aligned_and_unaligned_tensors_take_their_own_launches(monkeypatch):
+    # 16-byte vectors need every address aligned and the size a multiple of 8: a view at an odd
+    # offset (4 bytes past an aligned base) and a size of 17 take the scalar class, in a second launch.
+    base = torch.randn(20)
+    shapes_and_data = [torch.randn(8200), torch.randn(64, 9), torch.randn(17), base[1:9]]
+    ours = [torch.nn.Parameter(t) for t in shapes_and_data]
+    assert ours[3].data_ptr() % 16 == 4
+    theirs = [torch.nn.Parameter(t.detach().clone()) for t in shapes_and_data]
+    oa, ob = FusedAdamW(ours, weight_decay=0.1), torch.optim.AdamW(theirs, weight_decay=0.1, foreach=False)
+    launches = _recording_launches(monkeypatch)
+    for step in range(3):
+        _set_grads(list(zip(ours, theirs)) + [(torch.empty(0), torch.empty(0))], step)
+        oa.step(), ob.step()
+    assert launches == [True, False] * 3
+    _assert_same_state(oa, ob, list(zip(ours, theirs)))
+
+
+def test_step_plan_is_built_once_and_rebuilt_when_a_tensor_moves(monkeypatch):
+    """The launch tables persist across steps (new gradient tensors every step, as zero_grad leaves
+    them); a parameter whose storage moves (p.data = ...) rebuilds them, and a plan dies with its
+    tensors."""
+    built = []
+
+    class CountingPlan(adamw_kernels._Plan):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(adamw_kernels, "_Plan", CountingPlan)
+    plans_before = len(adamw_kernels._PLANS)
+    ours, theirs = _params(), _params()
+    pairs = list(zip(ours, theirs))
+    oa, ob = FusedAdamW(ours), torch.optim.AdamW(theirs, foreach=False)
+    for step in range(3):
+        _set_grads(pairs, step)
+        oa.step(), ob.step()
+    assert len(built) == 1
+    moved = torch.randn(ours[6].shape)  # the aligned (8, 513)
+    ours[6].data, theirs[6].data = moved.clone(), moved.clone()
+    for step in range(3, 5):
+        _set_grads(pairs, step)
+        oa.step(), ob.step()
+    assert len(built) == 2
+    _assert_same_state(oa, ob, pairs)
+    assert len(adamw_kernels._PLANS) == plans_before + 1
+    del oa, ours, pairs
+    assert len(adamw_kernels._PLANS) == plans_before
+
+
+def test_cached_plan_follows_the_switches(monkeypatch):
+    params = _params()
+    opt = FusedAdamW(params)
+    launches = _recording_launches(monkeypatch)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert sorted(launches) == [False, True]
+    with dispatch.reference_backend():
+        opt.step()
+    assert len(launches) == 2
+    monkeypatch.setattr(adamw_kernels, "VECTOR_LOADS", "off")  # every tensor in the scalar class
+    opt.step()
+    assert launches[2:] == [False]
+    monkeypatch.setattr(adamw_kernels, "VECTOR_LOADS", "always")
+    with pytest.raises(ValueError, match="opt_core.kernels.adamw.VECTOR_LOADS must be one of"):
+        opt.step()
 
 
 def test_non_contiguous_parameter_takes_the_reference_path():

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from opt_core import functional
 from opt_core.kernels import aot_cases, dispatch, reference
@@ -249,6 +250,21 @@ def tma_on(monkeypatch, device):
     yield layouts
 
 
+@pytest.fixture
+def tma_stores(monkeypatch):
+    """Whether each GEMM launched got its output's descriptor (TMA stores: the persistent configs)."""
+    stores = []
+    output = mlp._output
+
+    def recorded(c, layout):
+        desc, tma_store = output(c, layout)
+        stores.append(tma_store)
+        return desc, tma_store
+
+    monkeypatch.setattr(mlp, "_output", recorded)
+    yield stores
+
+
 # fc1 (B = W1^T), fc2 (B = W2^T), dh, dW2 (A = g^T), dx, dW1 (A = dh^T): every operand orientation.
 ALL_GEMMS_ON_TMA = [(True, False, True), (True, False, True), (True, False, False), (True, True, False),
                     (True, False, False), (True, True, False)]
@@ -256,39 +272,51 @@ ALL_GEMMS_ON_TMA = [(True, False, True), (True, False, True), (True, False, Fals
 
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
 @pytest.mark.parametrize("M, d", [(1, 64), (33, 96), (128, 1000), (150, 40)])
-def test_tma_descriptor_path_matches_float64_reference(M, d, p, device, tma_on):
-    """Tiles past M, N and K arrive as TMA's zeros instead of the pointer path's wrapped rows and masked K."""
+def test_tma_descriptor_path_matches_float64_reference(M, d, p, device, tma_on, tma_stores):
+    """Tiles past M, N and K arrive as TMA's zeros instead of the pointer path's wrapped rows and masked K;
+    the persistent loop walks several tiles per program (the interpreter counts 4 SMs) and its TMA stores
+    clip the edge tiles."""
     _check_against_oracle(M, d, torch.float16, device, p=p)
     assert tma_on == ALL_GEMMS_ON_TMA
+    assert tma_stores == [True] * 6
 
 
-def test_tma_path_equals_the_pointer_path(device, tma_on, monkeypatch):
-    """Zero-filled edge tiles and wrapped rows give the same products: bit for bit under the interpreter's
-    single config (on a GPU the autotuner may pick other tiles per path)."""
+def test_tma_path_equals_the_pointer_path(device, tma_on, tma_stores, monkeypatch):
+    """Zero-filled edge tiles and wrapped rows give the same products, and the persistent loop with TMA
+    stores the same as one tile per program: bit for bit under the interpreter's single config (on a GPU
+    the autotuner may pick other tiles per path)."""
     if not dispatch.INTERPRET:
         pytest.skip("bitwise only with the interpreter's single config; GPUs autotune each path separately")
     tensors = _inputs(70, 96, torch.float16, device)
     grad = torch.randn(70, 96, dtype=torch.float64, device=device)
     runs = []
-    for mode in ("on", "off"):
-        monkeypatch.setattr(mlp, "TMA", mode)
+    for tma, persistent in (("on", "auto"), ("on", "off"), ("off", "auto")):
+        monkeypatch.setattr(mlp, "TMA", tma)
+        monkeypatch.setattr(mlp, "PERSISTENT", persistent)
         runs.append(_run(_ours(0.1, 1234), _leaves(tensors), grad))
-    assert tma_on[:6] == ALL_GEMMS_ON_TMA and not any(tma for tma, _, _ in tma_on[6:])
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert tma_on[:12] == 2 * ALL_GEMMS_ON_TMA and not any(tma for tma, _, _ in tma_on[12:])
+    assert tma_stores == [True] * 6 + [False] * 12
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*runs))
 
 
-def test_tma_falls_back_where_the_layout_does_not_allow_it(device, tma_on, monkeypatch):
+def test_tma_falls_back_where_the_layout_does_not_allow_it(device, tma_on, tma_stores, monkeypatch):
     # d = 100 in fp16: x, g, W1 have 200-byte rows, not a multiple of 16 bytes; each GEMM decides for
-    # itself, so only fc2 (h and W2, 800-byte rows) reads through TMA.
+    # itself, so only fc2 (h and W2, 800-byte rows) reads through TMA, and its output (200-byte rows)
+    # takes pointer stores: no persistent configs.
     _check_against_oracle(20, 100, torch.float16, device)
     off = (False, False, False)
     assert tma_on == [off, (True, False, True), off, off, off, off]
+    assert tma_stores == [False] * 6
     # fp32 (exact FMA, operands in registers) never takes it
     tma_on.clear()
     _check_against_oracle(20, 64, torch.float32, device)
     assert tma_on == [off] * 6
     monkeypatch.setattr(mlp, "TMA", "always")
     with pytest.raises(ValueError, match="opt_core.kernels.relu_mlp.TMA must be one of"):
+        _ours(0.0, 0)(*_inputs(4, 16, torch.float16, device))
+    monkeypatch.setattr(mlp, "TMA", "on")
+    monkeypatch.setattr(mlp, "PERSISTENT", "always")
+    with pytest.raises(ValueError, match="opt_core.kernels.relu_mlp.PERSISTENT must be one of"):
         _ours(0.0, 0)(*_inputs(4, 16, torch.float16, device))
 
 
@@ -413,11 +441,17 @@ def test_config_pruning():
     fp32 = mlp.prune_gemm_configs(mlp.GEMM_CONFIGS, dict(M=16384, N=3072), INPUT_PRECISION="ieee")
     assert fp32 == mlp.FP32_CONFIGS
     for c in mlp.GEMM_CONFIGS:
-        budget = mlp.TMA_SMEM_BUDGET if c in mlp.TMA_ONLY_CONFIGS else mlp.SMEM_BUDGET
+        budget = mlp.TMA_SMEM_BUDGET if c in mlp.TMA_ONLY_CONFIGS + mlp.PERSISTENT_CONFIGS else mlp.SMEM_BUDGET
         assert mlp._smem_bytes(c, 4 if c in mlp.FP32_CONFIGS else 2) <= budget
     # sm_90's TMA path adds the 4-stage tiles only its shared memory holds; fp32 never takes it
     tma = mlp.prune_gemm_configs(mlp.GEMM_CONFIGS, dict(M=16384, N=3072), INPUT_PRECISION="tf32", TMA=True)
     assert tma == mlp.HALF_CONFIGS + mlp.TMA_ONLY_CONFIGS
+    # with TMA stores the persistent configs join today's, for the autotuner to choose
+    stores = mlp.prune_gemm_configs(mlp.GEMM_CONFIGS, dict(M=16384, N=3072), INPUT_PRECISION="tf32", TMA=True,
+                                    TMA_STORE=True)
+    assert stores == mlp.HALF_CONFIGS + mlp.TMA_ONLY_CONFIGS + mlp.PERSISTENT_CONFIGS
+    assert all(c.kwargs["PERSISTENT"] for c in mlp.PERSISTENT_CONFIGS)
+    assert not any(c.kwargs["PERSISTENT"] for c in mlp.HALF_CONFIGS + mlp.FP32_CONFIGS + mlp.TMA_ONLY_CONFIGS)
     tiny = mlp.prune_gemm_configs(mlp.GEMM_CONFIGS, dict(M=1, N=64), INPUT_PRECISION="tf32")
     assert all(c.kwargs["BLOCK_M"] == 64 for c in tiny) and tiny
 
@@ -436,6 +470,14 @@ def test_aot_cases_cover_every_gemm_at_the_opt_widths():
         assert any(c.name.startswith(f"relu_mlp_{role}[d=768/2560/12288,bfloat16,tma,") for c in tma), role
     assert all(c.archs == (90,) and c.signature["A"].startswith("tensordesc") for c in tma)
     assert any("128x256x64,w8,s4" in c.name for c in tma)
+    # The persistent configs of every role: the output a descriptor too, and the compile check asserts
+    # the TMA stores and the grid-strided tile loop in their PTX.
+    persistent = [c for c in tma if c.constexprs["PERSISTENT"]]
+    for role in ("fc1", "fc2", "dh", "dx", "dw2+dw1"):
+        assert any(c.name.startswith(f"relu_mlp_{role}[d=768/2560/12288,bfloat16,tma,persistent,")
+                   for c in persistent), role
+    assert all(c.signature["OUT_DESC"].startswith("tensordesc") and c.constexprs["TMA_STORE"]
+               and dict(c.expects) == {"tma_store": True, "persistent": True} for c in persistent)
 
 
 # --------------------------------------------------------------------------- errors
@@ -583,6 +625,19 @@ def test_gpu_pointer_path_where_tma_is_available(M, d, monkeypatch):
     """On sm_90 the tests above take the TMA path; this keeps the pointer path (sm_80's) checked there too."""
     monkeypatch.setattr(mlp, "TMA", "off")
     _check_against_oracle(M, d, torch.bfloat16, torch.device("cuda"), p=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", range(len(mlp.PERSISTENT_CONFIGS)))
+def test_gpu_persistent_configs_match_float64_reference(config, monkeypatch):
+    """Every GEMM on one persistent config: the autotuner only ever checks the config it picks."""
+    if not dispatch.tma_enabled("auto", torch.empty(0, dtype=torch.bfloat16, device="cuda"), "TMA"):
+        pytest.skip("the persistent configs run on sm_90 and newer")
+    for name in ("_fc", "_dh", "_matmul"):
+        kernel = getattr(mlp, name).fn
+        monkeypatch.setattr(mlp, name, triton.autotune([mlp.PERSISTENT_CONFIGS[config]], key=[])(kernel))
+    _check_against_oracle(1000, 1000, torch.bfloat16, torch.device("cuda"), p=0.1)
+    _check_against_oracle(333, 5120, torch.bfloat16, torch.device("cuda"), p=0.1)
 
 
 @pytest.mark.gpu
