@@ -16,6 +16,7 @@ while FSDP's larger, overlappable ones cross the network.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -37,14 +38,20 @@ def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_mesh(dp: Optional[int] = None, tp: int = 1, *, device_type: Optional[str] = None) -> DeviceMesh:
+def init_mesh(dp: Optional[int] = None, tp: int = 1, *, device_type: Optional[str] = None,
+              timeout: Optional[datetime.timedelta] = None) -> DeviceMesh:
     """A ``("dp", "tp")`` DeviceMesh over every process of this job.
 
     ``dp`` defaults to ``world_size // tp``.  Raises ``ValueError`` at once when
     ``dp * tp`` is not the world size (the job was launched with the wrong
     ``--nproc-per-node`` / ``--nnodes``), before any collective could hang.
+    ``timeout`` bounds every collective of the process group it starts (torch's
+    default: 30 minutes), so a stalled rank fails the others with an error; a
+    process group that already exists keeps its own.
     """
     tp = _positive_int("tp", tp)
+    if timeout is not None and (not isinstance(timeout, datetime.timedelta) or timeout.total_seconds() <= 0):
+        raise ValueError(f"timeout must be a positive datetime.timedelta or None, got {timeout!r}")
     if dp is not None:
         dp = _positive_int("dp", dp)
     device_type = device_type or default_device_type()
@@ -68,10 +75,11 @@ def init_mesh(dp: Optional[int] = None, tp: int = 1, *, device_type: Optional[st
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not c10d.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+        options = {"timeout": timeout} if timeout is not None else {}
         if "RANK" in os.environ or "MASTER_ADDR" in os.environ:
-            c10d.init_process_group(backend)  # env:// from torchrun
+            c10d.init_process_group(backend, **options)  # env:// from torchrun
         else:
-            c10d.init_process_group(backend, store=c10d.HashStore(), rank=0, world_size=1)
+            c10d.init_process_group(backend, store=c10d.HashStore(), rank=0, world_size=1, **options)
     return init_device_mesh(device_type, (dp, tp), mesh_dim_names=MESH_DIM_NAMES)
 
 

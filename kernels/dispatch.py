@@ -1,9 +1,22 @@
 """Where an op runs, decided in one place for every op.
 
-CUDA tensors run the Triton kernels.  CPU tensors run the same Triton kernels
-under Triton's interpreter when ``TRITON_INTERPRET=1`` was set before Triton was
-imported (that is how CI tests the kernels); otherwise, and for dtypes a kernel
-does not take, they run the plain-PyTorch version in ``kernels/reference.py``.
+Three paths:
+
+- the Triton kernels: CUDA tensors, and CPU tensors under Triton's interpreter when
+  ``TRITON_INTERPRET=1`` was set before Triton was imported (that is how CI tests the kernels);
+- the native path (``kernels/native.py``): plain PyTorch with plain autograd (SDPA,
+  ``F.layer_norm``, ``F.linear``/ReLU and dropout from torch's generator), for the kernels' dtypes
+  where no kernel runs, i.e. a CPU without the interpreter.  The public op calls it directly, no
+  custom op in between;
+- the reference path: the custom ops' plain-PyTorch direction (``kernels/reference.py``, the float64
+  oracle), for the dtypes the kernels do not take (float64 keeps it everywhere: it is the oracle's
+  dtype), and for every op inside ``reference_backend()``.
+
+``use_triton`` chooses inside a custom op (kernel or reference), ``use_native`` in the public
+function (native, or the custom op).  Two switches force a path for tests: ``reference_backend()``
+(the custom ops' reference paths, kernels' dtypes included) and ``native_backend()`` (the native
+path for every dtype, under the interpreter too); inside either, the ops that have no native version
+(``adamw_step``, ``grad_stats``) take their reference paths.
 
 The interpreter switch is read once, at import: ``triton.jit`` turns every kernel
 into an interpreted function or a compiled one at decoration time, so changing
@@ -27,29 +40,55 @@ if INTERPRET:
 
     interpreter_fixes.apply()
 
-_FORCE_REFERENCE = False
+_FORCED_PATH: str | None = None  # None, "reference" or "native": the switches below
 _POISON_OUTPUTS = os.environ.get("OPT_CORE_POISON_OUTPUTS", "0") not in ("", "0")
 
 
 def use_triton(x: torch.Tensor, dtypes: Sequence[torch.dtype]) -> bool:
     """True when an op on ``x`` should launch its Triton kernel."""
-    if _FORCE_REFERENCE or x.dtype not in dtypes:
+    if _FORCED_PATH is not None or x.dtype not in dtypes:
         return False
     if x.device.type == "cuda":
         return True
     return x.device.type == "cpu" and INTERPRET
 
 
+def use_native(x: torch.Tensor, dtypes: Sequence[torch.dtype]) -> bool:
+    """True when the public op on ``x`` should run ``kernels/native.py`` (plain PyTorch and autograd)
+    instead of its custom op."""
+    if _FORCED_PATH is not None:
+        return _FORCED_PATH == "native"
+    if x.dtype not in dtypes:
+        return False
+    return x.device.type == "cpu" and not INTERPRET
+
+
+def forced_path() -> str | None:
+    """The path a switch below forces now ("reference", "native"), or None (the automatic choice): part
+    of the key of anything cached per path (FusedAdamW's launch plans)."""
+    return _FORCED_PATH
+
+
 @contextlib.contextmanager
-def reference_backend(enabled: bool = True) -> Iterator[None]:
-    """Run every op on its ``kernels/reference.py`` path inside the block (``enabled=False``: the kernels
-    again, inside an outer ``reference_backend()``)."""
-    global _FORCE_REFERENCE
-    previous, _FORCE_REFERENCE = _FORCE_REFERENCE, enabled
+def _forced_path(path: str | None) -> Iterator[None]:
+    global _FORCED_PATH
+    previous, _FORCED_PATH = _FORCED_PATH, path
     try:
         yield
     finally:
-        _FORCE_REFERENCE = previous
+        _FORCED_PATH = previous
+
+
+def reference_backend(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Run every op on its custom op's ``kernels/reference.py`` path inside the block (``enabled=False``:
+    the automatic choice again, inside an outer switch)."""
+    return _forced_path("reference" if enabled else None)
+
+
+def native_backend(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Run every op on its native path (``kernels/native.py``) inside the block, every dtype and the
+    interpreter included (``enabled=False``: the automatic choice again, inside an outer switch)."""
+    return _forced_path("native" if enabled else None)
 
 
 @contextlib.contextmanager

@@ -86,11 +86,24 @@ class OPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "OPTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+        """From a dict of OPTConfig fields, strictly typed as JSON holds them: ints are integers, floats any
+        number, booleans true or false (never "no" or 1), word_embed_proj_dim also null; ValueError naming
+        an unknown or wrongly typed field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"an OPTConfig dict must be a dict of fields, got {type(d).__name__}")
+        kinds = {f.name: _FIELD_KINDS[f.type] for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(kinds)
         if unknown:
             raise ValueError(f"unknown OPTConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        values = {}
+        for name, value in d.items():
+            kind, nullable = kinds[name]
+            if value is None and nullable:
+                values[name] = None
+                continue
+            value = _checked_hf_field(name, value, kind)
+            values[name] = float(value) if kind is float else value
+        return cls(**values)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "OPTConfig":
@@ -151,6 +164,8 @@ class OPTConfig:
         )
 
 
+# OPTConfig's annotations (strings, under `from __future__ import annotations`) -> (kind, None allowed).
+_FIELD_KINDS = {"int": (int, False), "Optional[int]": (int, True), "bool": (bool, False), "float": (float, False)}
 _REQUIRED = object()  # default of a config field that must be present
 _KIND_NAMES = {int: "an int", float: "a number", bool: "true or false"}
 

@@ -68,6 +68,15 @@ Design record (newest last):
             run on another machine or numpy version draws the same batches.
             Epochs are concatenated: a batch may straddle two epochs, which
             keeps "every block exactly once per epoch" for any batch size.
+2026-12-01  Undecodable bytes (format 2): a file or JSONL line that is not valid
+            UTF-8 is read with its bad bytes replaced by U+FFFD and named in a
+            warning, instead of being skipped (a folder whose only file had a
+            few bad bytes read as "no non-empty files"); ``undecodable_replaced``
+            counts them.  Files holding NUL bytes are binary and still skipped
+            (``skipped_binary``).
+2026-12-01  Distributed runs: ``wait_for_prepared`` lets every process but one
+            per node wait for that one's build (polling the cache folder)
+            instead of sitting in a collective with a time limit.
 """
 
 from __future__ import annotations
@@ -82,6 +91,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +100,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # OPT/fairseq ids 0, 1, 2, 3
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -165,7 +175,8 @@ class Corpus:
     texts: list[str]
     bytes_read: int = 0
     skipped_empty: int = 0
-    skipped_undecodable: int = 0
+    skipped_binary: int = 0
+    undecodable_replaced: int = 0  # documents read with their invalid UTF-8 bytes replaced by U+FFFD
     truncated: bool = False
 
 
@@ -226,26 +237,34 @@ def _add_document(corpus: Corpus, name: str, text: str, max_bytes: int) -> bool:
     return not (max_bytes and (corpus.truncated or corpus.bytes_read >= max_bytes))
 
 
+def _decode(corpus: Corpus, data: bytes, where: str) -> str:
+    """``data`` as UTF-8; invalid bytes become U+FFFD, with a warning naming ``where``."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        corpus.undecodable_replaced += 1
+        warnings.warn(f"{where}: not valid UTF-8 (first bad byte at offset {err.start}); reading it with the "
+                      "invalid bytes replaced by U+FFFD", stacklevel=3)
+        return data.decode("utf-8", errors="replace")
+
+
 def _read_files(root: Path, relpaths: Iterable[str], max_bytes: int) -> Corpus:
     corpus = Corpus([], [])
     for rel in relpaths:
-        try:
-            text = (root / rel).read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            corpus.skipped_undecodable += 1
+        data = (root / rel).read_bytes()
+        if b"\x00" in data:  # binary data, not text
+            corpus.skipped_binary += 1
             continue
-        if "\x00" in text:  # binary data that happens to be valid UTF-8
-            corpus.skipped_undecodable += 1
-            continue
-        if not _add_document(corpus, rel, text, max_bytes):
+        if not _add_document(corpus, rel, _decode(corpus, data, str(root / rel)), max_bytes):
             break
     return corpus
 
 
 def _read_jsonl(path: Path, key: str, max_bytes: int) -> Corpus:
     corpus = Corpus([], [])
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            line = _decode(corpus, raw, f"{path}:{line_no}")
             if not line.strip():
                 continue
             try:
@@ -736,7 +755,8 @@ def _build(cfg: DataConfig, out: Path) -> dict:
     seconds["total"] = round(sum(seconds.values()), 3)
     return {
         "documents_read": len(corpus.texts), "bytes_read": corpus.bytes_read, "truncated": corpus.truncated,
-        "skipped_empty": corpus.skipped_empty, "skipped_undecodable": corpus.skipped_undecodable,
+        "skipped_empty": corpus.skipped_empty, "skipped_binary": corpus.skipped_binary,
+        "undecodable_replaced": corpus.undecodable_replaced,
         "exact_duplicates_removed": len(exact_pairs), "near_duplicates_removed": len(near_pairs),
         "train_documents": len(train_idx), "val_documents": len(val_idx),
         "train_tokens": split_tokens["train"], "val_tokens": split_tokens["val"],
@@ -793,6 +813,15 @@ def prepare(cfg: DataConfig, cache_dir: str | Path, *,
     return data
 
 
+def wait_for_prepared(cfg: DataConfig, cache_dir: str | Path, *, poll_seconds: float = 0.5) -> PreparedData:
+    """The data set another process is preparing with ``prepare(cfg, cache_dir)``, once its cache folder is
+    complete (polled, so the wait has no time limit: under torchrun a failed builder ends the job)."""
+    folder = cache_folder(cfg, cache_dir)
+    while not _is_complete(folder):
+        time.sleep(poll_seconds)
+    return PreparedData.load(folder)
+
+
 __all__ = ["BatchIterator", "Corpus", "DataConfig", "PreparedData", "TokenSplit", "cache_folder", "exact_dedup",
            "gpt2_tokenizer", "load_tokenizer", "lsh_banding", "minhash_signatures", "near_dedup", "prepare",
-           "read_corpus", "split_documents", "train_tokenizer"]
+           "read_corpus", "split_documents", "train_tokenizer", "wait_for_prepared"]

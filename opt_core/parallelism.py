@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from opt_core.functional import relu_mlp
+from opt_core.kernels import dispatch, native
+from opt_core.kernels.relu_mlp import KERNEL_DTYPES
 
 
 class Parallelism:
@@ -43,8 +45,12 @@ class Parallelism:
                         training=training)
 
     def dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
-        """Dropout on block-region activations (``p`` is 0 outside training)."""
-        return F.dropout(x, p) if p > 0 else x
+        """Dropout on block-region activations (``p`` is 0 outside training): where the ops take the native
+        path, its cheaper CPU draw (``opt_core.kernels.native.dropout``); elsewhere ``F.dropout``, which
+        compiled and eager graphs draw alike."""
+        if p == 0:
+            return x
+        return native.dropout(x, p) if dispatch.use_native(x, KERNEL_DTYPES) else F.dropout(x, p)
 
     def attention_seed(self, seed):
         """The attention-dropout seed this process uses for a seed drawn alike everywhere."""

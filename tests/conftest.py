@@ -11,6 +11,7 @@ in ``kernels/interpreter_fixes.py``, which ``kernels.dispatch`` applies.
 from __future__ import annotations
 
 import os
+import random
 import zlib
 
 import torch
@@ -60,3 +61,26 @@ def _fresh_seed_and_poison(request):
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def native_path():
+    """Every op on its native path inside the test (kernels/native.py: what a CPU training run takes
+    without TRITON_INTERPRET); the training tests use it, the interpreted kernels have their own."""
+    with dispatch.native_backend():
+        yield
+
+
+_WORDS = ("the model trains on packed sequences of tokens with a learned position table and a tied head "
+          "while the optimizer keeps fp32 moments and the scaler watches for overflow in every step").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small folder of text documents with learnable structure: the training tests' data."""
+    rng = random.Random(0)
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(40):  # different documents (near duplicates would be deduplicated away)
+        text = " ".join(rng.choice(_WORDS) for _ in range(rng.randrange(80, 160)))
+        (folder / f"doc{i:02d}.txt").write_text(text + "\n")
+    return folder

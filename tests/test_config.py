@@ -82,3 +82,36 @@ def test_mfu_and_peaks():
     assert flops.peak_flops("NVIDIA H200") == 989e12 and flops.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert flops.peak_flops("cpu") is None and flops.mfu(1e5, c, 2048, None) is None
     assert flops.mfu(1e5, c, 2048, 312e12) == pytest.approx(1e5 * 967_753_728 / 312e12)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("do_layer_norm_before", "no", r"'do_layer_norm_before' must be true or false, got 'no'"),
+    ("do_layer_norm_before", 0, r"'do_layer_norm_before' must be true or false, got 0"),
+    ("dropout", "0.1", r"'dropout' must be a number, got '0.1'"),
+    ("dropout", True, r"'dropout' must be a number, got True"),
+    ("hidden_size", 64.0, r"'hidden_size' must be an int, got 64.0"),
+    ("num_layers", "2", r"'num_layers' must be an int, got '2'"),
+    ("word_embed_proj_dim", "32", r"'word_embed_proj_dim' must be an int, got '32'"),
+])
+def test_config_files_are_strictly_typed(tmp_path, field, value, message):
+    """JSON holds "no" or "0.1" as easily as false or 0.1: a config file's booleans must be JSON booleans and
+    its numbers numbers, or the error names the file and the field (never a bare TypeError, never a "no"
+    read as true)."""
+    import json
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**OPTConfig.from_preset("test").to_dict(), field: value}))
+    with pytest.raises(ValueError, match=rf"{path}: field {message}"):
+        OPTConfig.from_file(path)
+
+
+def test_config_dicts_round_trip_and_name_unknown_keys(tmp_path):
+    import json
+
+    config = OPTConfig.from_preset("test-350m")
+    assert OPTConfig.from_dict(config.to_dict()) == config
+    assert OPTConfig.from_dict({"dropout": 0, "word_embed_proj_dim": None}).dropout == 0.0  # an int is a number
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"hidden_size": 64, "num_heads": 4, "layers": 2}))
+    with pytest.raises(ValueError, match=rf"{path}: unknown OPTConfig fields: \['layers'\]"):
+        OPTConfig.from_file(path)

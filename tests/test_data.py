@@ -481,3 +481,46 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         BatchIterator(split, batch_size=2, seq_len=0, seed=0)
     with pytest.raises(ValueError, match="batch_size"):
         BatchIterator(split, batch_size=0, seq_len=4, seed=0)
+
+
+def test_undecodable_bytes_are_replaced_and_the_file_named(tmp_path):
+    """A file with a few invalid UTF-8 bytes is read with U+FFFD in their place and named in a warning:
+    alone in its folder it is still a corpus (it used to read as "no non-empty files"), and in a mixed
+    folder it is kept, not dropped without a word.  NUL bytes still mark a binary file, skipped."""
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    bad = _doc(7).encode() + b"caf\xe9 \xff\xfe end\n"
+    (lone / "latin.txt").write_bytes(bad)
+    with pytest.warns(UserWarning, match=r"latin\.txt: not valid UTF-8 .*replaced by U\+FFFD"):
+        corpus = data.read_corpus(DataConfig(source=str(lone)))
+    assert corpus.names == ["latin.txt"] and corpus.undecodable_replaced == 1
+    assert corpus.texts[0] == bad.decode("utf-8", errors="replace") and "\ufffd" in corpus.texts[0]
+
+    mixed = _write_folder(tmp_path / "mixed", {f"{i}.txt": _doc(i) for i in range(5)})
+    (mixed / "2.txt").write_bytes(bad)
+    (mixed / "blob.txt").write_bytes(b"\x00\x01binary")
+    with pytest.warns(UserWarning, match=r"2\.txt: not valid UTF-8"):
+        prepared = prepare(DataConfig(source=str(mixed), vocab_size=TINY_VOCAB, val_fraction=0.2),
+                           tmp_path / "cache", log=None)
+    assert prepared.stats["documents_read"] == 5 and prepared.stats["undecodable_replaced"] == 1
+    assert prepared.stats["skipped_binary"] == 1
+
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_bytes(json.dumps({"text": _doc(1, 40)}).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
+    with pytest.warns(UserWarning, match=r"c\.jsonl:2: not valid UTF-8"):
+        corpus = data.read_corpus(DataConfig(source=str(jsonl)))
+    assert corpus.texts[1] == "caf\ufffd"
+
+
+def test_wait_for_prepared_returns_once_another_process_built_it(tmp_path):
+    corpus = _write_folder(tmp_path / "corpus", {f"{i}.txt": _doc(i) for i in range(6)})
+    cfg = DataConfig(source=str(corpus), vocab_size=TINY_VOCAB, val_fraction=0.2)
+    builder = subprocess.Popen([sys.executable, "-c", "import sys, opt_core.data as d; "
+                                f"d.prepare(d.DataConfig(source={str(corpus)!r}, vocab_size={TINY_VOCAB}, "
+                                f"val_fraction=0.2), {str(tmp_path / 'cache')!r}, log=None)"])
+    try:
+        waited = data.wait_for_prepared(cfg, tmp_path / "cache", poll_seconds=0.05)
+    finally:
+        builder.wait(timeout=120)
+    assert builder.returncode == 0
+    assert waited.path == data.cache_folder(cfg, tmp_path / "cache") and len(waited.train) > 0

@@ -432,6 +432,7 @@ _COMPILE_CHECK = textwrap.dedent("""
     import torch, transformers
     from torch._dynamo.testing import CompileCounterWithBackend
     from opt_core.hf import patch_opt
+    from opt_core.kernels import dispatch
 
     def loss_and_grads(model, forward, batch, seed):
         torch.manual_seed(seed)  # the dropout seeds are drawn from torch's CPU generator
@@ -456,32 +457,41 @@ _COMPILE_CHECK = textwrap.dedent("""
     # fullgraph: a graph break raises.  aot_eager traces forward and backward through AOTAutograd
     # (fake tensors, our ops' registrations) without inductor's C++ build, which adds nothing here;
     # the counters show the compiled frames ran.
-    whole, per_layer = CompileCounterWithBackend("aot_eager"), CompileCounterWithBackend("aot_eager")
-
-    # The whole model, padding mask function included.  Eval mode (dropout off): transformers 5.17's
+    # The whole model, padding mask function included, on both CPU paths (the native one, plain
+    # PyTorch; the reference one, through our custom ops).  Eval mode (dropout off): transformers 5.17's
     # OPT decoder draws LayerDrop with a data-dependent branch in training, a graph break of its own.
-    model = patched_model(0.0).eval()
-    compiled = torch.compile(model, fullgraph=True, backend=whole)
-    runs = [loss_and_grads(model, forward, batch, 1) for forward in (compiled, model)]
-    # Training with dropout: each decoder layer compiled (as torchtitan compiles per block).
-    model = patched_model(0.1).train()
-    runs += [loss_and_grads(model, model, batch, 2)]
-    for layer in model.model.decoder.layers:
-        layer.compile(fullgraph=True, backend=per_layer)
-    runs += [loss_and_grads(model, model, batch, 2)]
-    assert whole.frame_count == 1 and per_layer.frame_count >= 1, (whole.frame_count, per_layer.frame_count)
-    for (got, want) in (runs[:2], runs[2:][::-1]):
+    for reference in (False, True):
+        whole = CompileCounterWithBackend("aot_eager")
+        with dispatch.reference_backend(reference):
+            model = patched_model(0.0).eval()
+            compiled = torch.compile(model, fullgraph=True, backend=whole)
+            got, want = (loss_and_grads(model, forward, batch, 1) for forward in (compiled, model))
+        assert whole.frame_count == 1, (reference, whole.frame_count)
         torch.testing.assert_close(got[0], want[0])
         for a, b in zip(got[1], want[1]):
             torch.testing.assert_close(a, b)
+    # Training with dropout, each decoder layer compiled (as torchtitan compiles per block), on the
+    # reference path: its dropout regenerates the kernels' bits from the seed, so compiled and eager
+    # drop the same elements (the native path draws from torch's generator, differently when compiled).
+    per_layer = CompileCounterWithBackend("aot_eager")
+    with dispatch.reference_backend():
+        model = patched_model(0.1).train()
+        want = loss_and_grads(model, model, batch, 2)
+        for layer in model.model.decoder.layers:
+            layer.compile(fullgraph=True, backend=per_layer)
+        got = loss_and_grads(model, model, batch, 2)
+    assert per_layer.frame_count >= 1, per_layer.frame_count
+    torch.testing.assert_close(got[0], want[0])
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b)
     print("ok")
 """)
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
     """In a fresh interpreter with TRITON_INTERPRET=0 (tracing an interpreted Triton launch with fake
-    tensors fails), where our ops take their reference path: compiled and eager give the same loss
-    and gradients, dropout off and on (the same seeds)."""
+    tensors fails), on the native and the reference CPU paths: compiled and eager give the same loss
+    and gradients, dropout off (both paths) and on (the reference path, the same seeds)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -3,39 +3,21 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 
-from opt_core.kernels import dispatch
-from opt_core import train as train_mod
+from opt_core import train as cli
+from opt_core import trainer as train_mod
+from opt_core.trainer.recipe import lr_lambda
 
-WORDS = ("the model trains on packed sequences of tokens with a learned position table and a tied head "
-         "while the optimizer keeps fp32 moments and the scaler watches for overflow in every step").split()
-
-
-@pytest.fixture(autouse=True)
-def _plain_pytorch_backend():
-    # A CPU training run without TRITON_INTERPRET takes the reference path; the
-    # kernels (interpreted, slow) are tested in their own files.
-    with dispatch.reference_backend():
-        yield
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small folder of text documents with learnable structure."""
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for i in range(40):  # different documents (near duplicates would be deduplicated away)
-        text = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(80, 160)))
-        (folder / f"doc{i:02d}.txt").write_text(text + "\n")
-    return folder
+# A CPU training run without TRITON_INTERPRET takes the native path (kernels/native.py); the kernels
+# (interpreted, slow) are tested in their own files.
+pytestmark = pytest.mark.usefixtures("native_path")
 
 
 def _args(corpus, out, *extra):
-    return train_mod.parse_args([
+    return cli.parse_args([
         "--preset", "test", "--data", str(corpus), "--vocab-size", "320", "--data-cache", str(out.parent / "cache"),
         "--seq-len", "32", "--batch-size", "4", "--steps", "8", "--warmup", "2", "--lr", "3e-3",
         "--eval-every", "4", "--eval-batches", "2", "--log-every", "1", "--ckpt-every", "4", "--keep", "2",
@@ -105,18 +87,18 @@ def test_a_killed_checkpoint_write_leaves_the_previous_checkpoint_loadable(corpu
 
 def test_divergence_guard_skips_bad_batches_then_stops_with_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    forward = train_mod.OPTForCausalLM.forward
+    loss_of = train_mod.Trainer.loss
     calls = {"n": 0}
 
-    def poisoned_forward(self, *a, **k):
-        result = forward(self, *a, **k)
-        if self.training and k.get("labels") is not None:
+    def poisoned_loss(self, block):
+        loss = loss_of(self, block)
+        if self.model.training:
             calls["n"] += 1
             if calls["n"] == 3 or calls["n"] >= 6:  # one isolated bad batch, then bad for good
-                result.loss = result.loss * float("nan")
-        return result
+                loss = loss * float("nan")
+        return loss
 
-    monkeypatch.setattr(train_mod.OPTForCausalLM, "forward", poisoned_forward)
+    monkeypatch.setattr(train_mod.Trainer, "loss", poisoned_loss)
     with pytest.raises(train_mod.DivergenceError, match=r"3 consecutive batches .* last good checkpoint: .*step-00000004\.pt"):
         train_mod.train(_args(corpus, out, "--max-bad-steps", "3"))
     assert train_mod.checkpoint_paths(out)[-1].name == "step-00000004.pt"
@@ -125,16 +107,16 @@ def test_divergence_guard_skips_bad_batches_then_stops_with_the_last_good_checkp
 
 
 def test_learning_rate_schedule():
-    f = train_mod.lr_lambda(warmup=4, total=14, min_ratio=0.1)
+    f = lr_lambda(warmup=4, total=14, min_ratio=0.1)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(9) == pytest.approx(0.55) and f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
 
 
 def test_bad_arguments_fail_early(corpus, tmp_path):
     with pytest.raises(SystemExit):
-        train_mod.parse_args(["--steps", "0"])
+        cli.parse_args(["--steps", "0"])
     with pytest.raises(SystemExit):
-        train_mod.parse_args(["--warmup", "500", "--steps", "10"])
+        cli.parse_args(["--warmup", "500", "--steps", "10"])
     with pytest.raises(ValueError, match="max_position_embeddings"):
         train_mod.train(_args(corpus, tmp_path / "run", "--seq-len", "100"))
 

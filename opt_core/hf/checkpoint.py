@@ -25,6 +25,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from opt_core.config import OPTConfig, read_json_object
+from opt_core.files import fsync
 from opt_core.layers import interleave_qkv, split_qkv
 
 # (single file, sharded index) per format, in the order transformers prefers them.
@@ -247,21 +248,14 @@ def save_pretrained(model, path: str | Path) -> None:
             os.close(fd)
             staged[name] = Path(tmp)
             write(tmp)
-            _fsync(staged[name])
+            fsync(staged[name])
         (folder / "config.json").unlink(missing_ok=True)
         for name in writers:  # dicts keep their order: config.json is renamed last
             os.replace(staged[name], folder / name)
             del staged[name]
-        _fsync(folder)
+        fsync(folder)
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
 
 
-def _fsync(path: Path) -> None:
-    # Renames are only durable once the data they point at and the directory entry reach the disk.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
