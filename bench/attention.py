@@ -14,8 +14,8 @@ tuner held to the warp-specialised loop, or kept from it: what the overlap
 buys), ``opt-core-fused-dq`` (the five-product backward, dQ added up by the
 dK/dV kernel in the deterministic order) and ``opt-core-fused-dq-atomic`` (the
 same in any order).  They run at the issue's goal shape (head_dim 128, seqlen
-8192) and the warp-specialisation pair at OPT-125M's heads (head_dim 64,
-seqlen 2048) too: each extra row of configs is another round of autotuning
+8192) and the warp-specialisation pair at seqlen 2048 with OPT-125M's and
+2.7B's heads too (head_dim 64 and 80): each extra row of configs is another round of autotuning
 compiles in a time-boxed GPU run.  On the CPU: one tiny shape against the
 math SDPA.
 
@@ -50,7 +50,7 @@ from opt_core.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, Comparison
 from opt_core.kernels import attention as _attention_module
 OPT_HEADS = ((12, 64), (32, 80), (32, 128), (96, 128))  # heads x head_dim
 AB_SHAPE = (8192, 32, 128)  # seqlen, heads, head_dim of the A/B rows (the goal shape)
-WS_SHAPES = (AB_SHAPE, (2048, 12, 64))  # where the warp-specialisation pair runs
+WS_SHAPES = (AB_SHAPE, (2048, 12, 64), (2048, 32, 80))  # where the warp-specialisation pair runs
 VARIANTS = {v.name: v for v in (
     Variant("opt-core-no-tma", (("TMA", "off"),), why="pointer loads instead of TMA descriptors"),
     Variant("opt-core-ws", (("WARP_SPECIALIZE", "on"),), ("fwd", "fwd+bwd"), "the warp-specialised forward only"),
