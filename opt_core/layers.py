@@ -184,8 +184,11 @@ class FusedSelfAttention(nn.Module):
             key_padding_mask = key_padding_mask != 0
         par, tokens = self.parallelism, batch * seqlen
         qkv = par.column_linear(hidden_states, self.qkv_proj.weight, self.qkv_proj.bias)
-        # Rows (heads, 3, head_dim): this process's heads under tensor parallelism.
-        q, k, v = qkv.reshape(-1, qkv.shape[-1])[:tokens].view(batch, seqlen, -1, 3, self.head_dim).unbind(3)
+        # Rows (heads, 3, head_dim): this process's heads under tensor parallelism.  Sliced to the batch's
+        # tokens only where there are more rows (a no-op slice would still cost its backward a zeroed copy).
+        rows = qkv.reshape(-1, qkv.shape[-1])
+        rows = rows[:tokens] if rows.shape[0] != tokens else rows
+        q, k, v = rows.view(batch, seqlen, -1, 3, self.head_dim).unbind(3)
         if kv_cache is not None:
             k, v = kv_cache.extend(k, v)
         p = self.dropout if self.training else 0.0

@@ -180,6 +180,16 @@ def test_dropout_draws_from_torchs_generator():
     torch.testing.assert_close(a[a != 0], x[a != 0] / 0.9)
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_drops_a_fraction_p_in_each_lane_of_a_random_word(p):
+    """The mask's numbers are four 15-bit lanes per 63-bit draw: each lane position (element index mod 4)
+    drops a fraction p, the top lane (whose sign bit the draw never sets) as the others."""
+    x = torch.ones(4 * 50_000)
+    kept = (native.dropout(x, p) != 0).double().view(-1, 4).mean(0)
+    bound = 5 * math.sqrt(p * (1 - p) / 50_000)
+    assert ((kept - (1 - p)).abs() < bound).all(), kept
+
+
 # --------------------------------------------------------------------------- the chunked LM-head loss
 @pytest.mark.parametrize("rows_per_chunk", [1, 7, 1000])
 def test_linear_cross_entropy_matches_float64(monkeypatch, rows_per_chunk):
