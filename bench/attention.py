@@ -12,8 +12,11 @@ A/B providers (``VARIANTS``): ``opt-core-no-tma`` (the TMA loads off: what the
 descriptor path buys), ``opt-core-ws`` and ``opt-core-no-ws`` (the forward's
 tuner held to the warp-specialised loop, or kept from it: what the overlap
 buys), ``opt-core-fused-dq`` (the five-product backward, dQ added up by the
-dK/dV kernel in the deterministic order) and ``opt-core-fused-dq-atomic`` (the
-same in any order).  They run at the issue's goal shape (head_dim 128, seqlen
+dK/dV kernel in the deterministic order), ``opt-core-fused-dq-atomic`` (the
+same in any order) and ``opt-core-gluon`` (the Gluon FlashAttention-3-style
+forward, ``GLUON = "on"``: never yet run on a GPU, so its rows come after
+every other row of the op, against our Triton kernel, at head_dim 128 seqlen
+8192 and head_dim 64 seqlen 2048).  They run at the issue's goal shape (head_dim 128, seqlen
 8192) and the warp-specialisation pair at seqlen 2048 with OPT-125M's and
 2.7B's heads too (head_dim 64 and 80): each extra row of configs is another round of autotuning
 compiles in a time-boxed GPU run.  On the CPU: one tiny shape against the
@@ -57,7 +60,12 @@ VARIANTS = {v.name: v for v in (
     Variant("opt-core-no-ws", (("WARP_SPECIALIZE", "off"),), ("fwd", "fwd+bwd"), "no warp-specialised forward"),
     Variant("opt-core-fused-dq", (("FUSED_DQ", True),), ("bwd", "fwd+bwd"), "five products, deterministic"),
     Variant("opt-core-fused-dq-atomic", (("FUSED_DQ", True),), ("bwd",), "five products, dQ in any order"),
+    Variant("opt-core-gluon", (("GLUON", "on"),), ("fwd", "fwd+bwd"), "the Gluon FA3-style forward"),
 )}
+# The Gluon forward has never run on a GPU: its rows are the op's last (a hang or a sticky CUDA error costs
+# only them), timed against our Triton kernel at its head dims (64 and 128).
+GLUON_SHAPES = (AB_SHAPE, (2048, 12, 64))
+GLUON_VARIANT = "opt-core-gluon"
 TOKENS = 16384
 SEQLENS = (2048, 8192)
 
@@ -183,8 +191,8 @@ def _variants(target: Target, dtype, shape, mode: str) -> tuple:
     if not (target.tma and dtype != torch.float32):
         return ()
     s_h_d = tuple(shape[1:])
-    return tuple(name for name in variant_names(VARIANTS, mode)
-                 if s_h_d == AB_SHAPE or ("ws" in name.split("-") and s_h_d in WS_SHAPES))
+    return tuple(name for name in variant_names(VARIANTS, mode) if name != GLUON_VARIANT
+                 and (s_h_d == AB_SHAPE or ("ws" in name.split("-") and s_h_d in WS_SHAPES)))
 
 
 def _providers(target: Target, dtype, shape, mode: str) -> tuple:
@@ -210,7 +218,23 @@ def specs(target: Target, quick: bool, dtypes=(torch.bfloat16,), part: str = "al
                 out.append(Spec("attention", f"b{B}xs{S}xh{H}xd{D} causal", dtype, mode,
                                 attention_bytes(B, H, S, D, el, mode), flops(B, H, S, D, mode), providers,
                                 _baseline(providers), p, (shape, dtype, p)))
+    out += [spec for dtype in dtypes for spec in _gluon_specs(target, dtype)]
     return selected(out, part)
+
+
+def _gluon_specs(target: Target, dtype) -> list[Spec]:
+    """The Gluon forward against our Triton kernel (16-bit, sm_90), after every other row."""
+    if not (target.tma and dtype != torch.float32):
+        return []
+    el, specs = torch.finfo(dtype).bits // 8, []
+    for S, H, D in GLUON_SHAPES:
+        B = TOKENS // S
+        # Its own shape label: these opt-core rows repeat the earlier ones, and readers key rows by shape.
+        specs += [Spec("attention", f"b{B}xs{S}xh{H}xd{D} causal (gluon A/B)", dtype, mode,
+                       attention_bytes(B, H, S, D, el, mode),
+                       flops(B, H, S, D, mode), ("opt-core", GLUON_VARIANT), "opt-core", "rest",
+                       ((B, S, H, D), dtype, "gluon")) for mode in VARIANTS[GLUON_VARIANT].modes]
+    return specs
 
 
 def cases(device: torch.device, quick: bool, dtypes=(torch.bfloat16,), part: str = "all"):

@@ -75,7 +75,7 @@ class StagePlan:
 
 
 # --------------------------------------------------------------------------- what each op compiles
-_MODULES = ("attention", "layer_norm", "relu_mlp", "adamw", "grad_stats")
+_MODULES = ("attention_gluon", "attention", "layer_norm", "relu_mlp", "adamw", "grad_stats")  # longest prefix first
 
 
 def _family(case) -> str:
@@ -292,6 +292,14 @@ def _attention_variant_tunes(specialize: Optional[str] = None, deterministic: Op
     return tunes
 
 
+def _gluon_tunes(spec) -> dict:
+    """Not autotuned: the Gluon forward's one config per head dim."""
+    from bench.attention import attention_bytes, flops
+
+    B, S, H, D = spec.group[0]
+    return {("attention_gluon.fwd_kernel", D): Tune(1, flops(B, H, S, D, "fwd"), attention_bytes(B, H, S, D, 2, "fwd"))}
+
+
 def _no_persistent_tunes(spec) -> dict:
     _, M, d, _, _ = spec.group
     both = "bwd" in spec.mode or spec.op.startswith("relu_mlp gemm")
@@ -329,6 +337,7 @@ VARIANT_WORK = {
     "opt-core-no-ws": _attention_variant_tunes(specialize="off"),
     "opt-core-fused-dq": _attention_variant_tunes(deterministic=True),
     "opt-core-fused-dq-atomic": _attention_variant_tunes(deterministic=False),
+    "opt-core-gluon": _gluon_tunes,
     "opt-core-no-persistent": _no_persistent_tunes,
     "opt-core-no-pipeline": _layer_norm_variant_tunes("no-pipeline"),
     "opt-core-two-pass": _layer_norm_variant_tunes("two-pass"),

@@ -65,10 +65,12 @@ class Case:
 
 @dataclasses.dataclass(frozen=True)
 class Descriptor:
-    """A TMA tensor descriptor argument: element dtype and block shape (what the launch's pre-hook sets)."""
+    """A TMA tensor descriptor argument: element dtype and block shape (what the launch's pre-hook sets);
+    for a Gluon kernel also its shared-memory layout (Gluon's descriptors carry one)."""
 
     dtype: torch.dtype
     block_shape: tuple
+    layout: Any = None
 
 
 def case(name: str, fn: Any, args: dict, constexprs: dict, *, num_warps: int, num_stages: int = 1,
@@ -90,7 +92,8 @@ def case(name: str, fn: Any, args: dict, constexprs: dict, *, num_warps: int, nu
             raise ValueError(f"AOT case {name}: no value for argument {arg!r} of {fn.__name__}")
         value = args[arg]
         if isinstance(value, Descriptor):
-            signature[arg] = f"tensordesc<{_TYPES[value.dtype]}[{', '.join(map(str, value.block_shape))}]>"
+            layout = "" if value.layout is None else f",{value.layout!r}"
+            signature[arg] = f"tensordesc<{_TYPES[value.dtype]}[{', '.join(map(str, value.block_shape))}]{layout}>"
             tma = True
         elif value is None:
             signature[arg], consts[arg] = "constexpr", None
@@ -183,6 +186,7 @@ def compile_case(c: Case, arch: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource
 
     result = {"case": c.name, "arch": arch, "tensor_cores_required": c.tensor_cores, "tma_required": c.tma,
               "expects": dict(c.expects)}
@@ -191,7 +195,8 @@ def compile_case(c: Case, arch: int) -> dict:
         fn = getattr(importlib.import_module(c.module), c.kernel)
         constexprs = {(fn.arg_names.index(k),): v for k, v in c.constexprs.items()}
         attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in c.divisible_by_16}
-        src = ASTSource(fn, dict(c.signature), constexprs, attrs)
+        source = GluonASTSource if fn.is_gluon() else ASTSource
+        src = source(fn, dict(c.signature), constexprs, attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": c.num_warps, "num_stages": c.num_stages})
         registers, stack = _resource_usage(compiled.asm["cubin"])

@@ -15,11 +15,11 @@ import dataclasses
 import torch
 import triton
 
-from opt_core.kernels import adamw, aot, attention, layer_norm, relu_mlp
+from opt_core.kernels import adamw, aot, attention, attention_gluon, layer_norm, relu_mlp
 
 
 def all_cases() -> list[aot.Case]:
-    cases = [*adamw_cases(), *attention_cases(), *layer_norm_cases(), *relu_mlp_cases()]
+    cases = [*adamw_cases(), *attention_cases(), *attention_gluon_cases(), *layer_norm_cases(), *relu_mlp_cases()]
     names = [c.name for c in cases]
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
@@ -215,6 +215,35 @@ def _attention_dq_store_case(head_dim):
     return aot.case(f"attention_dq_store[D={head_dim},bfloat16,BLOCK_M={attention.DQ_STORE_ROWS}]",
                     attention.bwd_dq_store_kernel, dict(_attention_args(torch.bfloat16, head_dim, False, False),
                                                         DQ_ACC=torch.float32), flags, num_warps=4)
+
+
+def _gluon_descriptor(rows, head_dim):
+    """A bf16 [1, rows, 1, head_dim] descriptor of (batch, seqlen, heads, head_dim) with the layout the Gluon
+    launch gives it."""
+    return aot.Descriptor(torch.bfloat16, (1, rows, 1, head_dim),
+                          attention_gluon.smem_layout(torch.bfloat16, rows, head_dim))
+
+
+def attention_gluon_cases() -> list[aot.Case]:
+    """The Gluon forward (opt-in, ``attention.GLUON``) at its default config per head dim, bf16 (fp16 is the
+    same code), at the benchmark shape: causal at head_dim 64 and 128, not causal at 128.  Its schedule
+    must show: one wgmma in flight across the softmax, producer/consumer partitions."""
+    cases = []
+    for head_dim, causal in ((64, True), (128, True), (128, False)):
+        block_n, num_stages = attention_gluon.CONFIGS[head_dim]
+        args = dict(q_desc=_gluon_descriptor(attention_gluon.ROWS_PER_CONSUMER, head_dim),
+                    k_desc=_gluon_descriptor(block_n, head_dim), v_desc=_gluon_descriptor(block_n, head_dim),
+                    o_desc=_gluon_descriptor(attention_gluon.ROWS_PER_CONSUMER, head_dim), LSE=torch.float32,
+                    heads=ATTENTION_HEADS[head_dim], seqlen_q=ATTENTION_SEQLEN, seqlen_k=ATTENTION_SEQLEN,
+                    qk_scale=0.1)
+        cases.append(aot.case(
+            f"attention_gluon_fwd[D={head_dim},bfloat16{',causal' if causal else ''},BLOCK_N={block_n},"
+            f"stages={num_stages}]", attention_gluon.fwd_kernel, args,
+            dict(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_N=block_n, NUM_STAGES=num_stages),
+            num_warps=4, tensor_cores=True, archs=(90,),
+            expects={"wgmma_max_pending": 1, "warp_specialized": True, "tma_store": True},
+        ))
+    return cases
 
 
 # --------------------------------------------------------------------------- layer_norm

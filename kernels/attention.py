@@ -10,6 +10,7 @@
   never.  Programs walk query blocks last to first, the blocks of one head together (K/V stay in L2).
   On sm_90's TMA path the tuner may also pick a warp-specialised loop (a producer warpgroup, two
   consumer ones that overlap one's softmax with the other's products; switch ``WARP_SPECIALIZE``).
+  Opt-in (switch ``GLUON``): FlashAttention-3's schedule in Gluon, ``kernels/attention_gluon.py``.
 - Backward: bitwise repeatable.  A preprocess kernel writes delta = rowsum(dO * O); one kernel per key
   block accumulates dK and dV over the query blocks that see it (scores computed transposed), one per
   query block accumulates dQ (7 products, no atomics).  With ``FUSED_DQ`` (sm_90's TMA path, where its
@@ -996,6 +997,25 @@ def _install_scratch_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
+# Whether the forward goes to the Gluon kernel (kernels/attention_gluon.py: FlashAttention-3's schedule on
+# sm_90, fp16/bf16, head_dim 64 or 128, no padding mask or dropout) where it takes the launch: "off" |
+# "on".  Off until a GPU run has passed its gpu tests and measured it faster.
+GLUON = "off"
+GLUON_MODES = ("off", "on")
+
+
+def _gluon_takes(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float) -> bool:
+    """Whether this forward goes to the Gluon kernel: the switch is on, the tensors are CUDA ones and the
+    kernel supports them."""
+    if GLUON not in GLUON_MODES:
+        raise ValueError(f"opt_core.kernels.attention.GLUON must be one of {GLUON_MODES}, got {GLUON!r}")
+    if GLUON == "off" or not (q.is_cuda and k.is_cuda and v.is_cuda):
+        return False
+    from opt_core.kernels import attention_gluon  # here: a Triton without Gluon's Hopper modules still imports us
+
+    return attention_gluon.supported(q, k, v, key_padding_mask, dropout_p)
+
+
 # Where dQ comes from: False, its own kernel (Q K^T and dO V^T recomputed: 7 products); True, the dK/dV
 # kernel adds it up (5 products) where its table has a shape (sm_90's TMA path; see _DKDV_FUSED_DQ_SHAPES),
 # its own kernel elsewhere.
@@ -1034,6 +1054,10 @@ def _launch_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tens
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    if _gluon_takes(q, k, v, key_padding_mask, dropout_p):
+        from opt_core.kernels import attention_gluon
+
+        return attention_gluon.attention_fwd(q, k, v, causal, softmax_scale)
     out = dispatch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
     lse = dispatch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     if B * H * Sq == 0:

@@ -120,7 +120,9 @@ def test_variants_run_their_op_with_their_switches_set(monkeypatch):
     from opt_core.kernels import attention as at, layer_norm as ln, relu_mlp as rm
 
     calls = []
-    record = _recorded(at, ("TMA", "WARP_SPECIALIZE", "FUSED_DQ"), calls)
+    names = ("TMA", "WARP_SPECIALIZE", "FUSED_DQ", "GLUON")
+    defaults = {n: getattr(at, n) for n in names}
+    record = _recorded(at, names, calls)
     monkeypatch.setattr(attention.functional, "attention", lambda q, k, v, **kw: (record(**kw), q * 1)[1])
     shape = (1, 16, 2, 64)
     group = [harness.Spec("attention", "tiny", torch.float32, "fwd+bwd", 0, 0,
@@ -129,12 +131,11 @@ def test_variants_run_their_op_with_their_switches_set(monkeypatch):
     for name in attention.VARIANTS:
         calls.clear()
         case.providers[name]()
-        switches = dict(attention.VARIANTS[name].switches)
-        tma, ws, fused, kwargs = calls[-1][0], calls[-1][1], calls[-1][2], dict(calls[-1][3:])
-        assert (tma, ws, fused) == (switches.get("TMA", "auto"), switches.get("WARP_SPECIALIZE", "auto"),
-                                    switches.get("FUSED_DQ", False)), name
-        assert kwargs["deterministic"] == (not name.endswith("-atomic"))
-    assert (at.TMA, at.WARP_SPECIALIZE, at.FUSED_DQ) == ("auto", "auto", False)
+        switches = {**defaults, **dict(attention.VARIANTS[name].switches)}
+        assert calls[-1][:len(names)] == tuple(switches[n] for n in names), name
+        assert dict(calls[-1][len(names):])["deterministic"] == (not name.endswith("-atomic"))
+    assert {n: getattr(at, n) for n in names} == defaults == {"TMA": "auto", "WARP_SPECIALIZE": "auto",
+                                                               "FUSED_DQ": False, "GLUON": "off"}
 
     calls.clear()
     monkeypatch.setattr(rm, "_launch_matmul", _recorded(rm, ("TMA", "PERSISTENT"), calls))
