@@ -60,7 +60,7 @@ VARIANTS = {v.name: v for v in (
     Variant("opt-core-no-ws", (("WARP_SPECIALIZE", "off"),), ("fwd", "fwd+bwd"), "no warp-specialised forward"),
     Variant("opt-core-fused-dq", (("FUSED_DQ", True),), ("bwd", "fwd+bwd"), "five products, deterministic"),
     Variant("opt-core-fused-dq-atomic", (("FUSED_DQ", True),), ("bwd",), "five products, dQ in any order"),
-    Variant("opt-core-gluon", (("GLUON", "on"),), ("fwd", "fwd+bwd"), "the Gluon FA3-style forward"),
+    Variant("opt-core-gluon", (("GLUON", "on"),), ("fwd", "fwd+bwd"), "the Gluon FA3-style forward", unproven=True),
 )}
 # The Gluon forward has never run on a GPU: its rows are the op's last (a hang or a sticky CUDA error costs
 # only them), timed against our Triton kernel at its head dims (64 and 128).

@@ -220,12 +220,15 @@ class Variant:
     """An A/B provider: our op with switches of its kernel module set (``TMA="off"``, ``PERSISTENT="off"``,
     ...), timed beside the default in the same run: what a path buys, or what a candidate costs.
 
-    ``modes``: the modes whose rows it joins; ``why``: what the row answers (bench docs, the plan)."""
+    ``modes``: the modes whose rows it joins; ``why``: what the row answers (bench docs, the plan);
+    ``unproven``: its kernel has never run on a GPU (the suite's warm-up does not launch it, so a hang
+    or a sticky CUDA error costs only its own rows)."""
 
     name: str
     switches: tuple               # ((switch, value), ...) of the op's kernel module
     modes: tuple = ("fwd", "bwd", "fwd+bwd", "step")
     why: str = ""
+    unproven: bool = False
 
     def runner(self, module, build: Callable[[], Callable[[], object]]) -> Callable[[], object]:
         return with_switches(module, dict(self.switches), build)

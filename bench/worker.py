@@ -127,8 +127,9 @@ def _warmup_cases(module, device, quick, dtypes):
 
 
 def warmup(op: str, out: Path, quick: bool, dtypes: tuple, tag: str) -> int:
-    """Each opt-core provider of each case called once; the autotuners compile (their share) instead of
-    launching, non-autotuned kernels (AdamW's) compile and run."""
+    """Each opt-core provider of each case called once (but the unproven variants': never run on a GPU, they
+    compile at their own rows); the autotuners compile (their share) instead of launching, non-autotuned
+    kernels (AdamW's) compile and run."""
     from opt_core.kernels import tuning
 
     device, started = _device(), time.perf_counter()
@@ -136,9 +137,11 @@ def warmup(op: str, out: Path, quick: bool, dtypes: tuple, tag: str) -> int:
     errors = []
     try:
         _fail_if_asked(op, "warmup")
-        for case in _warmup_cases(importlib.import_module(f"bench.{op}"), device, quick, dtypes):
+        module = importlib.import_module(f"bench.{op}")
+        unproven = {name for name, v in getattr(module, "VARIANTS", {}).items() if v.unproven}
+        for case in _warmup_cases(module, device, quick, dtypes):
             for name, provider in case.providers.items():
-                if not name.startswith("opt-core"):
+                if not name.startswith("opt-core") or name in unproven:  # those compile at their own rows
                     continue
                 try:
                     (provider.build() if isinstance(provider, harness.Lazy) else provider)()

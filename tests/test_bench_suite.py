@@ -111,6 +111,20 @@ def test_every_variant_a_gpu_spec_lists_is_its_modules_and_the_plan_counts_it():
                 any(p.startswith("opt-core-") for p in s.providers)]   # sm_80: no TMA path, no A/B rows
 
 
+def test_the_warm_up_never_launches_an_unproven_variant(tmp_path, monkeypatch):
+    """A variant whose kernel has never run on a GPU (the Gluon forward) is left to its own rows: a hang or a
+    sticky CUDA error there must not cost the warm-up stage."""
+    called = []
+    case = harness.Case("op", "4", torch.float32, "fwd", 0, {"opt-core": lambda: called.append("opt-core"),
+                                                             "opt-core-new": lambda: called.append("opt-core-new"),
+                                                             "peer": lambda: called.append("peer")}, "peer")
+    module = types.SimpleNamespace(VARIANTS={"opt-core-new": harness.Variant("opt-core-new", (), unproven=True)},
+                                   warmup_cases=lambda device, quick, dtypes: [case])
+    monkeypatch.setattr(worker.importlib, "import_module", lambda name: module)
+    assert worker.warmup("op", tmp_path, True, (torch.float32,), "0") == 0
+    assert called == ["opt-core"]
+
+
 def _recorded(module, names, calls):
     return lambda *a, **k: calls.append(tuple(getattr(module, n) for n in names) + tuple(sorted(k.items())))
 
