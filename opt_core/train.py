@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
+from opt_core.config import OPTConfig
 from opt_core.trainer import DivergenceError, RunFolderError, StalledRankError, train
 from opt_core.trainer.runtime import DTYPES, keep_freed_memory_on_cpu, resolve_device_dtype
 
@@ -122,6 +123,19 @@ def check_args(args: argparse.Namespace, error: Callable[[str], None]) -> None:
         error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         error(f"--device {args.device}: no CUDA device is available here (use --device cpu or auto)")
+    _check_sources(args, error)
+
+
+def _check_sources(args: argparse.Namespace, error: Callable[[str], None]) -> None:
+    """The model config and the data and tokenizer paths, read or looked at before anything runs."""
+    try:
+        OPTConfig.from_file(args.config) if args.config else OPTConfig.from_preset(args.preset)
+    except (OSError, ValueError, TypeError) as e:
+        error(f"--{'config' if args.config else 'preset'}: {e}")
+    if args.data != "stdlib" and not os.path.exists(args.data):
+        error(f"--data {args.data!r} does not exist (expected 'stdlib', a folder of text files or a .jsonl file)")
+    if args.tokenizer and not os.path.isdir(args.tokenizer):
+        error(f"--tokenizer {args.tokenizer!r} is not a folder (expected one with GPT-2 vocab.json + merges.txt)")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

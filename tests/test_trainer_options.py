@@ -44,6 +44,26 @@ def test_out_of_range_flags_fail_early_naming_the_flag(capsys, flags, message):
     assert re.search(message, err), err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--preset", "nope"], "--preset: unknown preset 'nope'"),
+    (["--config", "/nonexistent.json"], "--config: .*No such file or directory: '/nonexistent.json'"),
+    (["--data", "/nonexistent"], "--data '/nonexistent' does not exist"),
+    (["--tokenizer", "/nonexistent"], "--tokenizer '/nonexistent' is not a folder"),
+])
+def test_missing_or_unknown_sources_fail_early_naming_the_flag(capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_args(flags)
+    assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_a_badly_typed_config_file_fails_early_naming_the_file_and_field(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"do_layer_norm_before": "no"}))
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--config", str(path)])
+    assert f"--config: {path}: field 'do_layer_norm_before' must be true or false, got 'no'" in capsys.readouterr().err
+
+
 def test_resume_applies_a_new_learning_rate_and_says_so(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     train_mod.train(_args(corpus, out, "--stop-at", "4"))
