@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from opt_core import functional
-from bench.harness import Spec, Target, Variant, grouped, mode_runner, selected, switched, variant_names
+from bench.harness import Spec, Target, Variant, grouped, mode_runner, selected, switched
 from opt_core.kernels import reference
 from opt_core.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, Comparison, compare
 
@@ -191,7 +191,7 @@ def _variants(target: Target, dtype, shape, mode: str) -> tuple:
     if not (target.tma and dtype != torch.float32):
         return ()
     s_h_d = tuple(shape[1:])
-    return tuple(name for name in variant_names(VARIANTS, mode) if name != GLUON_VARIANT
+    return tuple(name for name, v in VARIANTS.items() if mode in v.modes and name != GLUON_VARIANT
                  and (s_h_d == AB_SHAPE or ("ws" in name.split("-") and s_h_d in WS_SHAPES)))
 
 

@@ -234,11 +234,6 @@ class Variant:
         return with_switches(module, dict(self.switches), build)
 
 
-def variant_names(variants: dict, mode: str, applies: bool = True) -> tuple:
-    """The names of ``variants`` (name -> Variant) that join a row of ``mode``, where they apply at all."""
-    return tuple(name for name, v in variants.items() if applies and mode in v.modes)
-
-
 def add_variants(runners: dict, spec, variants: dict, module, build: Callable[[], Callable[[], object]]) -> dict:
     """``runners`` with a runner for every variant ``spec`` lists, each built by ``build()`` under its
     switches."""

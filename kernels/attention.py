@@ -353,6 +353,19 @@ def _query_block_program(seqlen_q, heads, BLOCK_M: tl.constexpr):
 
 # --------------------------------------------------------------------------- forward
 @triton.jit
+def _online_softmax(s, m_i, l_i, acc):
+    """One key block's online-softmax step over the (log2-scaled, masked) scores ``s``: (p, the new row
+    maxima, l_i and acc rescaled to them)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with no visible key so far keeps m = -inf; subtracting 0 instead
+    # keeps exp2 at 0 rather than exp2(-inf + inf) = NaN.
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_sub)
+    p = tl.math.exp2(s - m_sub[:, None])
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+@triton.jit
 def _fwd_blocks(
     state, q, rows, keys, dropout, lo, hi, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -389,14 +402,7 @@ def _fwd_blocks(
         if HAS_KPM:
             real = tl.load(KPM + n64 * stride_mn + offs_n * stride_mn, mask=col_ok, other=0) != 0
             s = tl.where(real[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no visible key so far keeps m = -inf; subtracting 0 instead
-        # keeps exp2 at 0 rather than exp2(-inf + inf) = NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_sub)
-        p = tl.math.exp2(s - m_sub[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, m_new, l_i, acc = _online_softmax(s, m_i, l_i, acc)
         if HAS_DROPOUT:
             p = tl.where(_survives_dropout(seed, drop_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
         if TMA:
@@ -434,12 +440,7 @@ def _fwd_blocks_specialized(
             real = tl.load(KPM + start_n.to(tl.int64) * stride_mn + offs_n * stride_mn, mask=cols < seqlen_k,
                            other=0) != 0
             s = tl.where(real[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_sub)
-        p = tl.math.exp2(s - m_sub[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, m_new, l_i, acc = _online_softmax(s, m_i, l_i, acc)
         if HAS_DROPOUT:
             p = tl.where(_survives_dropout(seed, drop_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
         v = V.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
@@ -1277,15 +1278,33 @@ def attention(
     of the (batch, head), seen or not, and a row that sees no key becomes NaN
     if its q is NaN; here such a row stays 0.
     """
+    softmax_scale, dropout_p = _checked_arguments(q, k, v, causal, softmax_scale, key_padding_mask, dropout_p, seed,
+                                                  deterministic)
+    if dispatch.use_native(q, KERNEL_DTYPES):
+        return native.attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                key_padding_mask=key_padding_mask, dropout_p=dropout_p)
+    if dropout_p == 0.0:
+        seed = 0
+    elif seed is None:
+        seed = int(torch.randint(0, SEED_LIMIT - 1, (1,)).item())
+
+    out, _ = torch.ops.opt_core.attention_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed,
+                                              deterministic)
+    return out
+
+
+def _checked_arguments(q, k, v, causal, softmax_scale, key_padding_mask, dropout_p, seed,
+                       deterministic) -> tuple[float, float]:
+    """``attention``'s arguments checked (errors naming the argument); (softmax_scale, dropout_p) as floats,
+    the scale's default resolved."""
     _check_qkv(q, k, v)
     check_same_device("q", q, k=k, v=v, key_padding_mask=key_padding_mask)
     B, _, _, D = q.shape
     Sk = k.shape[1]
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if softmax_scale is None:
-        softmax_scale = D ** -0.5
-    softmax_scale = check_float("softmax_scale", softmax_scale, min_value=0.0)
+    softmax_scale = check_float("softmax_scale", D ** -0.5 if softmax_scale is None else softmax_scale,
+                                min_value=0.0)
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,))
         if tuple(key_padding_mask.shape) != (B, Sk):
@@ -1300,17 +1319,7 @@ def attention(
         check_seed("seed", seed)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    if dispatch.use_native(q, KERNEL_DTYPES):
-        return native.attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                key_padding_mask=key_padding_mask, dropout_p=dropout_p)
-    if dropout_p == 0.0:
-        seed = 0
-    elif seed is None:
-        seed = int(torch.randint(0, SEED_LIMIT - 1, (1,)).item())
-
-    out, _ = torch.ops.opt_core.attention_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dropout_p, seed,
-                                              deterministic)
-    return out
+    return softmax_scale, dropout_p
 
 
 def dropout_mask(
