@@ -19,7 +19,8 @@ from opt_core.kernels import adamw, aot, attention, attention_gluon, layer_norm,
 
 
 def all_cases() -> list[aot.Case]:
-    cases = [*adamw_cases(), *attention_cases(), *attention_gluon_cases(), *layer_norm_cases(), *relu_mlp_cases()]
+    cases = [*adamw_cases(), *attention_cases(), *attention_gluon_cases(), *attention_gluon_bwd_cases(),
+             *layer_norm_cases(), *relu_mlp_cases(), *relu_mlp_gluon_cases()]
     names = [c.name for c in cases]
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
@@ -217,31 +218,74 @@ def _attention_dq_store_case(head_dim):
                                                         DQ_ACC=torch.float32), flags, num_warps=4)
 
 
-def _gluon_descriptor(rows, head_dim):
-    """A bf16 [1, rows, 1, head_dim] descriptor of (batch, seqlen, heads, head_dim) with the layout the Gluon
-    launch gives it."""
-    return aot.Descriptor(torch.bfloat16, (1, rows, 1, head_dim),
-                          attention_gluon.smem_layout(torch.bfloat16, rows, head_dim))
+def _gluon_descriptor(rows, width):
+    """A bf16 [1, rows, 1, width] descriptor of (batch, seqlen, heads, head_dim) with the layout the Gluon
+    launch gives it (width: one head-dim chunk, ``attention_gluon.head_chunks``); None for no chunk."""
+    if width is None:
+        return None
+    return aot.Descriptor(torch.bfloat16, (1, rows, 1, width),
+                          attention_gluon.smem_layout(torch.bfloat16, rows, width))
 
 
 def attention_gluon_cases() -> list[aot.Case]:
     """The Gluon forward (opt-in, ``attention.GLUON``) at its default config per head dim, bf16 (fp16 is the
-    same code), at the benchmark shape: causal at head_dim 64 and 128, not causal at 128.  Its schedule
-    must show: one wgmma in flight across the softmax, producer/consumer partitions."""
+    same code), at the benchmark shape: causal at head_dim 64, 80 (chunks 64 + 16) and 128, not causal at
+    128.  Its schedule must show: a wgmma in flight across the softmax, producer/consumer partitions."""
     cases = []
-    for head_dim, causal in ((64, True), (128, True), (128, False)):
+    for head_dim, causal, persistent in ((64, True, False), (80, True, False), (128, True, False),
+                                         (128, False, False), (80, True, True), (128, True, True)):
         block_n, num_stages = attention_gluon.CONFIGS[head_dim]
-        args = dict(q_desc=_gluon_descriptor(attention_gluon.ROWS_PER_CONSUMER, head_dim),
-                    k_desc=_gluon_descriptor(block_n, head_dim), v_desc=_gluon_descriptor(block_n, head_dim),
-                    o_desc=_gluon_descriptor(attention_gluon.ROWS_PER_CONSUMER, head_dim), LSE=torch.float32,
-                    heads=ATTENTION_HEADS[head_dim], seqlen_q=ATTENTION_SEQLEN, seqlen_k=ATTENTION_SEQLEN,
-                    qk_scale=0.1)
+        main, *tail = attention_gluon.head_chunks(head_dim)
+        tail = tail[0] if tail else None  # 64 and 128: one chunk
+        heads = ATTENTION_HEADS[head_dim]
+        # Persistent: the launch's head group at the benchmark's 16k tokens (batch 2) on an H200 (50 MB of L2);
+        # not persistent: groups of one (batch, head), as the launch passes (and specialises) it.
+        batch = 2
+        group = attention_gluon.head_group(batch * heads, 2 * ATTENTION_SEQLEN * head_dim * 2, 50 * 2**20)
+        args = dict(LSE=torch.float32, batch=batch, heads=heads, seqlen_q=ATTENTION_SEQLEN,
+                    seqlen_k=ATTENTION_SEQLEN, qk_scale=0.1, head_group=group if persistent else 1)
+        for tensor, rows in (("q", attention_gluon.ROWS_PER_CONSUMER), ("k", block_n), ("v", block_n),
+                             ("o", attention_gluon.ROWS_PER_CONSUMER)):
+            args[f"{tensor}_desc"] = _gluon_descriptor(rows, main)
+            args[f"{tensor}_tail_desc"] = _gluon_descriptor(rows, tail)
         cases.append(aot.case(
             f"attention_gluon_fwd[D={head_dim},bfloat16{',causal' if causal else ''},BLOCK_N={block_n},"
-            f"stages={num_stages}]", attention_gluon.fwd_kernel, args,
-            dict(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_N=block_n, NUM_STAGES=num_stages),
+            f"stages={num_stages}{',persistent' if persistent else ''}]", attention_gluon.fwd_kernel, args,
+            dict(CAUSAL=causal, BLOCK_N=block_n, NUM_STAGES=num_stages, PERSISTENT=persistent),
             num_warps=4, tensor_cores=True, archs=(90,),
-            expects={"wgmma_max_pending": 1, "warp_specialized": True, "tma_store": True},
+            # P V of every chunk stays in flight across the softmax (one wgmma group each)
+            expects={"wgmma_max_pending": len(attention_gluon.head_chunks(head_dim)), "warp_specialized": True,
+                     "tma_store": True, "persistent": persistent},
+        ))
+    return cases
+
+
+def attention_gluon_bwd_cases() -> list[aot.Case]:
+    """The Gluon backward (opt-in, ``attention.GLUON_BWD``), bf16 (fp16 is the same code), at the benchmark
+    shape: deterministic (the default) causal at head_dim 64 and 128 and not causal at 128, and causal at
+    128 without the dQ ordering.  Its schedule must show: two wgmmas in flight past a wait (dV and dK
+    across the dQ products' issue), producer/consumer partitions, TMA loads and stores."""
+    from opt_core.kernels import attention_gluon_bwd as g  # here: a Triton without Gluon's Hopper modules imports us
+
+    def descriptor(rows, width):
+        return aot.Descriptor(torch.bfloat16, (1, rows, 1, width),
+                              attention_gluon.smem_layout(torch.bfloat16, rows, width))
+
+    cases = []
+    for head_dim, causal, deterministic in ((64, True, True), (128, True, True), (128, False, True),
+                                            (128, True, False)):
+        rows, keys = descriptor(g.BLOCK_M, head_dim), descriptor(g.KEYS_PER_CONSUMER, head_dim)
+        args = dict(q_desc=rows, do_desc=rows, k_desc=keys, v_desc=keys,
+                    kh_desc=descriptor(g.KEYS_PER_CONSUMER, head_dim // 2), dk_desc=keys, dv_desc=keys,
+                    LSE=torch.float32, DELTA=torch.float32, DQ_ACC=torch.float32, LOCKS=torch.int32,
+                    heads=ATTENTION_HEADS[head_dim], seqlen_q=ATTENTION_SEQLEN, seqlen_k=ATTENTION_SEQLEN,
+                    dq_acc_rows=ATTENTION_SEQLEN, qk_scale=0.1, sm_scale=0.1)
+        cases.append(aot.case(
+            f"attention_gluon_bwd[D={head_dim},bfloat16{',causal' if causal else ''}"
+            f"{'' if deterministic else ',nondeterministic'},stages={g.NUM_STAGES[head_dim]}]", g.bwd_kernel, args,
+            dict(CAUSAL=causal, DETERMINISTIC=deterministic, NUM_STAGES=g.NUM_STAGES[head_dim]),
+            num_warps=4, tensor_cores=True, archs=(90,),
+            expects={"wgmma_max_pending": 2, "warp_specialized": True, "tma_store": True},
         ))
     return cases
 
@@ -433,3 +477,50 @@ def relu_mlp_cases() -> list[aot.Case]:
             named += _relu_mlp_gemm_cases(d, dtype)
             named += _relu_mlp_dropout_bwd_cases(d, dtype)
     return _merge_widths(named)
+
+
+def relu_mlp_gluon_cases() -> list[aot.Case]:
+    """The Gluon ping-pong GEMMs (opt-in, ``relu_mlp.GLUON``), bf16 (fp16 is the same code) at their one
+    tile config, at OPT-125M's shapes: dW1 = dh^T @ x (the plain store; A stored transposed, B as is),
+    GEMM 1 (bias + ReLU; A as is, B = W1^T stored transposed: both operands in both orientations, wgmma's
+    transpose bits), GEMM 2 (bias, dropout's Philox and the residual: the epilogue with the most
+    registers, in its narrower slices) and dh (the ReLU mask, db1's partial sums).  Their schedule must
+    show: producer/consumer partitions, one wgmma in flight in the K loop, TMA loads and stores, the
+    persistent tile loop."""
+    from opt_core.kernels import relu_mlp_gluon as g  # here: a Triton without Gluon's Hopper modules imports us
+
+    M, d = RELU_MLP_TOKENS, RELU_MLP_WIDTHS[0]
+    dtype = torch.bfloat16
+
+    def descriptor(rows, cols, transposed=False):
+        block = g.operand_block(rows, cols, transposed)
+        return aot.Descriptor(dtype, block, g.smem_layout(dtype, block))
+
+    no_epilogue = dict(BIAS=None, RES=None, stride_rm=0, stride_rn=0, seed=0, drop_threshold=0, drop_scale=1.0)
+    dropout = dict(seed=_RELU_MLP_SEED, drop_threshold=relu_mlp.dropout_threshold(0.1), drop_scale=1 / 0.9)
+    fc_flags = dict(HAS_BIAS=False, RELU=False, DROPOUT=False, HAS_RESIDUAL=False)
+    # role: (kernel, A stored transposed, B stored transposed, (M, N, K), epilogue arguments and flags)
+    roles = {
+        "dw1": (g.gemm_kernel, True, False, (4 * d, d, M), no_epilogue, fc_flags),
+        "fc1": (g.gemm_kernel, False, True, (M, 4 * d, d), dict(no_epilogue, BIAS=dtype),
+                dict(fc_flags, HAS_BIAS=True, RELU=True)),
+        "fc2": (g.gemm_kernel, False, True, (M, d, 4 * d),
+                dict(BIAS=dtype, RES=dtype, stride_rm=d, stride_rn=1, **dropout),
+                dict(fc_flags, HAS_BIAS=True, DROPOUT=True, HAS_RESIDUAL=True)),
+        "dh": (g.dh_kernel, False, False, (M, 4 * d, d), dict(H=dtype, DB_PART=torch.float32, stride_hm=4 * d),
+               dict(HAS_DBIAS=True)),
+    }
+    cases = []
+    for role, (kernel, a_t, b_t, (m, n, k), epilogue, flags) in roles.items():
+        slice_n = g.slice_n(flags.get("DROPOUT", False))
+        args = dict(a_desc=descriptor(g.BLOCK_M, g.BLOCK_K, a_t), b_desc=descriptor(g.BLOCK_K, g.BLOCK_N, b_t),
+                    c_desc=descriptor(g.BLOCK_M, slice_n), M=m, N=n, K=k, **epilogue)
+        layout = f"{',A_T' if a_t else ''}{',B_T' if b_t else ''}"
+        cases.append(aot.case(
+            f"relu_mlp_gluon_{role}[d={d},bfloat16{layout},{g.BLOCK_M}x{g.BLOCK_N}x{g.BLOCK_K},"
+            f"slice={slice_n},stages={g.NUM_STAGES}]", kernel, args,
+            dict(A_T=a_t, B_T=b_t, GROUP_M=g.GROUP_M, NUM_STAGES=g.NUM_STAGES, **flags),
+            num_warps=g.NUM_WARPS, tensor_cores=True, archs=(90,),
+            expects={"wgmma_max_pending": 1, "warp_specialized": True, "tma_store": True, "persistent": True},
+        ))
+    return cases

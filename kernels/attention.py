@@ -999,8 +999,9 @@ def _install_scratch_allocator() -> None:
 
 
 # Whether the forward goes to the Gluon kernel (kernels/attention_gluon.py: FlashAttention-3's schedule on
-# sm_90, fp16/bf16, head_dim 64 or 128, no padding mask or dropout) where it takes the launch: "off" |
-# "on".  Off until a GPU run has passed its gpu tests and measured it faster.
+# sm_90, fp16/bf16, head_dim 64, 80 (in chunks of 64 + 16, not padded) or 128, no padding mask or dropout)
+# where it takes the launch: "off" | "on".  Off until a GPU run has passed its gpu tests and measured it
+# faster.
 GLUON = "off"
 GLUON_MODES = ("off", "on")
 
@@ -1015,6 +1016,25 @@ def _gluon_takes(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Ten
     from opt_core.kernels import attention_gluon  # here: a Triton without Gluon's Hopper modules still imports us
 
     return attention_gluon.supported(q, k, v, key_padding_mask, dropout_p)
+
+
+# Where the backward goes to the Gluon kernel (kernels/attention_gluon_bwd.py: FlashAttention-3's five products
+# on sm_90, fp16/bf16, head_dim 64 or 128, no padding mask or dropout) where it takes the launch: "off" | "on"
+# (GLUON_MODES).  Off until a GPU run has passed its gpu tests and measured it faster.
+GLUON_BWD = "off"
+
+
+def _gluon_bwd_takes(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor],
+                     dropout_p: float, softmax_scale: float) -> bool:
+    """Whether this backward goes to the Gluon kernel: the switch is on, the tensors are CUDA ones and the
+    kernel supports them."""
+    if GLUON_BWD not in GLUON_MODES:
+        raise ValueError(f"opt_core.kernels.attention.GLUON_BWD must be one of {GLUON_MODES}, got {GLUON_BWD!r}")
+    if GLUON_BWD == "off" or not all(t.is_cuda for t in (dout, q, k, v, lse)) or not lse.is_contiguous():
+        return False
+    from opt_core.kernels import attention_gluon_bwd  # here: a Triton without Gluon's Hopper modules still imports us
+
+    return attention_gluon_bwd.supported(q, k, v, key_padding_mask, dropout_p, dout, softmax_scale)
 
 
 # Where dQ comes from: False, its own kernel (Q K^T and dO V^T recomputed: 7 products); True, the dK/dV
@@ -1099,6 +1119,10 @@ def _launch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     _bwd_pre[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]) * B * H,)](
         out, dout, delta, *_strides(out), *_strides(dout), H, Sq, HEAD_DIM=D, BLOCK_D=block_d(D),
     )
+    if _gluon_bwd_takes(dout, q, k, v, lse, key_padding_mask, dropout_p, softmax_scale):
+        from opt_core.kernels import attention_gluon_bwd
+
+        return attention_gluon_bwd.attention_bwd(dout, q, k, v, lse, delta, causal, softmax_scale, deterministic)
     mask, stride_mb, stride_mn = _padding_mask_args(key_padding_mask, q)
     common = (H, Sq, Sk, _seqlen_bucket(Sq, Sk), softmax_scale, softmax_scale * LOG2E,
               *_dropout_args(dropout_p, seed))

@@ -25,6 +25,9 @@ else fused into their epilogues; forward and backward.
   configs (one program per SM, grouped tile order, the tile and K loops flattened into one pipelined
   loop, the epilogue in eighths written by TMA stores) join today's as autotune candidates; switch
   ``PERSISTENT = "auto" | "off"``.
+- Opt-in on sm_90: Gluon ping-pong GEMMs (``relu_mlp_gluon``: a producer warp, two consumer warpgroups
+  whose epilogues overlap each other's main loops) for every GEMM of the block; switch
+  ``GLUON = "off" | "on"``.
 
 The reasoning and measurements behind each point: ``docs/kernels.md``, section ReLU-MLP.
 """
@@ -625,6 +628,26 @@ def _output(c, layout):
     return TensorDescriptor(c, list(c.shape), [c.stride(0), 1], [1, 1]), True
 
 
+# Whether the GEMMs go to the Gluon ping-pong kernels (kernels/relu_mlp_gluon.py: sm_90, fp16/bf16, operands
+# and output as TMA reads and writes them) where they take the launch: "off" | "on"; every GEMM of the block
+# (GEMM 2's dropout draws the same keep-mask).  Off until a GPU run has passed their gpu tests and measured
+# them faster.
+GLUON = "off"
+GLUON_MODES = ("off", "on")
+
+
+def _gluon(a, b, c, **epilogue):
+    """The Gluon module where the switch is on, the tensors are CUDA ones and it takes c = epilogue(a @ b)
+    with the epilogue's tensors (bias, residual or h); else None (the caller launches the Triton kernel)."""
+    if GLUON not in GLUON_MODES:
+        raise ValueError(f"opt_core.kernels.relu_mlp.GLUON must be one of {GLUON_MODES}, got {GLUON!r}")
+    if GLUON == "off" or not a.is_cuda:
+        return None
+    from opt_core.kernels import relu_mlp_gluon  # here: a Triton without Gluon's Hopper modules still imports us
+
+    return relu_mlp_gluon if relu_mlp_gluon.supported(a, b, c, **epilogue) else None
+
+
 def _gemm_grid(M, N, device):
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
@@ -643,6 +666,9 @@ def _dropout_args(seed, p):
 
 def _launch_matmul(a, b, c):
     """c = a @ b for 2-D views with any strides (c contiguous)."""
+    gluon = _gluon(a, b, c)
+    if gluon is not None:
+        return gluon.gemm(a, b, c)
     M, K = a.shape
     N = b.shape[1]
     A, B, layout = _operands(a, b)
@@ -655,6 +681,9 @@ def _launch_matmul(a, b, c):
 
 def _launch_fc1(x, w1, b1, h):
     """GEMM 1: h = relu(x @ W1^T + b1); W1^T is W1 read with its strides swapped."""
+    gluon = _gluon(x, w1.t(), h, bias=b1)
+    if gluon is not None:
+        return gluon.gemm(x, w1.t(), h, bias=b1, relu=True)
     M, d = x.shape
     ffn = w1.shape[0]
     A, B, layout = _operands(x, w1.t())
@@ -670,6 +699,10 @@ def _launch_fc1(x, w1, b1, h):
 
 def _launch_fc2(h, w2, b2, residual, seed, p, out):
     """GEMM 2: out = residual + dropout(h @ W2^T + b2)."""
+    gluon = _gluon(h, w2.t(), out, bias=b2, residual=residual)
+    if gluon is not None:
+        return gluon.gemm(h, w2.t(), out, bias=b2, dropout=_dropout_args(seed, p) if p > 0.0 else None,
+                          residual=residual)
     M, ffn = h.shape
     d = w2.shape[0]
     seed_, threshold, scale = _dropout_args(seed, p)
@@ -688,6 +721,9 @@ def _launch_fc2(h, w2, b2, residual, seed, p, out):
 
 def _launch_dh(g, w2, h, dh, has_db1):
     """dh = (g @ W2) * [h > 0]; with has_db1 also db1 (fp32 partials, reduced here)."""
+    gluon = _gluon(g, w2, dh, h=h)
+    if gluon is not None:
+        return gluon.dh(g, w2, dh, h, has_db1)
     M, d = g.shape
     ffn = w2.shape[1]
     db1_part = None

@@ -1,14 +1,16 @@
 """The Gluon attention forward (kernels/attention_gluon.py, FlashAttention-3's schedule on sm_90).
 
 The interpreter cannot run Gluon, so on the CPU these check the AOT compile of its default configs, the
-routing switch, ``supported()`` and the host function's errors (all before any launch); the numerics
-(out and lse against float64, the routed forward against the Triton kernel, a backward through the
-routed forward) are ``gpu`` tests, run on a Hopper GPU.
+routing switch, ``supported()``, the host function's errors (all before any launch), the head-dim split
+and, in float64, the kernel's blockwise arithmetic (chunked products, masks, online softmax); the
+numerics of the kernel itself (out and lse against float64, the routed forward against the Triton
+kernel, a backward through the routed forward) are ``gpu`` tests, run on a Hopper GPU.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -48,25 +50,36 @@ def test_default_configs_overlap_the_softmax_with_a_product():
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["case"].split(",BLOCK_N")[0] for r in results] == [
-        "attention_gluon_fwd[D=64,bfloat16,causal", "attention_gluon_fwd[D=128,bfloat16,causal",
-        "attention_gluon_fwd[D=128,bfloat16"]
+        "attention_gluon_fwd[D=64,bfloat16,causal", "attention_gluon_fwd[D=80,bfloat16,causal",
+        "attention_gluon_fwd[D=128,bfloat16,causal", "attention_gluon_fwd[D=128,bfloat16",
+        "attention_gluon_fwd[D=80,bfloat16,causal", "attention_gluon_fwd[D=128,bfloat16,causal"]
+    assert [r["case"].endswith(",persistent]") for r in results] == [False] * 4 + [True] * 2
     for r in results:
         assert not aot.problems(r), (r["case"], aot.problems(r))
         assert r["stack"] == 0 and r["shared"] <= r["max_shared"], r
         assert r["wgmma"] and r["tma"] and r["tma_store"], r
         assert r["wgmma_max_pending"] >= 1 and r["warp_specialized"], r
+        assert r["persistent"] == r["case"].endswith(",persistent]"), r
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 80, 128])
 def test_aot_descriptors_are_what_a_launch_specialises_to(D):
     """The AOT cases compile the code a launch gets: the host descriptors' types (block and shared layout)
-    equal the cases' signature."""
+    of every head-dim chunk equal the cases' signature; a head_dim without a tail passes None (a constexpr)."""
     case = next(c for c in aot_cases.attention_gluon_cases() if c.name.startswith(f"attention_gluon_fwd[D={D},"))
     block_n = attention_gluon.CONFIGS[D][0]
     q, k, _ = _qkv(2, 300, 300, 3, D, torch.bfloat16, "cpu")
-    rows = attention_gluon.ROWS_PER_CONSUMER
-    assert mangle_type(attention_gluon._descriptor(q, rows)) == case.signature["q_desc"] == case.signature["o_desc"]
-    assert mangle_type(attention_gluon._descriptor(k, block_n)) == case.signature["k_desc"]
+    for names, t, rows in ((("q", "o"), q, attention_gluon.ROWS_PER_CONSUMER), (("k", "v"), k, block_n)):
+        main, tail = attention_gluon._chunk_descriptors(t, rows)
+        assert main.block_shape == [1, rows, 1, attention_gluon.head_chunks(D)[0]]
+        for name in names:
+            assert mangle_type(main) == case.signature[f"{name}_desc"]
+            if tail is None:
+                assert case.signature[f"{name}_tail_desc"] == "constexpr"
+                assert case.constexprs[f"{name}_tail_desc"] is None
+            else:
+                assert tail.block_shape == [1, rows, 1, D - main.block_shape[3]]
+                assert mangle_type(tail) == case.signature[f"{name}_tail_desc"]
 
 
 # --------------------------------------------------------------------------- routing switch
@@ -86,6 +99,34 @@ def test_cpu_tensors_never_go_to_gluon(mode, monkeypatch):
 
 def test_default_is_off():
     assert attn.GLUON == "off"
+    assert attention_gluon.PERSISTENT == "off"
+
+
+def test_persistent_switch_is_validated(monkeypatch):
+    """Checked before anything else, so a CPU run sees it."""
+    monkeypatch.setattr(attention_gluon, "PERSISTENT", True)
+    q, k, v = _qkv(1, 8, 8, 1, 64, torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match=r"opt_core\.kernels\.attention_gluon\.PERSISTENT must be one of"):
+        attention_gluon.attention_fwd(q, k, v, True, 0.125)
+
+
+MB = 2**20
+
+
+# (batch * heads, K and V bytes per (batch, head), L2 bytes, pairs per group)
+HEAD_GROUPS = [
+    (64, 4 * MB, 50 * MB, 4),    # 6 fit in half the L2; 4 divides 64
+    (24, 2 * MB, 50 * MB, 12),   # 12 fit and divide 24
+    (6, MB // 2, 50 * MB, 6),    # all of them fit
+    (7, 2 * MB, 50 * MB, 7),     # a prime count that fits whole
+    (7, MB, 10 * MB, 1),         # a prime count that does not: one pair at a time
+    (3, 100 * MB, 50 * MB, 1),   # not even one fits: one pair at a time
+]
+
+
+@pytest.mark.parametrize("batch_heads, kv_bytes, l2_bytes, expected", HEAD_GROUPS)
+def test_persistent_head_group_fits_in_l2_and_divides_the_pairs(batch_heads, kv_bytes, l2_bytes, expected):
+    assert attention_gluon.head_group(batch_heads, kv_bytes, l2_bytes) == expected
 
 
 # --------------------------------------------------------------------------- supported() and errors
@@ -102,7 +143,7 @@ def _misaligned(B, S, H, D, dtype):
 BAD_INPUTS = [
     ("fp32", lambda q, k, v: (q.float(), k.float(), v.float()), "float16 or bfloat16"),
     ("mixed dtypes", lambda q, k, v: (q, k.half(), v), "one dtype"),
-    ("head_dim 80", lambda q, k, v: _qkv(2, 33, 40, 2, 80, q.dtype, "cpu"), "head_dim"),
+    ("head_dim 96", lambda q, k, v: _qkv(2, 33, 40, 2, 96, q.dtype, "cpu"), "head_dim"),
     ("3-D q", lambda q, k, v: (q[0], k, v), "4-D"),
     ("k heads", lambda q, k, v: (q, k[:, :, :1], v[:, :, :1]), "to match q"),
     ("v shape", lambda q, k, v: (q, k, v[:, :7]), "to match q"),
@@ -121,7 +162,7 @@ def test_host_function_names_what_it_cannot_take(make, message):
     assert not attention_gluon.supported(q, k, v, None, 0.0)
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 80, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_supported_inputs_fail_only_for_the_device(D, dtype):
     """Everything but the device suits the kernel: the only error left is the CPU device."""
@@ -135,6 +176,82 @@ def test_mask_and_dropout_are_not_supported():
     mask = torch.ones(1, 8, dtype=torch.bool)
     assert not attention_gluon.supported(q, k, v, mask, 0.0)
     assert not attention_gluon.supported(q, k, v, None, 0.1)
+
+
+# --------------------------------------------------------------------------- head-dim chunks
+@pytest.mark.parametrize("head_dim, chunks", [(64, (64,)), (80, (64, 16)), (128, (128,)), (96, (64, 32)),
+                                              (144, (128, 16)), (16, (16,))])
+def test_head_dim_splits_into_a_power_of_two_and_a_power_of_two_tail(head_dim, chunks):
+    assert attention_gluon.head_chunks(head_dim) == chunks
+
+
+@pytest.mark.parametrize("head_dim", [72, 112, 8, 0])
+def test_head_dim_without_such_a_split_is_refused(head_dim):
+    with pytest.raises(ValueError, match="head_dim"):
+        attention_gluon.head_chunks(head_dim)
+
+
+def test_every_supported_head_dim_splits():
+    for head_dim in attention_gluon.HEAD_DIMS:
+        assert sum(attention_gluon.head_chunks(head_dim)) == head_dim
+
+
+def _emulated_forward(q, k, v, causal, scale):
+    """(out, lse) by the kernel's arithmetic in float64: per 64-row consumer tile of a 128-row program,
+    key blocks of BLOCK_N up to the program's causal bound (zero-filled past seqlen_k as TMA fills them),
+    S summed over the head-dim chunks (chunk c at column c * main), per-row masks only on blocks past the
+    tile's least last key, exp2 online softmax, O per chunk, 0 out and +inf lse for rows that see no key."""
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    block_n = attention_gluon.CONFIGS[D][0]
+    rows_m, chunks = attention_gluon.ROWS_PER_CONSUMER, attention_gluon.head_chunks(D)
+    cols = [slice(c * chunks[0], c * chunks[0] + width) for c, width in enumerate(chunks)]
+    num_blocks = math.ceil(Sk / block_n)
+    pad = num_blocks * block_n - Sk
+    k, v = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)).transpose(1, 2) for t in (k, v))  # (B, H, keys, D)
+    out, lse = torch.empty(B, H, Sq, D, dtype=torch.float64), torch.empty(B, H, Sq, dtype=torch.float64)
+    for first in range(0, Sq, rows_m):
+        rows = torch.arange(first, min(first + rows_m, Sq))
+        qt = q[:, rows].transpose(1, 2)
+        last_key = torch.minimum(rows + Sk - Sq, torch.tensor(Sk - 1)) if causal else torch.full_like(rows, Sk - 1)
+        start_m = first // attention_gluon.ROWS_PER_PROGRAM * attention_gluon.ROWS_PER_PROGRAM
+        hi = min(max(start_m + attention_gluon.ROWS_PER_PROGRAM + Sk - Sq, 0), Sk) if causal else Sk
+        m = torch.full((B, H, len(rows)), -math.inf, dtype=torch.float64)
+        l = torch.zeros_like(m)
+        acc = [torch.zeros(B, H, len(rows), c.stop - c.start, dtype=torch.float64) for c in cols]
+        for j in range(math.ceil(hi / block_n)):
+            keys = slice(j * block_n, (j + 1) * block_n)
+            s = sum(qt[..., c] @ k[:, :, keys, c].transpose(-1, -2) for c in cols) * (scale * attention_gluon.LOG2E)
+            if (j + 1) * block_n - 1 > int(last_key[0]):
+                s = s.masked_fill(torch.arange(keys.start, keys.stop)[None, :] > last_key[:, None], -math.inf)
+            m_new = torch.maximum(m, s.amax(-1))
+            m_sub = m_new.masked_fill(m_new == -math.inf, 0.0)
+            alpha, p = torch.exp2(m - m_sub), torch.exp2(s - m_sub[..., None])
+            l, m = l * alpha + p.sum(-1), m_new
+            acc = [a * alpha[..., None] + p @ v[:, :, keys, c] for a, c in zip(acc, cols)]
+        no_key = l == 0
+        l_safe = l.masked_fill(no_key, 1.0)
+        out[:, :, rows] = (torch.cat(acc, -1) / l_safe[..., None]).masked_fill(no_key[..., None], 0.0)
+        lse[:, :, rows] = ((m + torch.log2(l_safe)) * math.log(2.0)).masked_fill(no_key, math.inf)
+    return out.transpose(1, 2), lse
+
+
+# 400x113 causal: a program whose rows see no key at all
+@pytest.mark.parametrize("seqlens", [(1, 1), (200, 200), (113, 203), (203, 113), (400, 113)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("D", attention_gluon.HEAD_DIMS)
+def test_blockwise_arithmetic_matches_the_reference(seqlens, causal, D):
+    """The kernel's algorithm, not the kernel (the interpreter cannot run Gluon): in float64 its blocks,
+    chunks, masks and online softmax give the reference's out and lse."""
+    Sq, Sk = seqlens
+    q, k, v = _qkv(2, Sq, Sk, 3, D, torch.float64, "cpu")
+    scale = D ** -0.5
+    out, lse = _emulated_forward(q, k, v, causal, scale)
+    torch.testing.assert_close(out, reference.attention(q, k, v, causal, scale), rtol=1e-10, atol=1e-10)
+    expected = reference.attention_lse(q, k, causal, scale)
+    assert torch.equal(torch.isinf(lse), torch.isinf(expected))
+    torch.testing.assert_close(lse, expected, rtol=1e-10, atol=1e-10)
 
 
 # --------------------------------------------------------------------------- numerics (GPU)
@@ -159,7 +276,7 @@ def _check_lse(lse, expected):
 @hopper
 @pytest.mark.parametrize("seqlens", SEQLENS, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 80, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_matches_float64_reference(seqlens, causal, D, dtype):
     Sq, Sk = seqlens
@@ -173,6 +290,35 @@ def test_matches_float64_reference(seqlens, causal, D, dtype):
     _check_lse(lse, ref_lse)
     if causal and Sq > Sk:  # the first Sq - Sk queries see no key: exactly 0
         assert torch.equal(out[:, :Sq - Sk], torch.zeros_like(out[:, :Sq - Sk]))
+
+
+# (seqlens, (batch, heads), pairs per group or None for the launch's own): 8 x 4 x 8 tiles of 128 rows at
+# 1000 are more than an H100/H200 has SMs, so programs run several tiles; at 400x113 causal the first
+# tile of each (batch, head) sees no key (no turns, no key blocks).
+PERSISTENT_CASES = [((1, 1), (2, 3), None), ((113, 203), (2, 3), None), ((400, 113), (4, 8), 4),
+                    ((1000, 1000), (4, 8), None), ((1000, 1000), (4, 8), 1), ((1000, 1000), (4, 8), 8)]
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("seqlens, shape, group", PERSISTENT_CASES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("D", [80, 128])
+def test_persistent_runs_the_same_tiles(seqlens, shape, group, causal, D, monkeypatch):
+    """PERSISTENT on: bitwise the non-persistent kernel's out and lse (the same arithmetic per tile, only
+    the order of the tiles and the barrier phases differ), within the float64 rule."""
+    (Sq, Sk), (B, H) = seqlens, shape
+    q, k, v = _qkv(B, Sq, Sk, H, D, torch.bfloat16, "cuda")
+    scale = D ** -0.5
+    expected_out, expected_lse = attention_gluon.attention_fwd(q, k, v, causal, scale)
+    monkeypatch.setattr(attention_gluon, "PERSISTENT", "on")
+    if group is not None:
+        monkeypatch.setattr(attention_gluon, "head_group", lambda *args: group)
+    out, lse = attention_gluon.attention_fwd(q, k, v, causal, scale)
+    assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)
+    ref, plain, ref_lse = _reference(q, k, v, causal, scale)
+    assert_close_to_reference("out", out, ref, plain, factor=FORWARD_FACTOR)
+    _check_lse(lse, ref_lse)
 
 
 def _route_to_gluon(monkeypatch):
@@ -192,7 +338,7 @@ def _route_to_gluon(monkeypatch):
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("seqlens", [(200, 200), (113, 203)], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 80, 128])
 def test_routed_forward_matches_the_triton_kernel(seqlens, D, monkeypatch):
     Sq, Sk = seqlens
     q, k, v = _qkv(2, Sq, Sk, 2, D, torch.bfloat16, "cuda")
@@ -211,7 +357,7 @@ def test_routed_forward_matches_the_triton_kernel(seqlens, D, monkeypatch):
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("seqlens", [(200, 200), (203, 113)], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("D, dtype", [(64, torch.float16), (128, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("D, dtype", [(64, torch.float16), (80, torch.bfloat16), (128, torch.bfloat16)], ids=str)
 def test_backward_through_the_routed_forward(seqlens, D, dtype, monkeypatch):
     Sq, Sk = seqlens
     q, k, v = _qkv(2, Sq, Sk, 2, D, dtype, "cuda")
