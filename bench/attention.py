@@ -13,10 +13,14 @@ descriptor path buys), ``opt-core-ws`` and ``opt-core-no-ws`` (the forward's
 tuner held to the warp-specialised loop, or kept from it: what the overlap
 buys), ``opt-core-fused-dq`` (the five-product backward, dQ added up by the
 dK/dV kernel in the deterministic order), ``opt-core-fused-dq-atomic`` (the
-same in any order) and ``opt-core-gluon`` (the Gluon FlashAttention-3-style
-forward, ``GLUON = "on"``: never yet run on a GPU, so its rows come after
-every other row of the op, against our Triton kernel, at head_dim 128 seqlen
-8192 and head_dim 64 seqlen 2048).  They run at the issue's goal shape (head_dim 128, seqlen
+same in any order), and the Gluon kernels: ``opt-core-gluon`` (the
+FlashAttention-3-style forward, ``GLUON = "on"``), ``opt-core-gluon-persistent``
+(the same on a persistent grid) and ``opt-core-gluon-bwd`` (that forward and
+the five-product Gluon backward, ``GLUON_BWD = "on"``, deterministic).  Those
+have never yet run on a GPU: each is proven against float64 in the smoke
+stage first (``prove``; its rows are timed only where that passed), and its
+rows come after every other row of the op, against our Triton kernels, at
+``GLUON_ROWS`` (the goal shape, and head_dim 64 or 80 at seqlen 2048).  They run at the issue's goal shape (head_dim 128, seqlen
 8192) and the warp-specialisation pair at seqlen 2048 with OPT-125M's and
 2.7B's heads too (head_dim 64 and 80): each extra row of configs is another round of autotuning
 compiles in a time-boxed GPU run.  On the CPU: one tiny shape against the
@@ -61,11 +65,19 @@ VARIANTS = {v.name: v for v in (
     Variant("opt-core-fused-dq", (("FUSED_DQ", True),), ("bwd", "fwd+bwd"), "five products, deterministic"),
     Variant("opt-core-fused-dq-atomic", (("FUSED_DQ", True),), ("bwd",), "five products, dQ in any order"),
     Variant("opt-core-gluon", (("GLUON", "on"),), ("fwd", "fwd+bwd"), "the Gluon FA3-style forward", unproven=True),
+    Variant("opt-core-gluon-persistent", (("GLUON", "on"), ("attention_gluon.PERSISTENT", "on")), ("fwd",),
+            "the Gluon forward on a persistent grid", unproven=True),
+    Variant("opt-core-gluon-bwd", (("GLUON", "on"), ("GLUON_BWD", "on")), ("bwd", "fwd+bwd"),
+            "the Gluon FA3-style forward and five-product backward, deterministic", unproven=True),
 )}
-# The Gluon forward has never run on a GPU: its rows are the op's last (a hang or a sticky CUDA error costs
-# only them), timed against our Triton kernel at its head dims (64 and 128).
-GLUON_SHAPES = (AB_SHAPE, (2048, 12, 64))
-GLUON_VARIANT = "opt-core-gluon"
+# The Gluon kernels have never run on a GPU: each is proven against float64 in the smoke stage first
+# (``prove``), and its rows are the op's last (a hang or a sticky CUDA error costs only them), timed
+# against our Triton kernels at head dims it takes: (seqlen, heads, head_dim) per variant.
+GLUON_ROWS = {
+    "opt-core-gluon": (AB_SHAPE, (2048, 12, 64), (2048, 32, 80)),
+    "opt-core-gluon-persistent": (AB_SHAPE, (2048, 32, 80)),
+    "opt-core-gluon-bwd": (AB_SHAPE, (2048, 12, 64)),
+}
 TOKENS = 16384
 SEQLENS = (2048, 8192)
 
@@ -91,7 +103,111 @@ def smoke(device: torch.device) -> list[Comparison]:
     return results
 
 
-def _check_one(shape, dtype, device) -> list[Comparison]:
+# The unproven variants' proofs (``prove``): (batch, seqlen_q, seqlen_k, heads, head_dim), odd seqlens and
+# an unequal pair at each head dim the Gluon kernels take; the persistent grid's adds one with several
+# tiles per program.
+PROOF_SHAPES = ((2, 333, 333, 4, 64), (2, 150, 150, 2, 80), (1, 200, 333, 2, 128), (2, 77, 77, 2, 128))
+MANY_TILES = (4, 600, 600, 16, 80)
+
+
+def _backward(variant: str) -> bool:
+    return "GLUON_BWD" in dict(VARIANTS[variant].switches)
+
+
+def _proof_shapes(variant: str) -> list:
+    """The proof shapes at the head dims ``variant``'s kernels take."""
+    from opt_core.kernels import attention_gluon, attention_gluon_bwd
+
+    head_dims = attention_gluon_bwd.HEAD_DIMS if _backward(variant) else attention_gluon.HEAD_DIMS
+    shapes = PROOF_SHAPES + ((MANY_TILES,) if variant.endswith("-persistent") else ())
+    return [s for s in shapes if s[-1] in head_dims]
+
+
+def _taken(variant: str, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether ``variant``'s Gluon kernels take these inputs (else its switches would fall back to the Triton
+    kernels, and a proof would prove nothing)."""
+    from opt_core.kernels import attention_gluon, attention_gluon_bwd
+
+    forward = attention_gluon.supported(q, k, k, None, 0.0)
+    if not _backward(variant):
+        return forward
+    return forward and attention_gluon_bwd.supported(q, k, k, None, 0.0, q, q.shape[-1] ** -0.5)
+
+
+def prove(device: torch.device, variant: str) -> list[Comparison]:
+    """``variant`` (an unproven one: a Gluon kernel never yet run on a GPU) against float64 at
+    ``_proof_shapes``, bf16 and fp16, causal and not.  A forward: its out and lse, then out and every
+    gradient through the routed op (bf16 causal, per head dim).  A backward: every gradient through the
+    routed op at every combination, and their bitwise repeatability.  Raises where its kernels would not
+    take a proof's inputs (its switches would fall back to the Triton kernels: the proof would prove
+    nothing)."""
+    if variant not in GLUON_ROWS:
+        raise ValueError(f"no proof for {variant!r}: the unproven variants are {sorted(GLUON_ROWS)}")
+    results, routed = [], {}
+    for shape, dtype, causal in ((s, d, c) for s in _proof_shapes(variant) for d in (torch.bfloat16, torch.float16)
+                                 for c in (True, False)):
+        B, Sq, Sk, H, D = shape
+        q, k, v = (torch.randn(B, s, H, D, dtype=dtype, device=device) for s in (Sq, Sk, Sk))
+        if not _taken(variant, q, k):
+            raise RuntimeError(f"{variant}: its Gluon kernels do not take {shape} {dtype} on {device}")
+        if _backward(variant):
+            routed[(shape, dtype, causal)] = (shape, dtype, causal)
+            continue
+        run = VARIANTS[variant].runner(_attention_module, lambda: lambda: _gluon_forward(q, k, v, causal))
+        results += [dataclasses.replace(c, name=f"{c.name} {variant}") for c in run()]
+        routed.setdefault(D, (shape, torch.bfloat16, True))
+    for shape, dtype, causal in routed.values():
+        check = VARIANTS[variant].runner(_attention_module, lambda: lambda: _check_one(
+            shape, dtype, device, causal, repeat=_backward(variant)))
+        results += [dataclasses.replace(c, name=f"{c.name} {variant}") for c in check()]
+    return results
+
+
+def _gluon_forward(q, k, v, causal) -> list[Comparison]:
+    """The Gluon forward's out and lse (called directly, under the variant's switches) against float64."""
+    from opt_core.kernels import attention_gluon
+
+    scale = q.shape[-1] ** -0.5
+    out, lse = attention_gluon.attention_fwd(q, k, v, causal, scale)
+    tag = f"attention gluon {tuple(q.shape)} seqlen_k {k.shape[1]} {str(q.dtype).replace('torch.', '')}" \
+          f"{'' if causal else ' non-causal'}"
+    wide = [t.double() for t in (q, k, v)]
+    return [compare(f"{tag} out", out, reference.attention(*wide, causal),
+                    reference.attention(q, k, v, causal, upcast=False), factor=FORWARD_FACTOR),
+            _lse_comparison(f"{tag} lse", lse, reference.attention_lse(wide[0], wide[1], causal, scale))]
+
+
+LSE_TOLERANCE = 1e-5  # relative and absolute, as the attention tests hold lse (fp32 from fp32 sums)
+
+
+def _lse_comparison(name: str, lse: torch.Tensor, expected: torch.Tensor) -> Comparison:
+    """lse against the float64 one: +inf exactly where a row sees no key, elsewhere within
+    ``LSE_TOLERANCE`` (the error is in units of the per-element allowance: at most 1)."""
+    lse = lse.double()
+    if not torch.equal(torch.isinf(lse), torch.isinf(expected)) or bool((lse[torch.isinf(lse)] < 0).any()):
+        return Comparison(name, float("inf"), float("nan"), 1.0, False, "+inf not exactly where no key is seen")
+    finite = torch.isfinite(expected)
+    allowance = LSE_TOLERANCE * (1.0 + expected[finite].abs())
+    error = ((lse[finite] - expected[finite]).abs() / allowance).max().item() if bool(finite.any()) else 0.0
+    return Comparison(name, error, float("nan"), 1.0, error <= 1.0, "in units of 1e-5 (1 + |lse|)")
+
+
+def proof_compiles(variant: str) -> dict:
+    """What ``prove(variant)`` compiles (the plan's count): a forward's Gluon kernel per head dim, dtype and
+    causal flag and the Triton backward's kernels (their first configs, as in the smoke stage) per head
+    dim; a backward's Gluon forward and backward and the delta pass per combination."""
+    head_dims = len({shape[-1] for shape in _proof_shapes(variant)})
+    if _backward(variant):
+        combos = head_dims * 4
+        return {family: combos for family in ("attention_gluon.fwd_kernel", "attention_gluon_bwd.bwd_kernel",
+                                              "attention.bwd_preprocess_kernel")}
+    backward = ("attention.bwd_preprocess_kernel", "attention.bwd_dkdv_kernel", "attention.bwd_dq_kernel")
+    return {"attention_gluon.fwd_kernel": head_dims * 4, **{family: head_dims for family in backward}}
+
+
+def _check_one(shape, dtype, device, causal=True, repeat=False) -> list[Comparison]:
+    """Out and the three gradients against float64; ``repeat``: also that a second run gives the same bits
+    (a deterministic backward)."""
     B, Sq, Sk, H, D = shape
     q, k, v = (torch.randn(B, s, H, D, dtype=dtype, device=device) for s in (Sq, Sk, Sk))
     dout = torch.randn(B, Sq, H, D, dtype=torch.float64, device=device)
@@ -102,15 +218,21 @@ def _check_one(shape, dtype, device) -> list[Comparison]:
         out.backward(dout.to(out.dtype))
         return [out] + [t.grad for t in xs]
 
-    ours = run(lambda *t: functional.attention(*t, causal=True))
-    oracle = run(lambda *t: reference.attention(*t, True), torch.float64)
-    plain = run(lambda *t: reference.attention(*t, True, upcast=False))
-    tag = f"attention {tuple(shape)} {str(dtype).replace('torch.', '')}"
+    ours = run(lambda *t: functional.attention(*t, causal=causal))
+    oracle = run(lambda *t: reference.attention(*t, causal), torch.float64)
+    plain = run(lambda *t: reference.attention(*t, causal, upcast=False))
+    tag = f"attention {tuple(shape)} {str(dtype).replace('torch.', '')}{'' if causal else ' non-causal'}"
     names = ("out", "dq", "dk", "dv")
-    return [
+    results = [
         compare(f"{tag} {name}", o, rf, p, factor=FORWARD_FACTOR if i == 0 else GRADIENT_FACTOR)
         for i, (name, o, rf, p) in enumerate(zip(names, ours, oracle, plain))
     ]
+    if repeat:
+        again = run(lambda *t: functional.attention(*t, causal=causal))
+        same = all(torch.equal(a, b) for a, b in zip(ours[1:], again[1:]))
+        results.append(Comparison(f"{tag} gradients bitwise repeatable", 0.0 if same else float("inf"), 0.0, 0.0,
+                                  same, "" if same else "a second run gave other bits"))
+    return results
 
 
 # --------------------------------------------------------------------------- peers
@@ -191,7 +313,7 @@ def _variants(target: Target, dtype, shape, mode: str) -> tuple:
     if not (target.tma and dtype != torch.float32):
         return ()
     s_h_d = tuple(shape[1:])
-    return tuple(name for name, v in VARIANTS.items() if mode in v.modes and name != GLUON_VARIANT
+    return tuple(name for name, v in VARIANTS.items() if mode in v.modes and name not in GLUON_ROWS
                  and (s_h_d == AB_SHAPE or ("ws" in name.split("-") and s_h_d in WS_SHAPES)))
 
 
@@ -223,17 +345,18 @@ def specs(target: Target, quick: bool, dtypes=(torch.bfloat16,), part: str = "al
 
 
 def _gluon_specs(target: Target, dtype) -> list[Spec]:
-    """The Gluon forward against our Triton kernel (16-bit, sm_90), after every other row."""
+    """The Gluon kernels against our Triton ones (16-bit, sm_90), after every other row."""
     if not (target.tma and dtype != torch.float32):
         return []
     el, specs = torch.finfo(dtype).bits // 8, []
-    for S, H, D in GLUON_SHAPES:
+    shapes = list(dict.fromkeys(shape for rows in GLUON_ROWS.values() for shape in rows))
+    for (S, H, D), mode in ((shape, mode) for shape in shapes for mode in ("fwd", "bwd", "fwd+bwd")):
         B = TOKENS // S
-        # Its own shape label: these opt-core rows repeat the earlier ones, and readers key rows by shape.
-        specs += [Spec("attention", f"b{B}xs{S}xh{H}xd{D} causal (gluon A/B)", dtype, mode,
-                       attention_bytes(B, H, S, D, el, mode),
-                       flops(B, H, S, D, mode), ("opt-core", GLUON_VARIANT), "opt-core", "rest",
-                       ((B, S, H, D), dtype, "gluon")) for mode in VARIANTS[GLUON_VARIANT].modes]
+        variants = tuple(v for v, rows in GLUON_ROWS.items() if (S, H, D) in rows and mode in VARIANTS[v].modes)
+        if variants:  # its own shape label: these opt-core rows repeat the earlier ones, read keyed by shape
+            specs.append(Spec("attention", f"b{B}xs{S}xh{H}xd{D} causal (gluon A/B)", dtype, mode,
+                              attention_bytes(B, H, S, D, el, mode), flops(B, H, S, D, mode),
+                              ("opt-core",) + variants, "opt-core", "rest", ((B, S, H, D), dtype, "gluon")))
     return specs
 
 

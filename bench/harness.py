@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import importlib
 import itertools
 import json
 import os
@@ -234,6 +235,32 @@ class Variant:
         return with_switches(module, dict(self.switches), build)
 
 
+def unproven_variants(module, target: "Target", quick: bool, dtypes) -> list[str]:
+    """The unproven variants of a bench op module (``bench.<op>``) that some row of this target lists: each
+    must pass its proof (the module's ``prove(device, variant)``, run in the smoke stage) to be timed."""
+    names = {name for name, v in getattr(module, "VARIANTS", {}).items() if v.unproven}
+    listed = {name for spec in module.specs(target, quick, dtypes) for name in spec.providers}
+    return sorted(names & listed)
+
+
+def proof_path(out_dir: Path, op: str, variant: str) -> Path:
+    return out_dir / "smoke" / f"{op}~{variant}.json"
+
+
+def proven(out_dir: Path, op: str, variant: str) -> bool:
+    """Whether this run (or the last one in ``out_dir``) proved ``variant`` of ``op`` against float64."""
+    path = proof_path(out_dir, op, variant)
+    return path.exists() and json.loads(path.read_text())["ok"]
+
+
+def not_proven(variant: str) -> Callable[[], object]:
+    """The provider an unproven variant gets at its rows when its proof did not pass: it raises, so its rows
+    say why they hold no time."""
+    def run():
+        raise RuntimeError(f"{variant} not timed: its proof against float64 did not pass in the smoke stage")
+    return run
+
+
 def add_variants(runners: dict, spec, variants: dict, module, build: Callable[[], Callable[[], object]]) -> dict:
     """``runners`` with a runner for every variant ``spec`` lists, each built by ``build()`` under its
     switches."""
@@ -243,13 +270,22 @@ def add_variants(runners: dict, spec, variants: dict, module, build: Callable[[]
     return runners
 
 
+def _switch_target(module, name: str) -> tuple:
+    """(module, attribute) a variant's switch names: ``NAME`` of the op's kernel module, or
+    ``other.NAME`` of ``opt_core.kernels.other`` (a switch of a kernel the op's module routes to)."""
+    if "." not in name:
+        return module, name
+    other, attribute = name.rsplit(".", 1)
+    return importlib.import_module(f"opt_core.kernels.{other}"), attribute
+
+
 def with_switches(module, switches: dict, build: Callable[[], Callable[[], object]]) -> Callable[[], object]:
     """A runner built by ``build()`` and timed with ``module.<name> = value`` for each switch: set while
     building (a "bwd" runner runs its forward then) and around every call."""
     def set_all():
         stack = contextlib.ExitStack()
         for name, value in switches.items():
-            stack.enter_context(switched(module, name, value))
+            stack.enter_context(switched(*_switch_target(module, name), value))
         return stack
 
     with set_all():

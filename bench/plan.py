@@ -26,6 +26,7 @@ import argparse
 import collections
 import dataclasses
 import functools
+import importlib
 import json
 import math
 import os
@@ -75,7 +76,8 @@ class StagePlan:
 
 
 # --------------------------------------------------------------------------- what each op compiles
-_MODULES = ("attention_gluon", "attention", "layer_norm", "relu_mlp", "adamw", "grad_stats")  # longest prefix first
+_MODULES = ("attention_gluon_bwd", "attention_gluon", "attention", "layer_norm", "relu_mlp_gluon", "relu_mlp", "adamw",
+            "grad_stats")  # longest prefix first
 
 
 def _family(case) -> str:
@@ -292,12 +294,46 @@ def _attention_variant_tunes(specialize: Optional[str] = None, deterministic: Op
     return tunes
 
 
-def _gluon_tunes(spec) -> dict:
-    """Not autotuned: the Gluon forward's one config per head dim."""
-    from bench.attention import attention_bytes, flops
+def _gluon_tunes(persistent: bool):
+    """Not autotuned: the Gluon forward's one config per head dim (and grid)."""
+    def tunes(spec) -> dict:
+        from bench.attention import attention_bytes, flops
+
+        B, S, H, D = spec.group[0]
+        return {("attention_gluon.fwd_kernel", D, persistent): Tune(1, flops(B, H, S, D, "fwd"),
+                                                                    attention_bytes(B, H, S, D, 2, "fwd"))}
+    return tunes
+
+
+def _relu_mlp_gluon_tunes(spec) -> dict:
+    """Not autotuned: one compile per GEMM role of the row (its epilogue and operand layout), bf16 or fp16."""
+    from bench.relu_mlp import block_flops, gemm_bytes, gemm_dims
+
+    _, M, d, _, _ = spec.group
+    if spec.op == "relu_mlp":
+        roles = ("fc1", "fc2") + (("dh", "dW2", "dx", "dW1") if spec.mode == "fwd+bwd" else ())
+        share = block_flops(M, d, spec.mode) / len(roles)
+        return {(f"relu_mlp_gluon.{'dh' if role == 'dh' else 'gemm'}_kernel", role, str(spec.dtype)): Tune(1, share)
+                for role in roles}
+    name = spec.op.removeprefix("relu_mlp gemm ")
+    rows, cols, inner = gemm_dims(M, d)[name]
+    role = name.split(" ")[0]
+    return {(f"relu_mlp_gluon.{'dh' if role == 'dh' else 'gemm'}_kernel", role, str(spec.dtype)):
+            Tune(1, 2 * rows * cols * inner, gemm_bytes(rows, cols, inner, 2))}
+
+
+def _gluon_bwd_tunes(spec) -> dict:
+    """Not autotuned: the Gluon forward and backward, one config each per head dim."""
+    from bench.attention import flops
 
     B, S, H, D = spec.group[0]
-    return {("attention_gluon.fwd_kernel", D): Tune(1, flops(B, H, S, D, "fwd"), attention_bytes(B, H, S, D, 2, "fwd"))}
+    tunes = {("attention_gluon_bwd.bwd_kernel", D): Tune(1, flops(B, H, S, D, "bwd"), 20 * B * S * H * D)}
+    return {**_gluon_tunes(persistent=False)(spec), **tunes}
+
+
+def _gluon_variant_tunes(spec) -> dict:
+    """"opt-core-gluon" names the Gluon kernels of each op: the attention forward, the MLP's GEMMs."""
+    return (_gluon_tunes(persistent=False) if spec.op == "attention" else _relu_mlp_gluon_tunes)(spec)
 
 
 def _no_persistent_tunes(spec) -> dict:
@@ -337,7 +373,9 @@ VARIANT_WORK = {
     "opt-core-no-ws": _attention_variant_tunes(specialize="off"),
     "opt-core-fused-dq": _attention_variant_tunes(deterministic=True),
     "opt-core-fused-dq-atomic": _attention_variant_tunes(deterministic=False),
-    "opt-core-gluon": _gluon_tunes,
+    "opt-core-gluon": _gluon_variant_tunes,
+    "opt-core-gluon-persistent": _gluon_tunes(persistent=True),
+    "opt-core-gluon-bwd": _gluon_bwd_tunes,
     "opt-core-no-persistent": _no_persistent_tunes,
     "opt-core-no-pipeline": _layer_norm_variant_tunes("no-pipeline"),
     "opt-core-two-pass": _layer_norm_variant_tunes("two-pass"),
@@ -496,6 +534,17 @@ def warmup_stage(settings: Settings, table_compiles: set, seconds: dict) -> Stag
     return StagePlan("warmup", compiles, 0, wall, note=note)
 
 
+def _proof_work(stage: StagePlan, op: str, settings: Settings, seconds: dict, fallback: float) -> None:
+    """The proof processes of ``op``'s unproven variants, beside the smoke checks (one each)."""
+    module = importlib.import_module(f"bench.{op}")
+    for variant in harness.unproven_variants(module, harness.H200, settings.quick, settings.dtypes):
+        counts = module.proof_compiles(variant)
+        stage.compiles += sum(counts.values())
+        stage.launches += sum(counts.values())
+        stage.per_op[f"{op}~{variant}"] = PROCESS_START_S + sum(n * seconds.get(f, fallback)
+                                                                for f, n in counts.items()) + 3.0
+
+
 def smoke_stage(settings: Settings, seconds: dict) -> StagePlan:
     """Each op once at a small shape, its kernels on their first config: a compile per family, dtype
     (bf16, fp16) and path (TMA descriptors and pointers where a family has both); ops in parallel."""
@@ -515,7 +564,8 @@ def smoke_stage(settings: Settings, seconds: dict) -> StagePlan:
         stage.compiles += compiles
         stage.launches += compiles
         stage.per_op[op] = s
-    stage.seconds = max(stage.per_op.values()) * math.ceil(len(settings.ops) / settings.cores)
+        _proof_work(stage, op, settings, seconds, fallback)
+    stage.seconds = max(stage.per_op.values()) * math.ceil(len(stage.per_op) / settings.cores)
     return stage
 
 

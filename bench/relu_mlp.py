@@ -10,7 +10,11 @@ its fused epilogue) against ``torch.matmul`` alone on the same operand views
 persistent TMA-store configs kept from the tuner: what they buy), at the 6.7B
 width, and the second at OPT-125M's width too (768: 12 K-steps per tile, where
 an unoverlapped epilogue costs most); more rows mean more autotuning
-compiles.  FLOPs count 2*M*d*ffn per
+compiles.  ``opt-core-gluon`` (the Gluon ping-pong GEMMs, ``GLUON = "on"``)
+has never yet run on a GPU: proven against float64 in the smoke stage first
+(``prove``; timed only where that passed), its rows (the block and each GEMM
+at widths 768 and 4096, against our Triton kernels) come after every other
+row of the op.  FLOPs count 2*M*d*ffn per
 GEMM: 2 in the forward, 4 in the backward.  The goal (timed first): the block
 at OPT-1.3B's and 6.7B's widths (2048, 4096), 16k tokens.
 
@@ -96,14 +100,60 @@ def _check_one(M, d, dtype, device) -> list[Comparison]:
     ]
 
 
+def prove(device: torch.device, variant: str) -> list[Comparison]:
+    """The Gluon GEMMs (``variant``, never yet run on a GPU) against float64: the block's output and every
+    gradient with all six GEMMs routed to them, bf16 and fp16, at odd sizes; raises where one of the
+    block's GEMMs would fall back to Triton (the proof would not prove it)."""
+    if variant != GLUON_VARIANT:
+        raise ValueError(f"no proof for {variant!r}: the unproven variant is {GLUON_VARIANT!r}")
+    results = []
+    for (M, d), dtype in ((shape, dtype) for shape in PROOF_SHAPES for dtype in (torch.bfloat16, torch.float16)):
+        missing = _gluon_declines(M, d, dtype, device)
+        if missing:
+            raise RuntimeError(f"{variant}: the Gluon GEMMs do not take {', '.join(missing)} at ({M}, {d}) {dtype}")
+        check = VARIANTS[variant].runner(mlp, lambda: lambda: _check_one(M, d, dtype, device))
+        results += [dataclasses.replace(c, name=f"{c.name} {variant}") for c in check()]
+    return results
+
+
+PROOF_SHAPES = ((333, 1000), (77, 200))  # (tokens, width): tiles cut at every edge
+
+
+def _gluon_declines(M: int, d: int, dtype, device) -> list[str]:
+    """The block's GEMMs (as relu_mlp's launches view their operands) the Gluon kernels would not take."""
+    from opt_core.kernels import relu_mlp_gluon as gluon
+
+    x, w1, b1, w2, b2, r = (torch.empty(s, dtype=dtype, device=device) for s in
+                            ((M, d), (4 * d, d), (4 * d,), (d, 4 * d), (d,), (M, d)))
+    h, dh = (torch.empty(M, 4 * d, dtype=dtype, device=device) for _ in range(2))
+    g, dx = (torch.empty(M, d, dtype=dtype, device=device) for _ in range(2))
+    dw1, dw2 = torch.empty(4 * d, d, dtype=dtype, device=device), torch.empty(d, 4 * d, dtype=dtype, device=device)
+    gemms = {"fc1": ((x, w1.t(), h), dict(bias=b1)), "fc2": ((h, w2.t(), g), dict(bias=b2, residual=r)),
+             "dh": ((g, w2, dh), dict(h=h)), "dW2": ((g.t(), h, dw2), {}), "dx": ((dh, w1, dx), {}),
+             "dW1": ((dh.t(), x, dw1), {})}
+    return [name for name, (abc, epilogue) in gemms.items() if not gluon.supported(*abc, **epilogue)]
+
+
+def proof_compiles(variant: str) -> dict:
+    """What ``prove(variant)`` compiles (the plan's count): per dtype the block's five plain/epilogue GEMMs
+    and dh, and the Triton dropout backward."""
+    return {"relu_mlp_gluon.gemm_kernel": 2 * 5, "relu_mlp_gluon.dh_kernel": 2, "relu_mlp.dropout_bwd_kernel": 2}
+
+
 # --------------------------------------------------------------------------- benchmark cases
 GOAL_WIDTHS = (2048, 4096)  # OPT-1.3B and 6.7B
 AB_WIDTH = 4096             # where the A/B providers are timed (sm_90)
 VARIANTS = {v.name: v for v in (
     Variant("opt-core-no-tma", (("TMA", "off"),), why="pointer loads instead of TMA descriptors"),
     Variant("opt-core-no-persistent", (("PERSISTENT", "off"),), why="no persistent TMA-store configs"),
+    Variant("opt-core-gluon", (("GLUON", "on"),), ("fwd", "fwd+bwd"), "the Gluon ping-pong GEMMs", unproven=True),
 )}
 VARIANT_WIDTHS = {"opt-core-no-tma": (AB_WIDTH,), "opt-core-no-persistent": (768, AB_WIDTH)}
+# The Gluon GEMMs have never run on a GPU: proven against float64 in the smoke stage first (``prove``),
+# their rows come after every other row of the op (a hang or a sticky CUDA error costs only them), at
+# OPT-125M's width (where an unoverlapped epilogue costs most) and the A/B width.
+GLUON_VARIANT = "opt-core-gluon"
+GLUON_WIDTHS = (768, AB_WIDTH)
 
 
 def block_bytes(M: int, d: int, element_size: int, mode: str) -> int:
@@ -144,19 +194,30 @@ def specs(target: Target, quick: bool, dtypes=(torch.bfloat16,), part: str = "al
     M, goal, rest = _widths(target, quick)
     out = []
     for dtype in dtypes:
-        el = torch.finfo(dtype).bits // 8
         for d in goal + rest:
             ab = tuple(name for name, widths in VARIANT_WIDTHS.items()
                        if target.tma and dtype != torch.float32 and d in widths)
             p = "goal" if d in goal else "rest"
-            out += [Spec("relu_mlp", f"{M}x{d}x{4 * d}", dtype, mode, block_bytes(M, d, el, mode),
-                         block_flops(M, d, mode), ("opt-core", "torch-unfused") + ab, "torch-unfused", p,
-                         ("block", M, d, dtype, p)) for mode in ("fwd", "fwd+bwd")]
-            out += [Spec(f"relu_mlp gemm {name}", f"{rows}x{cols}x{inner}", dtype, "fwd",
-                         gemm_bytes(rows, cols, inner, el), 2 * rows * cols * inner,
-                         ("opt-core", "torch.matmul") + ab, "torch.matmul", "rest", ("gemm", M, d, dtype, "rest"))
-                    for name, (rows, cols, inner) in gemm_dims(M, d).items()]
+            out += _width_specs(M, d, dtype, p, ("opt-core", "torch-unfused") + ab, ("opt-core", "torch.matmul") + ab)
+    for dtype in (d for d in dtypes if target.tma and target.gpu and d != torch.float32):
+        for d in GLUON_WIDTHS:  # its own shape labels: these opt-core rows repeat the earlier ones
+            out += [dataclasses.replace(s, shape=f"{s.shape} (gluon A/B)", baseline="opt-core")
+                    for s in _width_specs(M, d, dtype, "gluon", ("opt-core", GLUON_VARIANT), ("opt-core", GLUON_VARIANT))]
     return selected(out, part)
+
+
+def _width_specs(M: int, d: int, dtype, p: str, block_providers: tuple, gemm_providers: tuple) -> list[Spec]:
+    """The block's rows (fwd, fwd+bwd) and each GEMM's at width d; ``p`` the pass ("goal" or "rest"; "gluon":
+    the rest, in groups of their own)."""
+    el = torch.finfo(dtype).bits // 8
+    part = "rest" if p == "gluon" else p
+    specs = [Spec("relu_mlp", f"{M}x{d}x{4 * d}", dtype, mode, block_bytes(M, d, el, mode), block_flops(M, d, mode),
+                  block_providers, block_providers[1], part, ("block", M, d, dtype, p)) for mode in ("fwd", "fwd+bwd")]
+    specs += [Spec(f"relu_mlp gemm {name}", f"{rows}x{cols}x{inner}", dtype, "fwd", gemm_bytes(rows, cols, inner, el),
+                   2 * rows * cols * inner, gemm_providers, gemm_providers[1], "rest",
+                   ("gemm", M, d, dtype, "gluon" if p == "gluon" else "rest"))
+              for name, (rows, cols, inner) in gemm_dims(M, d).items()]
+    return specs
 
 
 def cases(device: torch.device, quick: bool, dtypes=(torch.bfloat16,), part: str = "all"):
@@ -174,7 +235,7 @@ def _block_cases(group, M, d, dtype, device):
         "torch-unfused": lambda: F.dropout(F.linear(F.relu(F.linear(x, w1, b1)), w2, b2), DROPOUT, training=True) + r,
     }
     for spec in group:
-        runners = {k: mode_runner(spec.mode, f, (), (dy,)) for k, f in providers.items()}
+        runners = {k: mode_runner(spec.mode, f, (), (dy,)) for k, f in providers.items() if k in spec.providers}
         add_variants(runners, spec, VARIANTS, mlp,
                      lambda mode=spec.mode: mode_runner(mode, providers["opt-core"], (), (dy,)))
         yield spec.case(runners, leaves)
@@ -220,5 +281,5 @@ def _gemm_cases(group, M, d, dtype, device):
 
         def theirs(a=a, b=b, out=out):
             return torch.matmul(a, b, out=out)
-        yield spec.case(add_variants({"opt-core": ours, "torch.matmul": theirs}, spec, VARIANTS, mlp,
-                                     lambda ours=ours: ours))
+        runners = {k: f for k, f in (("opt-core", ours), ("torch.matmul", theirs)) if k in spec.providers}
+        yield spec.case(add_variants(runners, spec, VARIANTS, mlp, lambda ours=ours: ours))

@@ -4,7 +4,10 @@ Stages, in order (``--stages`` picks some; ``table`` means goal, rest, profile a
 
 1. ``smoke``: each op's ``smoke()`` in its own process, ops in parallel: small shapes in bf16 and fp16
    against float64, the TMA descriptor paths and the pointer paths, one config per kernel.  An op that
-   fails (a comparison, an exception, a crash, the time limit) is reported and skipped later on.
+   fails (a comparison, an exception, a crash, the time limit) is reported and skipped later on.  Beside
+   them, one process per unproven variant the rows list (a kernel never yet run on a GPU: the Gluon
+   ones) runs its op module's ``prove()`` against float64; the table times that variant only where its
+   proof passed (its rows say why otherwise), so a hang or a wrong result costs only its own rows.
 2. ``warmup``: the kernels, configs and specialisations the table will launch are compiled first, by
    processes that run each op's cases with ``OPT_CORE_TUNING=compile:I/N`` (process I of N compiles
    its share of every launch's configs through the JIT's launch path, launching nothing) sharing
@@ -55,7 +58,8 @@ LIMITS = {"smoke": (90, 20), "warmup": (150, 15), "goal": (180, 30), "rest": (No
 OP_FLOOR_S = 15            # what each later op of a pass keeps when an earlier one runs long
 OP_CAP = (3.0, 60.0)       # on a GPU an op's process may take 3x its planned time, at least 60 s
 TEST_TIMEOUT_S = 90        # per GPU test, where pytest-timeout is installed
-LAST_TESTS = ("tests/test_attention_gluon.py",)  # run after the others: never yet run on a GPU
+# Run after the others: the Gluon kernels' tests (never yet run on a GPU; the smoke stage proved them first)
+LAST_TESTS = ("tests/test_attention_gluon.py", "tests/test_attention_gluon_bwd.py", "tests/test_relu_mlp_gluon.py")
 # GPU memory one warm-up process of an op may hold (GiB): its largest case's tensors, two cases at once.
 WARMUP_GIB = {"layer_norm": 4, "adamw": 1, "attention": 8, "relu_mlp": 24, "mfu": 12}
 PROFILE = {True: ["--preset", "opt-1.3b", "--steps", "2"], False: ["--preset", "test", "--steps", "1", "--warmup", "1"]}
@@ -244,9 +248,11 @@ class Run:
             (self.out / "smoke" / f"{op}.json").unlink(missing_ok=True)
         tasks = [Task(op, self.worker("smoke", op), self.env("first"), self.out / "logs" / f"smoke-{op}.log")
                  for op in self.settings.ops]
-        results = run_tasks(tasks, max(1, min(self.settings.workers, len(tasks))), limit)
-        bad = []
-        for op, result in results.items():
+        proofs = self.proof_tasks()
+        results = run_tasks(tasks + proofs, max(1, min(self.settings.workers, len(tasks) + len(proofs))), limit)
+        bad = self.proofs_failed(proofs)
+        for op in self.settings.ops:
+            result = results[op]
             path = self.out / "smoke" / f"{op}.json"
             report = json.loads(path.read_text()) if path.exists() else None
             if report is None:  # crashed or stopped before writing: the op is out
@@ -259,6 +265,31 @@ class Run:
             else:
                 self.say(f"  smoke {op}: {report['passed']}/{report['compared']} pass, {report['seconds']} s")
         return Outcome("smoke", "failed" if bad else "ok", detail=f"skipped later: {', '.join(bad)}" if bad else "")
+
+    def proof_tasks(self) -> list:
+        """One process per unproven variant (a kernel never yet run on a GPU) that this run's rows list:
+        its proof against float64, beside the smoke checks."""
+        tasks = []
+        for op in self.settings.ops:
+            module = importlib.import_module(f"bench.{op}")
+            for variant in harness.unproven_variants(module, self.target, self.settings.quick,
+                                                     _dtypes(self.settings.dtypes)):
+                harness.proof_path(self.out, op, variant).unlink(missing_ok=True)
+                tasks.append(Task(f"{op}~{variant}", self.worker("prove", op, "--variant", variant),
+                                  self.env("first"), self.out / "logs" / f"prove-{op}~{variant}.log"))
+        return tasks
+
+    def proofs_failed(self, proofs: list) -> list[str]:
+        """The proofs that did not pass, reported; their variants' rows hold the reason instead of times."""
+        bad = []
+        for task in proofs:
+            op, variant = task.name.split("~")
+            if harness.proven(self.out, op, variant):
+                self.say(f"  prove {op} {variant}: passed (its rows are timed)")
+            else:
+                bad.append(task.name)
+                self.say(f"  prove {op} {variant}: FAILED, not timed (log {task.log})")
+        return bad
 
     def warmup(self, limit: float) -> Outcome:
         tasks = []
@@ -322,7 +353,7 @@ class Run:
         return Outcome("plots", "ok", detail=", ".join(p.name for p in written))
 
     def tests(self, limit: float) -> Outcome:
-        """The gpu-marked tests; the ones of paths never yet run on a GPU (``LAST_TESTS``: the Gluon forward)
+        """The gpu-marked tests; the ones of paths never yet run on a GPU (``LAST_TESTS``: the Gluon kernels)
         in a second process after the others, so a hang there costs only them."""
         if not self.gpu:
             return Outcome("tests", "skipped", detail="no CUDA device: the gpu-marked tests only skip here")

@@ -6,6 +6,9 @@ CUDA error costs that op alone.  Stages:
 - ``smoke``: the op module's ``smoke(device)`` (small shapes, bf16 and fp16, against float64), with
   the autotuners on their first config (``OPT_CORE_TUNING=first``, set by the suite); writes
   ``smoke/<op>.json``; exit status 1 when a comparison fails or the check raises.
+- ``prove``: the op module's ``prove(device, variant)`` for one unproven variant (a kernel never yet run
+  on a GPU) against float64; writes ``smoke/<op>~<variant>.json``.  The table times that variant only
+  where it passed; elsewhere its rows carry the reason instead of a time.
 - ``warmup``: every case the table will time, each ``opt-core`` provider called once, with the
   autotuners compiling their share of the configs without launching (``OPT_CORE_TUNING=compile:I/N``);
   writes ``warmup/<op>-<I>.json`` (what was compiled, Triton's cache hits and misses).
@@ -97,27 +100,46 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 # --------------------------------------------------------------------------- smoke
-def smoke(op: str, out: Path) -> int:
-    device, started = _device(), time.perf_counter()
-    counter = CacheCounter().install()
+def _check(op: str, label: str, path: Path, run, **extra) -> int:
+    """``run()``'s comparisons against float64 (smoke or proof) written to ``path`` and printed; exit
+    status 1 when one fails, none ran or it raised."""
+    started = time.perf_counter()
     results, error = [], None
     try:
         _fail_if_asked(op, "smoke")
-        results = importlib.import_module(f"bench.{op}").smoke(device)
+        results = run()
     except Exception:
         error = traceback.format_exc(limit=8)
     bad = [r for r in results if not r.ok]
     ok = error is None and bool(results) and not bad
     worst = max(results, key=lambda r: r.error / r.bound if r.bound else 0.0) if results else None
-    _write_json(out / "smoke" / f"{op}.json", {
-        "op": op, "ok": ok, "passed": len(results) - len(bad), "compared": len(results),
-        "failed": [str(r) for r in bad], "tightest": str(worst) if worst else None, "error": error,
-        "seconds": round(time.perf_counter() - started, 1), "compile_cache": counter.summary()})
-    print(f"smoke {op}: {len(results) - len(bad)}/{len(results)} comparisons pass"
+    _write_json(path, {
+        "op": op, **{k: v for k, v in extra.items() if not callable(v)}, "ok": ok,
+        "passed": len(results) - len(bad), "compared": len(results), "failed": [str(r) for r in bad],
+        "tightest": str(worst) if worst else None, "error": error,
+        "seconds": round(time.perf_counter() - started, 1),
+        **{k: v() for k, v in extra.items() if callable(v)}})
+    print(f"{label}: {len(results) - len(bad)}/{len(results)} comparisons pass"
           f"{'; tightest: ' + str(worst) if worst else ''}")
     for line in [str(r) for r in bad] + ([error] if error else []):
         print(f"  {line}")
     return 0 if ok else 1
+
+
+def smoke(op: str, out: Path) -> int:
+    device = _device()
+    counter = CacheCounter().install()
+    return _check(op, f"smoke {op}", out / "smoke" / f"{op}.json",
+                  lambda: importlib.import_module(f"bench.{op}").smoke(device), compile_cache=counter.summary)
+
+
+def prove(op: str, variant: str, out: Path) -> int:
+    """The op module's ``prove(device, variant)``: an unproven variant's kernel against float64 at small
+    shapes (raising where that kernel would not run), before any of its rows; writes
+    ``smoke/<op>~<variant>.json``, which decides whether the table times the variant."""
+    device = _device()
+    return _check(op, f"prove {op} {variant}", harness.proof_path(out, op, variant),
+                  lambda: importlib.import_module(f"bench.{op}").prove(device, variant), variant=variant)
 
 
 # --------------------------------------------------------------------------- warm-up
@@ -189,8 +211,13 @@ def table(op: str, part: str, out: Path, quick: bool, dtypes: tuple) -> int:
     _telemetry(path, op, part, "before")
     try:
         _fail_if_asked(op, "table")
-        for case in importlib.import_module(f"bench.{op}").cases(device, quick, dtypes, part):
+        module = importlib.import_module(f"bench.{op}")
+        unproven = {name for name, v in getattr(module, "VARIANTS", {}).items() if v.unproven}
+        for case in module.cases(device, quick, dtypes, part):
             started = time.perf_counter()
+            for name in unproven & case.providers.keys():
+                if not harness.proven(out, op, name):
+                    case.providers[name] = harness.not_proven(name)
             rows = harness.run_case(case, device, ceilings)
             del case
             harness.append_records(path, "row", [r.__dict__ for r in rows])
@@ -207,17 +234,22 @@ def table(op: str, part: str, out: Path, quick: bool, dtypes: tuple) -> int:
 # --------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("smoke", "warmup", "table"))
+    parser.add_argument("stage", choices=("smoke", "prove", "warmup", "table"))
     parser.add_argument("--op", required=True, choices=OPS)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--part", default="goal", choices=harness.PARTS)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(DTYPES))
     parser.add_argument("--tag", default="0", help="warm-up: this process's name among the op's")
+    parser.add_argument("--variant", help="prove: the unproven variant to check against float64")
     args = parser.parse_args(argv)
     dtypes = tuple(DTYPES[d] for d in args.dtypes)
     if args.stage == "smoke":
         return smoke(args.op, args.out)
+    if args.stage == "prove":
+        if not args.variant:
+            parser.error("prove needs --variant")
+        return prove(args.op, args.variant, args.out)
     if args.stage == "warmup":
         return warmup(args.op, args.out, args.quick, dtypes, args.tag)
     return table(args.op, args.part, args.out, args.quick, dtypes)

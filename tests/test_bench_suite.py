@@ -125,19 +125,75 @@ def test_the_warm_up_never_launches_an_unproven_variant(tmp_path, monkeypatch):
     assert called == ["opt-core"]
 
 
+def test_an_unproven_variant_is_timed_only_after_its_proof_passes(tmp_path, monkeypatch):
+    """The table times a never-run kernel's variant only where the smoke stage's proof of it against
+    float64 passed; otherwise its rows say why they hold no time, and the other providers are timed."""
+    from opt_core.kernels.testing import compare
+
+    x = torch.randn(5, dtype=torch.float64)
+    outcome = {"ours": x.float()}
+
+    def cases(device, quick, dtypes, part):
+        yield harness.Case("op", "5", torch.float32, "fwd", 20, {"opt-core": lambda: x * 2,
+                                                                 "opt-core-new": lambda: x * 3}, "opt-core")
+
+    module = types.SimpleNamespace(
+        VARIANTS={"opt-core-new": harness.Variant("opt-core-new", (), unproven=True)}, cases=cases,
+        prove=lambda device, variant: [compare(variant, outcome["ours"], x, x.float(), factor=2.0)])
+    monkeypatch.setattr(worker.importlib, "import_module", lambda name: module)
+    monkeypatch.setattr(worker, "_environment", lambda out, device: {"copy_bandwidth_gbps": 1.0, "gemm_tflops": 1.0})
+    monkeypatch.setattr(worker, "records_path", lambda out, op, part: out / "records" / "op.jsonl")
+
+    def timed() -> dict:
+        rows = [r for r in harness.read_records(tmp_path)["row"]]
+        return {r["provider"]: r["error"] for r in rows}
+
+    assert worker.table("op", "rest", tmp_path, True, (torch.float32,)) == 0  # no proof ran
+    assert timed()["opt-core"] is None and "proof against float64 did not pass" in timed()["opt-core-new"]
+    outcome["ours"] = x.float() + 1.0  # a wrong kernel
+    assert worker.prove("op", "opt-core-new", tmp_path) == 1 and not harness.proven(tmp_path, "op", "opt-core-new")
+    worker.table("op", "rest", tmp_path, True, (torch.float32,))
+    assert "did not pass" in timed()["opt-core-new"]
+    outcome["ours"] = x.float()
+    assert worker.prove("op", "opt-core-new", tmp_path) == 0 and harness.proven(tmp_path, "op", "opt-core-new")
+    worker.table("op", "rest", tmp_path, True, (torch.float32,))
+    assert timed() == {"opt-core": None, "opt-core-new": None}
+
+
+def test_the_suite_proves_every_unproven_variant_an_h200_row_lists():
+    """Each unproven variant (the Gluon kernels) that a GPU row lists gets a proof process in the smoke
+    stage, and its module can prove it; on the CPU no row lists one."""
+    for module in (attention, relu_mlp):
+        names = harness.unproven_variants(module, H200, False, (torch.bfloat16,))
+        assert names == sorted(n for n, v in module.VARIANTS.items() if v.unproven), module.__name__
+        assert names and callable(module.prove)
+        assert not harness.unproven_variants(module, harness.Target(gpu=False, tma=False), True, (torch.float16,))
+        with pytest.raises(RuntimeError, match="do not take"):  # a proof never passes by falling back
+            module.prove(torch.device("cpu"), names[0])
+
+
+def test_the_last_tests_are_the_gluon_kernels_test_files():
+    """The GPU tests run in a second process after the others are the Gluon kernels' (never yet run on a
+    GPU): every such file, and only those."""
+    gluon_tests = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*gluon*.py"))
+    assert sorted(suite.LAST_TESTS) == gluon_tests
+
+
 def _recorded(module, names, calls):
     return lambda *a, **k: calls.append(tuple(getattr(module, n) for n in names) + tuple(sorted(k.items())))
 
 
 def test_variants_run_their_op_with_their_switches_set(monkeypatch):
     """Built on the CPU, each A/B provider calls our op with its switches set (and only while it runs)."""
-    from opt_core.kernels import attention as at, layer_norm as ln, relu_mlp as rm
+    from opt_core.kernels import attention as at, attention_gluon as ag, layer_norm as ln, relu_mlp as rm
 
     calls = []
     names = ("TMA", "WARP_SPECIALIZE", "FUSED_DQ", "GLUON")
     defaults = {n: getattr(at, n) for n in names}
     record = _recorded(at, names, calls)
-    monkeypatch.setattr(attention.functional, "attention", lambda q, k, v, **kw: (record(**kw), q * 1)[1])
+    gluon_grids = []  # a switch of the module the op routes to (attention_gluon.PERSISTENT)
+    monkeypatch.setattr(attention.functional, "attention",
+                        lambda q, k, v, **kw: (record(**kw), gluon_grids.append(ag.PERSISTENT), q * 1)[2])
     shape = (1, 16, 2, 64)
     group = [harness.Spec("attention", "tiny", torch.float32, "fwd+bwd", 0, 0,
                           ("opt-core", *attention.VARIANTS), "opt-core", "rest", (shape, torch.float32, "rest"))]
@@ -148,17 +204,23 @@ def test_variants_run_their_op_with_their_switches_set(monkeypatch):
         switches = {**defaults, **dict(attention.VARIANTS[name].switches)}
         assert calls[-1][:len(names)] == tuple(switches[n] for n in names), name
         assert dict(calls[-1][len(names):])["deterministic"] == (not name.endswith("-atomic"))
+        assert gluon_grids[-1] == switches.get("attention_gluon.PERSISTENT", "off"), name
     assert {n: getattr(at, n) for n in names} == defaults == {"TMA": "auto", "WARP_SPECIALIZE": "auto",
                                                                "FUSED_DQ": False, "GLUON": "off"}
+    assert ag.PERSISTENT == "off"
 
     calls.clear()
-    monkeypatch.setattr(rm, "_launch_matmul", _recorded(rm, ("TMA", "PERSISTENT"), calls))
+    monkeypatch.setattr(rm, "_launch_matmul", _recorded(rm, ("TMA", "PERSISTENT", "GLUON"), calls))
     specs = [s for s in relu_mlp.specs(H200, False) if s.op == "relu_mlp gemm dx (dh@W1)" and "768x" in s.shape]
-    (spec,) = [dataclasses.replace(s, group=("gemm", 8, 16, torch.float32, "rest")) for s in specs]
-    (case,) = [c for c in relu_mlp._gemm_cases([spec], 8, 16, torch.float32, torch.device("cpu"))]
+    plain, gluon = [dataclasses.replace(s, group=("gemm", 8, 16, torch.float32, s.group[-1])) for s in specs]
+    assert gluon.shape.endswith("(gluon A/B)") and gluon.providers == ("opt-core", "opt-core-gluon")
+    (case,) = [c for c in relu_mlp._gemm_cases([plain], 8, 16, torch.float32, torch.device("cpu"))]
     case.providers["opt-core-no-persistent"]()
     case.providers["opt-core"]()
-    assert calls == [("auto", "off"), ("auto", "auto")]
+    (case,) = [c for c in relu_mlp._gemm_cases([gluon], 8, 16, torch.float32, torch.device("cpu"))]
+    assert set(case.providers) == {"opt-core", "opt-core-gluon"}
+    case.providers["opt-core-gluon"]()
+    assert calls == [("auto", "off", "off"), ("auto", "auto", "off"), ("auto", "auto", "on")]
 
     calls.clear()
     monkeypatch.setattr(layer_norm.functional, "layer_norm",
