@@ -15,8 +15,9 @@ buys), ``opt-core-fused-dq`` (the five-product backward, dQ added up by the
 dK/dV kernel in the deterministic order), ``opt-core-fused-dq-atomic`` (the
 same in any order), and the Gluon kernels: ``opt-core-gluon`` (the
 FlashAttention-3-style forward, ``GLUON = "on"``), ``opt-core-gluon-persistent``
-(the same on a persistent grid) and ``opt-core-gluon-bwd`` (that forward and
-the five-product Gluon backward, ``GLUON_BWD = "on"``, deterministic).  Those
+(the same on a persistent grid), ``opt-core-gluon-bwd`` (that forward and
+the five-product Gluon backward, ``GLUON_BWD = "on"``, deterministic) and
+``opt-core-gluon-bwd-atomic`` (dQ added in any order).  Those
 have never yet run on a GPU: each is proven against float64 in the smoke
 stage first (``prove``; its rows are timed only where that passed), and its
 rows come after every other row of the op, against our Triton kernels, at
@@ -69,6 +70,8 @@ VARIANTS = {v.name: v for v in (
             "the Gluon forward on a persistent grid", unproven=True),
     Variant("opt-core-gluon-bwd", (("GLUON", "on"), ("GLUON_BWD", "on")), ("bwd", "fwd+bwd"),
             "the Gluon FA3-style forward and five-product backward, deterministic", unproven=True),
+    Variant("opt-core-gluon-bwd-atomic", (("GLUON", "on"), ("GLUON_BWD", "on")), ("bwd",),
+            "the same, dQ added in any order (longest key blocks first)", unproven=True),
 )}
 # The Gluon kernels have never run on a GPU: each is proven against float64 in the smoke stage first
 # (``prove``), and its rows are the op's last (a hang or a sticky CUDA error costs only them), timed
@@ -77,6 +80,7 @@ GLUON_ROWS = {
     "opt-core-gluon": (AB_SHAPE, (2048, 12, 64), (2048, 32, 80)),
     "opt-core-gluon-persistent": (AB_SHAPE, (2048, 32, 80)),
     "opt-core-gluon-bwd": (AB_SHAPE, (2048, 12, 64)),
+    "opt-core-gluon-bwd-atomic": (AB_SHAPE,),
 }
 TOKENS = 16384
 SEQLENS = (2048, 8192)
@@ -138,7 +142,7 @@ def prove(device: torch.device, variant: str) -> list[Comparison]:
     """``variant`` (an unproven one: a Gluon kernel never yet run on a GPU) against float64 at
     ``_proof_shapes``, bf16 and fp16, causal and not.  A forward: its out and lse, then out and every
     gradient through the routed op (bf16 causal, per head dim).  A backward: every gradient through the
-    routed op at every combination, and their bitwise repeatability.  Raises where its kernels would not
+    routed op at every combination, and their bitwise repeatability where it is deterministic.  Raises where its kernels would not
     take a proof's inputs (its switches would fall back to the Triton kernels: the proof would prove
     nothing)."""
     if variant not in GLUON_ROWS:
@@ -156,9 +160,10 @@ def prove(device: torch.device, variant: str) -> list[Comparison]:
         run = VARIANTS[variant].runner(_attention_module, lambda: lambda: _gluon_forward(q, k, v, causal))
         results += [dataclasses.replace(c, name=f"{c.name} {variant}") for c in run()]
         routed.setdefault(D, (shape, torch.bfloat16, True))
+    deterministic = not variant.endswith("-atomic")  # as the variant's rows run it (_ours)
     for shape, dtype, causal in routed.values():
         check = VARIANTS[variant].runner(_attention_module, lambda: lambda: _check_one(
-            shape, dtype, device, causal, repeat=_backward(variant)))
+            shape, dtype, device, causal, deterministic, repeat=_backward(variant) and deterministic))
         results += [dataclasses.replace(c, name=f"{c.name} {variant}") for c in check()]
     return results
 
@@ -205,7 +210,7 @@ def proof_compiles(variant: str) -> dict:
     return {"attention_gluon.fwd_kernel": head_dims * 4, **{family: head_dims for family in backward}}
 
 
-def _check_one(shape, dtype, device, causal=True, repeat=False) -> list[Comparison]:
+def _check_one(shape, dtype, device, causal=True, deterministic=True, repeat=False) -> list[Comparison]:
     """Out and the three gradients against float64; ``repeat``: also that a second run gives the same bits
     (a deterministic backward)."""
     B, Sq, Sk, H, D = shape
@@ -218,7 +223,7 @@ def _check_one(shape, dtype, device, causal=True, repeat=False) -> list[Comparis
         out.backward(dout.to(out.dtype))
         return [out] + [t.grad for t in xs]
 
-    ours = run(lambda *t: functional.attention(*t, causal=causal))
+    ours = run(lambda *t: functional.attention(*t, causal=causal, deterministic=deterministic))
     oracle = run(lambda *t: reference.attention(*t, causal), torch.float64)
     plain = run(lambda *t: reference.attention(*t, causal, upcast=False))
     tag = f"attention {tuple(shape)} {str(dtype).replace('torch.', '')}{'' if causal else ' non-causal'}"
@@ -228,7 +233,7 @@ def _check_one(shape, dtype, device, causal=True, repeat=False) -> list[Comparis
         for i, (name, o, rf, p) in enumerate(zip(names, ours, oracle, plain))
     ]
     if repeat:
-        again = run(lambda *t: functional.attention(*t, causal=causal))
+        again = run(lambda *t: functional.attention(*t, causal=causal, deterministic=deterministic))
         same = all(torch.equal(a, b) for a, b in zip(ours[1:], again[1:]))
         results.append(Comparison(f"{tag} gradients bitwise repeatable", 0.0 if same else float("inf"), 0.0, 0.0,
                                   same, "" if same else "a second run gave other bits"))

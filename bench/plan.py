@@ -322,13 +322,16 @@ def _relu_mlp_gluon_tunes(spec) -> dict:
             Tune(1, 2 * rows * cols * inner, gemm_bytes(rows, cols, inner, 2))}
 
 
-def _gluon_bwd_tunes(spec) -> dict:
-    """Not autotuned: the Gluon forward and backward, one config each per head dim."""
-    from bench.attention import flops
+def _gluon_bwd_tunes(deterministic: bool):
+    """Not autotuned: the Gluon forward and backward, one config each per head dim (and dQ order)."""
+    def tunes(spec) -> dict:
+        from bench.attention import flops
 
-    B, S, H, D = spec.group[0]
-    tunes = {("attention_gluon_bwd.bwd_kernel", D): Tune(1, flops(B, H, S, D, "bwd"), 20 * B * S * H * D)}
-    return {**_gluon_tunes(persistent=False)(spec), **tunes}
+        B, S, H, D = spec.group[0]
+        backward = {("attention_gluon_bwd.bwd_kernel", D, deterministic):
+                    Tune(1, flops(B, H, S, D, "bwd"), 20 * B * S * H * D)}
+        return {**_gluon_tunes(persistent=False)(spec), **backward}
+    return tunes
 
 
 def _gluon_variant_tunes(spec) -> dict:
@@ -375,7 +378,8 @@ VARIANT_WORK = {
     "opt-core-fused-dq-atomic": _attention_variant_tunes(deterministic=False),
     "opt-core-gluon": _gluon_variant_tunes,
     "opt-core-gluon-persistent": _gluon_tunes(persistent=True),
-    "opt-core-gluon-bwd": _gluon_bwd_tunes,
+    "opt-core-gluon-bwd": _gluon_bwd_tunes(deterministic=True),
+    "opt-core-gluon-bwd-atomic": _gluon_bwd_tunes(deterministic=False),
     "opt-core-no-persistent": _no_persistent_tunes,
     "opt-core-no-pipeline": _layer_norm_variant_tunes("no-pipeline"),
     "opt-core-two-pass": _layer_norm_variant_tunes("two-pass"),

@@ -19,7 +19,7 @@ import torch
 
 from bench import adamw, attention, harness, layer_norm, mfu, plan, relu_mlp, suite, telemetry, worker
 from bench.harness import H200
-from opt_core import flops
+from opt_core import flops, functional
 from opt_core.config import OPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,6 +170,38 @@ def test_the_suite_proves_every_unproven_variant_an_h200_row_lists():
         assert not harness.unproven_variants(module, harness.Target(gpu=False, tma=False), True, (torch.float16,))
         with pytest.raises(RuntimeError, match="do not take"):  # a proof never passes by falling back
             module.prove(torch.device("cpu"), names[0])
+
+
+def test_the_proofs_compare_what_they_claim(monkeypatch):
+    """The proof code itself (its first real run is on a GPU, with the Gluon kernels): with the Triton
+    kernels standing in for them, every proof compares out, lse or gradients against float64 and passes, the
+    backward's includes bitwise repeatability, and a wrong stand-in fails it."""
+    from opt_core.kernels import attention as at, attention_gluon as ag
+
+    monkeypatch.setattr(attention, "PROOF_SHAPES", ((1, 17, 17, 1, 64),))
+    monkeypatch.setattr(attention, "_taken", lambda variant, q, k: True)
+    monkeypatch.setattr(ag, "attention_fwd", lambda q, k, v, causal, scale: at._launch_fwd(
+        q, k, v, None, causal, scale, 0.0, 0))
+    cpu = torch.device("cpu")
+    deterministic, real = [], functional.attention
+    monkeypatch.setattr(functional, "attention", lambda *a, **kw: (deterministic.append(kw["deterministic"]),
+                                                                   real(*a, **kw))[1])
+    for variant in ("opt-core-gluon", "opt-core-gluon-bwd", "opt-core-gluon-bwd-atomic"):
+        deterministic.clear()
+        results = attention.prove(cpu, variant)
+        names = " ".join(r.name for r in results)
+        assert results and all(r.ok for r in results), [str(r) for r in results if not r.ok]
+        assert (" lse " in names) == (variant == "opt-core-gluon") and " dq " in names
+        assert ("bitwise repeatable" in names) == (variant == "opt-core-gluon-bwd")
+        assert set(deterministic) == {not variant.endswith("-atomic")}  # as the variant's rows run it
+    monkeypatch.setattr(ag, "attention_fwd", lambda q, k, v, causal, scale: tuple(
+        t * 1.01 for t in at._launch_fwd(q, k, v, None, causal, scale, 0.0, 0)))
+    assert not all(r.ok for r in attention.prove(cpu, "opt-core-gluon"))
+
+    monkeypatch.setattr(relu_mlp, "PROOF_SHAPES", ((9, 16),))
+    monkeypatch.setattr(relu_mlp, "_gluon_declines", lambda M, d, dtype, device: [])
+    results = relu_mlp.prove(cpu, "opt-core-gluon")
+    assert len(results) == 2 * len(relu_mlp.NAMES) and all(r.ok for r in results), [str(r) for r in results]
 
 
 def test_the_last_tests_are_the_gluon_kernels_test_files():
