@@ -351,6 +351,16 @@ def _query_block_program(seqlen_q, heads, BLOCK_M: tl.constexpr):
     return bh, start_m, bh // heads, bh % heads
 
 
+@triton.jit
+def _row_block_program(seqlen_q, heads, BLOCK_M: tl.constexpr):
+    """(bh, start_m, b, h) of this program in the row-wise passes (delta, the fused dQ's store): query
+    blocks in order, b and h int64 for pointer offsets."""
+    num_m = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    return bh, (pid % num_m) * BLOCK_M, (bh // heads).to(tl.int64), (bh % heads).to(tl.int64)
+
+
 # --------------------------------------------------------------------------- forward
 @triton.jit
 def _online_softmax(s, m_i, l_i, acc):
@@ -528,12 +538,7 @@ def bwd_preprocess_kernel(
     heads, seqlen_q,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    num_m = tl.cdiv(seqlen_q, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    start_m = (pid % num_m) * BLOCK_M
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
+    bh, start_m, b, h = _row_block_program(seqlen_q, heads, BLOCK_M=BLOCK_M)
     m64 = start_m.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -863,12 +868,7 @@ def bwd_dq_store_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ = sm_scale * the fp32 sum the dK/dV kernel added up (FUSED_DQ), in dQ's dtype and layout."""
-    num_m = tl.cdiv(seqlen_q, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    start_m = (pid % num_m) * BLOCK_M
-    b = (bh // heads).to(tl.int64)
-    h = (bh % heads).to(tl.int64)
+    bh, start_m, b, h = _row_block_program(seqlen_q, heads, BLOCK_M=BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows = start_m + offs_m

@@ -10,9 +10,13 @@ in ``kernels/interpreter_fixes.py``, which ``kernels.dispatch`` applies.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import torch
 
@@ -84,3 +88,30 @@ def corpus(tmp_path_factory):
         text = " ".join(rng.choice(_WORDS) for _ in range(rng.randrange(80, 160)))
         (folder / f"doc{i:02d}.txt").write_text(text + "\n")
     return folder
+
+
+@pytest.fixture(scope="session")
+def aot_compile(tmp_path_factory):
+    """``compile(filter="")``: {(case, arch): result} of ``python -m opt_core.kernels.compile_check`` for the
+    AOT cases whose name contains ``filter``, compiled in a subprocess with the interpreter off (in this
+    process every kernel is an interpreted function).  Once every case has compiled (tests/test_aot.py),
+    later calls read from that run."""
+    root = Path(__file__).resolve().parents[1]
+    runs: dict[str, dict] = {}
+
+    def compile(filter: str = "") -> dict:
+        if "" in runs:
+            return {key: r for key, r in runs[""].items() if filter in key[0]}
+        if filter not in runs:
+            out = tmp_path_factory.mktemp("aot") / "results.json"
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+            proc = subprocess.run([sys.executable, "-m", "opt_core.kernels.compile_check", "--filter", filter,
+                                   "--json", str(out)], cwd=root, env=env, capture_output=True, text=True,
+                                  timeout=1800)
+            if not out.exists():
+                pytest.fail(f"the AOT compile produced no results:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+            runs[filter] = {(r["case"], r["arch"]): r for r in json.loads(out.read_text())}
+        return runs[filter]
+
+    return compile

@@ -1,37 +1,23 @@
 """Ahead-of-time compile of every kernel case for sm_80 and sm_90.
 
-No GPU needed.  The compile runs in a subprocess with the interpreter off (in
-this process every kernel is an interpreted function); the cases
+No GPU needed.  The compile runs in a subprocess with the interpreter off (the
+``aot_compile`` fixture of tests/conftest.py); the cases
 (``kernels/aot_cases.py``) are listed here, so each case and architecture is its
 own test.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from opt_core.kernels import aot, aot_cases
 
-ROOT = Path(__file__).resolve().parents[1]
 CASES = aot_cases.all_cases()
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    out = tmp_path_factory.mktemp("aot") / "results.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "opt_core.kernels.compile_check", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    if not out.exists():
-        pytest.fail(f"the AOT compile produced no results:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return {(r["case"], r["arch"]): r for r in json.loads(out.read_text())}
+def compiled(aot_compile):
+    return aot_compile()
 
 
 def test_every_kernel_module_registers_cases():
