@@ -79,7 +79,7 @@ VARIANTS = {v.name: v for v in (
 GLUON_ROWS = {
     "opt-core-gluon": (AB_SHAPE, (2048, 12, 64), (2048, 32, 80)),
     "opt-core-gluon-persistent": (AB_SHAPE, (2048, 32, 80)),
-    "opt-core-gluon-bwd": (AB_SHAPE, (2048, 12, 64)),
+    "opt-core-gluon-bwd": (AB_SHAPE, (2048, 12, 64), (2048, 32, 80)),
     "opt-core-gluon-bwd-atomic": (AB_SHAPE,),
 }
 TOKENS = 16384

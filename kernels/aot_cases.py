@@ -262,24 +262,24 @@ def attention_gluon_cases() -> list[aot.Case]:
 
 def attention_gluon_bwd_cases() -> list[aot.Case]:
     """The Gluon backward (opt-in, ``attention.GLUON_BWD``), bf16 (fp16 is the same code), at the benchmark
-    shape: deterministic (the default) causal at head_dim 64 and 128 and not causal at 128, and causal at
-    128 without the dQ ordering.  Its schedule must show: two wgmmas in flight past a wait (dV and dK
-    across the dQ products' issue), producer/consumer partitions, TMA loads and stores."""
+    shape: deterministic (the default) causal at head_dim 64, 80 (chunks 64 + 16) and 128 and not causal
+    at 128, and causal at 128 without the dQ ordering.  Its schedule must show: two wgmmas in flight past a
+    wait (dV and dK across the dQ products' issue), producer/consumer partitions, TMA loads and stores."""
     from opt_core.kernels import attention_gluon_bwd as g  # here: a Triton without Gluon's Hopper modules imports us
 
-    def descriptor(rows, width):
-        return aot.Descriptor(torch.bfloat16, (1, rows, 1, width),
-                              attention_gluon.smem_layout(torch.bfloat16, rows, width))
-
     cases = []
-    for head_dim, causal, deterministic in ((64, True, True), (128, True, True), (128, False, True),
-                                            (128, True, False)):
-        rows, keys = descriptor(g.BLOCK_M, head_dim), descriptor(g.KEYS_PER_CONSUMER, head_dim)
-        args = dict(q_desc=rows, do_desc=rows, k_desc=keys, v_desc=keys,
-                    kh_desc=descriptor(g.KEYS_PER_CONSUMER, head_dim // 2), dk_desc=keys, dv_desc=keys,
+    for head_dim, causal, deterministic in ((64, True, True), (80, True, True), (128, True, True),
+                                            (128, False, True), (128, True, False)):
+        main, *tail = attention_gluon.head_chunks(head_dim)
+        tail = tail[0] if tail else None  # 64 and 128: one chunk, and K in halves for the dQ products
+        args = dict(kh_desc=None if tail else _gluon_descriptor(g.KEYS_PER_CONSUMER, g.dq_columns(head_dim)[0]),
                     LSE=torch.float32, DELTA=torch.float32, DQ_ACC=torch.float32, LOCKS=torch.int32,
                     heads=ATTENTION_HEADS[head_dim], seqlen_q=ATTENTION_SEQLEN, seqlen_k=ATTENTION_SEQLEN,
                     dq_acc_rows=ATTENTION_SEQLEN, qk_scale=0.1, sm_scale=0.1)
+        for tensor, rows in (("q", g.BLOCK_M), ("do", g.BLOCK_M), ("k", g.KEYS_PER_CONSUMER),
+                             ("v", g.KEYS_PER_CONSUMER), ("dk", g.KEYS_PER_CONSUMER), ("dv", g.KEYS_PER_CONSUMER)):
+            args[f"{tensor}_desc"] = _gluon_descriptor(rows, main)
+            args[f"{tensor}_tail_desc"] = _gluon_descriptor(rows, tail)
         cases.append(aot.case(
             f"attention_gluon_bwd[D={head_dim},bfloat16{',causal' if causal else ''}"
             f"{'' if deterministic else ',nondeterministic'},stages={g.NUM_STAGES[head_dim]}]", g.bwd_kernel, args,

@@ -1019,7 +1019,7 @@ def _gluon_takes(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Ten
 
 
 # Where the backward goes to the Gluon kernel (kernels/attention_gluon_bwd.py: FlashAttention-3's five products
-# on sm_90, fp16/bf16, head_dim 64 or 128, no padding mask or dropout) where it takes the launch: "off" | "on"
+# on sm_90, fp16/bf16, head_dim 64, 80 or 128, no padding mask or dropout) where it takes the launch: "off" | "on"
 # (GLUON_MODES).  Off until a GPU run has passed its gpu tests and measured it faster.
 GLUON_BWD = "off"
 

@@ -101,8 +101,15 @@ def _allocate(descs, count: gl.constexpr):
 def _load(descs, coords, bar, tiles, i):
     """TMA loads of rows ``coords`` = (batch, first row, head) of every chunk into tile ``i``, all arriving
     on ``bar``."""
-    b, row, h = coords
     mbarrier.expect(bar, _nbytes(descs))
+    _copy(descs, coords, bar, tiles, i)
+
+
+@gluon.jit
+def _copy(descs, coords, bar, tiles, i):
+    """``_load``'s copies, for a caller that makes one ``expect`` for several of them: chunk c's box at column
+    c times the first chunk's width."""
+    b, row, h = coords
     for c in gl.static_range(len(descs)):
         tma.async_copy_global_to_shared(descs[c], [b, row, h, c * descs[0].block_type.shape[3]], bar,
                                         tiles[c].index(i))
@@ -136,7 +143,8 @@ def _operands(p, acc):
 
 @gluon.jit
 def _issue_pv(p_op, v, acc):
-    """O_c += P V_c for every chunk: one async wgmma each; their tokens."""
+    """acc_c += A_c B_c for every chunk (the forward's O_c += P V_c; the backward's dV_c += P^T dO_c and
+    dK_c += dS^T Q_c): one async wgmma each; their tokens."""
     tokens = ()
     for c in gl.static_range(len(acc)):
         tokens = tokens + (warpgroup_mma(p_op[c], v[c], acc[c], is_async=True),)

@@ -10,6 +10,7 @@ run on a Hopper GPU.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -20,6 +21,7 @@ from triton.runtime.jit import mangle_type
 from opt_core import functional
 from opt_core.kernels import aot, aot_cases, reference
 from opt_core.kernels import attention as attn
+from opt_core.kernels import attention_gluon
 from opt_core.kernels import attention_gluon_bwd as gbwd
 from opt_core.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
 from test_attention import _assert_single_key_gradient, _run
@@ -49,7 +51,8 @@ def test_configs_compile_warp_specialized_without_spills(aot_compile):
     compiled = aot_compile("attention_gluon_bwd")
     results = [compiled[(c.name, 90)] for c in aot_cases.attention_gluon_bwd_cases()]
     assert [r["case"].split(",stages")[0] for r in results] == [
-        "attention_gluon_bwd[D=64,bfloat16,causal", "attention_gluon_bwd[D=128,bfloat16,causal",
+        "attention_gluon_bwd[D=64,bfloat16,causal", "attention_gluon_bwd[D=80,bfloat16,causal",
+        "attention_gluon_bwd[D=128,bfloat16,causal",
         "attention_gluon_bwd[D=128,bfloat16", "attention_gluon_bwd[D=128,bfloat16,causal,nondeterministic"]
     for r in results:
         assert not aot.problems(r), (r["case"], aot.problems(r))
@@ -58,16 +61,54 @@ def test_configs_compile_warp_specialized_without_spills(aot_compile):
         assert r["wgmma_max_pending"] == 2, r
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 80, 128])
 def test_aot_descriptors_are_what_a_launch_specialises_to(D):
-    """The AOT cases compile the code a launch gets: the host descriptors' types (block and shared layout)
-    equal the cases' signature."""
+    """The AOT cases compile the code a launch gets: the host's descriptor arguments (block and shared layout
+    of every head-dim chunk; None, a constexpr, for no tail and for no K in halves) equal the cases'."""
     case = next(c for c in aot_cases.attention_gluon_bwd_cases() if c.name.startswith(f"attention_gluon_bwd[D={D},"))
     q, k, _ = _qkv(2, 300, 300, 3, D, torch.bfloat16, "cpu")
-    descriptor = gbwd._descriptor
-    assert mangle_type(descriptor(q, gbwd.BLOCK_M)) == case.signature["q_desc"] == case.signature["do_desc"]
-    assert mangle_type(descriptor(k, gbwd.KEYS_PER_CONSUMER)) == case.signature["k_desc"] == case.signature["dk_desc"]
-    assert mangle_type(descriptor(k, gbwd.KEYS_PER_CONSUMER, D // 2)) == case.signature["kh_desc"]
+    args = gbwd.descriptors(dict(q=q, do=q, k=k, v=k, dk=k, dv=k))
+    assert len(args) == 13
+    for name, descriptor in args.items():
+        if descriptor is None:
+            assert case.signature[name] == "constexpr" and case.constexprs[name] is None, name
+        else:
+            assert mangle_type(descriptor) == case.signature[name], name
+    chunked = len(attention_gluon.head_chunks(D)) == 2
+    assert (args["q_tail_desc"] is None) != chunked and (args["kh_desc"] is None) == chunked
+    widths = [args[f"q{part}_desc"].block_shape[3] for part in ("", "_tail") if args[f"q{part}_desc"] is not None]
+    assert sum(widths) == D
+
+
+@pytest.mark.parametrize("D", [64, 80])
+def test_launch_binds_every_kernel_parameter(D, monkeypatch):
+    """The host's launch on the CPU with the device check and the kernel stubbed: its arguments bind to the
+    kernel's parameters by name (a misspelt one would first fail on a GPU), with the grid, the head-dim
+    chunks' descriptors and the config the AOT cases compile."""
+    launches = []
+    parameters = inspect.signature(gbwd.bwd_kernel.fn)
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda **kwargs: launches.append((grid, parameters.bind(
+                **{k: v for k, v in kwargs.items() if k != "num_warps"}).arguments, kwargs["num_warps"]))
+
+    monkeypatch.setattr(gbwd, "_problem_all", lambda *args: None)
+    monkeypatch.setattr(gbwd, "bwd_kernel", Kernel())
+    dout, q, k, v, lse, delta = _good(B=2, Sq=33, Sk=200, H=3, D=D)
+    gbwd.attention_bwd(dout, q, k, v, lse, delta, True, 0.125, True)
+    (grid, args, warps), = launches
+    assert grid == (2 * 2 * 3,) and warps == 4
+    assert set(args) == set(parameters.parameters)
+    assert (args["q_tail_desc"] is None) == (D == 64) and (args["kh_desc"] is None) == (D == 80)
+    assert args["NUM_STAGES"] == gbwd.NUM_STAGES[D] and args["CAUSAL"] and args["DETERMINISTIC"]
+    assert args["DQ_ACC"].shape == (2 * 3, 64, D) and args["LOCKS"].numel() == 2 * 3 * 1 * 2
+    assert (args["seqlen_q"], args["seqlen_k"], args["dq_acc_rows"]) == (33, 200, 64)
+
+
+@pytest.mark.parametrize("D, columns", [(64, (32, 32)), (80, (64, 16)), (128, (64, 64))])
+def test_dq_columns_split_head_dim_between_the_consumers(D, columns):
+    assert gbwd.dq_columns(D) == columns
 
 
 # --------------------------------------------------------------------------- routing switch
@@ -120,7 +161,7 @@ def _with(**changes):
 # (what is wrong, how to make the arguments, the error it raises)
 BAD_INPUTS = [
     ("fp32", lambda: tuple(t.float() for t in _good()), "float16 or bfloat16"),
-    ("head_dim 80", lambda: _good(D=80), r"head_dim \(q.shape\[3\]\) must be one of \(64, 128\)"),
+    ("head_dim 96", lambda: _good(D=96), r"head_dim \(q.shape\[3\]\) must be one of \(64, 80, 128\)"),
     ("head_dim 32", lambda: _good(D=32), "head_dim"),
     ("mixed dtypes", _with(k=lambda a: a["k"].half()), "one dtype"),
     ("3-D q", _with(q=lambda a: a["q"][0]), "4-D"),
@@ -160,7 +201,7 @@ def test_host_function_checks_its_flags(flags, error, message):
         gbwd.attention_bwd(*_good(), **args)
 
 
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 80, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_supported_inputs_fail_only_for_the_device(D, dtype):
     """Everything but the device suits the kernel: the only error left is the CPU device."""
@@ -174,7 +215,7 @@ def test_supported_decisions():
     assert not gbwd.supported(q, k, v, None, 0.0)  # the CPU device
     assert not gbwd.supported(q, k, v, torch.ones(2, 40, dtype=torch.bool), 0.0)
     assert not gbwd.supported(q, k, v, None, 0.1)
-    assert not gbwd.supported(*_good(D=80)[1:4], None, 0.0)
+    assert not gbwd.supported(*_good(D=96)[1:4], None, 0.0)
 
 
 def test_supported_checks_dout_and_scale_where_given(monkeypatch):
@@ -224,9 +265,9 @@ def _emulated_key_block(n, b, h, tensors, causal, scale, dq_acc):
             grads[c][0] += ds_t @ q_t
             grads[c][1] += p_t @ do_t
             ds_tiles.append(ds_t)
-        half = q.shape[3] // 2
-        for c in (0, 1):  # consumer c's half of head_dim, over both consumers' keys
-            cols = slice(c * half, (c + 1) * half)
+        widths = gbwd.dq_columns(q.shape[3])
+        for c in (0, 1):  # consumer c's columns of dQ, over both consumers' keys
+            cols = slice(sum(widths[:c]), sum(widths[:c + 1]))
             dq_acc[b, start_m:start_m + M, h, cols] += (ds_tiles[0].T @ keys[0][0][:, cols]
                                                         + ds_tiles[1].T @ keys[1][0][:, cols])
     return torch.cat([grads[0][0], grads[1][0]]), torch.cat([grads[0][1], grads[1][1]])
@@ -235,7 +276,7 @@ def _emulated_key_block(n, b, h, tensors, causal, scale, dq_acc):
 def _emulated_backward(dout, q, k, v, lse, delta, causal, scale):
     """(dq, dk, dv) by the kernel's blocks in float64: 64-row query blocks from the first one that sees a key
     block, 128-key blocks in two consumers' halves, the accumulators started at -lse / scale and -delta,
-    masks only where the kernel applies them, dQ in head_dim halves over both halves' keys."""
+    masks only where the kernel applies them, dQ in the consumers' columns over both halves' keys."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     rows, keys = triton.cdiv(Sq, gbwd.BLOCK_M) * gbwd.BLOCK_M, triton.cdiv(Sk, gbwd.BLOCK_N) * gbwd.BLOCK_N
@@ -257,10 +298,11 @@ def _emulated_backward(dout, q, k, v, lse, delta, causal, scale):
 @pytest.mark.parametrize("seqlens, causal, D", [
     ((1, 1), True, 64), ((17, 17), False, 128), ((200, 200), True, 128), ((200, 200), False, 64),
     ((113, 203), True, 64), ((203, 113), True, 128), ((203, 113), False, 64), ((1, 239), True, 128),
+    ((113, 203), True, 80), ((200, 200), False, 80),
 ], ids=str)
 def test_emulated_tile_loop_matches_the_reference(seqlens, causal, D):
     """The kernel's blocking, masks (bottom-right causal, keys past seqlen_k, rows past seqlen_q and rows
-    that see no key through lse = +inf), shifted accumulators and dQ halves give the float64 gradients."""
+    that see no key through lse = +inf), shifted accumulators and dQ columns give the float64 gradients."""
     Sq, Sk = seqlens
     q, k, v = _qkv(1, Sq, Sk, 2, D, torch.float64, "cpu")
     dout = torch.randn_like(q)
@@ -371,7 +413,7 @@ SEQLENS = [(1, 1), (17, 17), (128, 128), (200, 200), (1000, 1000), (113, 203), (
 @hopper
 @pytest.mark.parametrize("seqlens", SEQLENS, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 80, 128])
 def test_matches_float64_reference(seqlens, causal, D):
     Sq, Sk = seqlens
     q, k, v = _qkv(2, Sq, Sk, 3, D, torch.bfloat16, "cuda")
@@ -386,7 +428,7 @@ def test_matches_float64_reference(seqlens, causal, D):
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 80, 128])
 def test_fp16_matches_float64_reference(causal, D):
     """fp16 at an unequal pair; the non-deterministic dQ adds where not causal."""
     Sq, Sk = 113, 203
@@ -398,7 +440,7 @@ def test_fp16_matches_float64_reference(causal, D):
 
 @pytest.mark.gpu
 @hopper
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 80, 128])
 def test_keys_past_the_end_stay_out_with_very_negative_scores(D):
     """lse about -1600: a key past seqlen_k unmasked would make P = inf and dQ NaN."""
     q, k, v = _far_scores(70, 113, D, torch.bfloat16, "cuda")
@@ -409,7 +451,7 @@ def test_keys_past_the_end_stay_out_with_very_negative_scores(D):
 
 @pytest.mark.gpu
 @hopper
-@pytest.mark.parametrize("D, causal", [(64, True), (128, False)])
+@pytest.mark.parametrize("D, causal", [(64, True), (80, True), (128, False)])
 def test_deterministic_is_bitwise_repeatable(D, causal):
     """Many key blocks add into each query block's dQ: two runs give the same bits."""
     q, k, v = _qkv(2, 1000, 1100, 4, D, torch.bfloat16, "cuda")
@@ -439,7 +481,7 @@ def _route_to_gluon(monkeypatch):
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("seqlens", [(200, 200), (113, 203)], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("D", [64, 80, 128])
 def test_routed_backward_matches_the_triton_kernel(seqlens, D, monkeypatch):
     """The same inputs through the Triton backward and the routed Gluon one: both within the rule."""
     Sq, Sk = seqlens
@@ -458,7 +500,7 @@ def test_routed_backward_matches_the_triton_kernel(seqlens, D, monkeypatch):
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("seqlens", [(200, 200), (203, 113)], ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("D, dtype", [(64, torch.float16), (128, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("D, dtype", [(64, torch.float16), (80, torch.bfloat16), (128, torch.bfloat16)], ids=str)
 def test_functional_attention_through_the_routed_backward(seqlens, D, dtype, monkeypatch):
     Sq, Sk = seqlens
     q, k, v = _qkv(2, Sq, Sk, 2, D, dtype, "cuda")
