@@ -11,7 +11,11 @@ and reads off what matters:
 - tensor cores: ``wgmma`` (sm_90) or ``mma`` (sm_80) in the PTX of kernels that
   do matrix products;
 - TMA: ``cp.async.bulk.tensor`` in the PTX of kernels that take tensor
-  descriptors (sm_90 only).
+  descriptors (sm_90 only);
+- wgmma serialisation: ptxas's own notes (run again with ``-v`` on sm_90 PTX
+  with wgmma), e.g. C7515 (wgmmas serialised: a non-wgmma instruction defines
+  an accumulator inside the pipeline) and C7517 (a ``warpgroup.wait`` injected
+  before a wgmma whose registers it cannot prove free).
 
 Arguments are specialised the way Triton's launcher specialises them at run
 time (integers equal to 1 become constants, pointers and integers divisible by
@@ -127,6 +131,29 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
+def _ptxas() -> str:
+    return os.path.join(os.path.dirname(_cuobjdump()), "ptxas")
+
+
+# ptxas -v's notes on the wgmma pipeline: "(C7515) Potential Performance Loss: wgmma.mma_async instructions are
+# serialized ...", "(C7517) warpgroup.wait is injected in around line N ...".
+_PTXAS_NOTE = re.compile(r"\((C\d+)\)[^\n]*(?:wgmma|warpgroup)")
+
+
+def wgmma_notes(ptx: str, arch: int) -> list[str]:
+    """The codes of ptxas's notes on the wgmma pipeline of ``ptx`` (sorted, each once): empty where it
+    kept every product asynchronous as written; ptxas runs again with ``-v`` (sm_90a: wgmma's target)."""
+    if arch < 90 or not re.search(r"\bwgmma\.", ptx):
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([_ptxas(), f"-arch=sm_{arch}a", "-v", path, "-o", os.path.join(tmp, "kernel.cubin")],
+                             capture_output=True, text=True, check=True)
+    return sorted(set(_PTXAS_NOTE.findall(out.stdout + out.stderr)))
+
+
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -200,8 +227,10 @@ def compile_case(c: Case, arch: int) -> dict:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": c.num_warps, "num_stages": c.num_stages})
         registers, stack = _resource_usage(compiled.asm["cubin"])
+        notes = wgmma_notes(compiled.asm["ptx"], arch)
         result.update(registers=registers, stack=stack, shared=compiled.metadata.shared, max_shared=MAX_SHARED[arch],
-                      **code_facts(compiled.asm["ptx"], compiled.asm["ttgir"]), error=None)
+                      **code_facts(compiled.asm["ptx"], compiled.asm["ttgir"]), wgmma_notes=notes,
+                      wgmma_serialized=bool(notes), error=None)
     except Exception as e:  # reported per case; one failure must not hide the others
         result["error"] = f"{type(e).__name__}: {e}"
     result["seconds"] = round(time.perf_counter() - start, 2)

@@ -143,7 +143,7 @@ _DKDV_SHAPES = _ShapeTable(
         # With dropout at 256 no 64-key block fits: 32 keys, mma.sync instead of wgmma.
         (256, False): {(16, 64, 8, 2): NO_DROPOUT, (16, 32, 8, 2): {DROPOUT}},
         (64, True): {(16, 32, 4, 2): EVERY_VARIANT},
-        (128, True): {(16, 32, 8, 2): EVERY_VARIANT},
+        (128, True): {(16, 32, 4, 2): EVERY_VARIANT},  # 8 warps spill 8 bytes on sm_80 with a mask and dropout
         (256, True): {(16, 32, 8, 2): EVERY_VARIANT},
     },
     tma_only={
@@ -159,7 +159,8 @@ _DKDV_SHAPES = _ShapeTable(
 _DKDV_FUSED_DQ_SHAPES = _ShapeTable(
     both={},
     tma_only={
-        (64, False): {(64, 128, 8, 3): EVERY_VARIANT, (64, 128, 8, 2): {PLAIN}, (64, 64, 4, 2): {PLAIN}},
+        # with dropout 2 stages: 3 spill 8 bytes
+        (64, False): {(64, 128, 8, 3): NO_DROPOUT, (64, 128, 8, 2): {PLAIN, DROPOUT}, (64, 64, 4, 2): {PLAIN}},
         (128, False): {(64, 64, 8, 2): {PLAIN}},
     },
 )
@@ -585,7 +586,7 @@ def _pass_turn(lock, token):
 @triton.jit
 def _dkdv_blocks(
     grads, key_block, queries, dropout, dq_sum, lo, hi, qk_scale,
-    MASKED: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     TMA: tl.constexpr, FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
@@ -625,7 +626,7 @@ def _dkdv_blocks(
         lse2 = tl.load(LSE + rows, mask=row_ok, other=float("inf")) * _LOG2E
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-        if MASKED:
+        if CAUSAL:
             s_t = tl.where(cols[:, None] <= rows[None, :] + diag, s_t, float("-inf"))
         if HAS_KPM:
             s_t = tl.where(key_real[:, None], s_t, float("-inf"))
@@ -730,13 +731,8 @@ def bwd_dkdv_kernel(
         key_real = col_ok
 
     diag = seqlen_k - seqlen_q
-    # Rows before `lo` see none of this block (no visit); rows from `mid` on see all of it (no mask).
+    # Rows before `lo` see none of this block (no visit).
     lo = _first_query_row(start_n, seqlen_q, diag, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M)
-    if CAUSAL:
-        mid = _clamp(start_n + BLOCK_N - 1 - diag, lo, seqlen_q)
-        mid = lo + tl.cdiv(mid - lo, BLOCK_M) * BLOCK_M
-    else:
-        mid = 0
     dq_sum = (DQ_ACC, LOCKS, seqlen_q, seqlen_q)
     if FUSED_DQ:
         dq_sum = _dq_sum_of(DQ_ACC, LOCKS, bh, n_idx, seqlen_q, seqlen_k, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M,
@@ -752,10 +748,11 @@ def bwd_dkdv_kernel(
     key_block = (k, v, key_real, cols)
     queries = (Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32, seqlen_q, seqlen_k, diag)
     dropout = (bh.to(tl.int64) * seqlen_q * seqlen_k, dropout_p, dropout_scale, seed)
-    grads = _dkdv_blocks((dk, dv), key_block, queries, dropout, dq_sum, lo, mid, qk_scale, MASKED=True,
-                         HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
-                         BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, TMA=TMA, FUSED_DQ=FUSED_DQ, DETERMINISTIC=DETERMINISTIC)
-    dk, dv = _dkdv_blocks(grads, key_block, queries, dropout, dq_sum, mid, seqlen_q, qk_scale, MASKED=False,
+    # One loop over every query block, the causal mask on each (a no-op past the diagonal): split into a
+    # masked loop and an unmasked one, as the forward is, ptxas serialises every wgmma of the kernel on
+    # sm_90 (C7515: the accumulators carried from one loop into the other are written while the first
+    # loop's last product may be in flight), which costs more than a compare and a select per score.
+    dk, dv = _dkdv_blocks((dk, dv), key_block, queries, dropout, dq_sum, lo, seqlen_q, qk_scale, CAUSAL=CAUSAL,
                           HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
                           BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, TMA=TMA, FUSED_DQ=FUSED_DQ, DETERMINISTIC=DETERMINISTIC)
 

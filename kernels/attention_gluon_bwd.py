@@ -70,6 +70,11 @@ WORKER_REGS = gl.constexpr(24)
 # K's dQ tiles (3 * 128 * head_dim * 2 bytes) and the dS^T buffers (32 KB): 130 KB at 64, 152 KB at 80,
 # 194 KB at 128.
 NUM_STAGES = {64: 3, 80: 3, 128: 2}
+# Whether dP^T's accumulator starts at -delta, as S^T's at -lse / scale (True), or at 0 with delta subtracted
+# once the product is done, per head_dim.  Started at -delta it is a register copy that a wgmma takes while
+# S^T is in flight, and ptxas then waits for S^T first (C7517: S^T and dP^T do not run together); started at
+# 0, delta is 16 more registers live beside dV in flight, which at 128 spills 4-16 bytes (outside the loop).
+DP_FROM_DELTA = {64: False, 80: False, 128: True}
 
 
 @gluon.jit
@@ -148,23 +153,27 @@ def _unhoisted(index, i):
     return index + (i >> 30)
 
 
+@gluon.constexpr_function
+def _dp_from_delta(kh_tiles):
+    """``DP_FROM_DELTA`` at the head_dim of the kernel (its two consumers' dQ columns)."""
+    return DP_FROM_DELTA[kh_tiles[0].shape[4] + kh_tiles[1].shape[4]]
+
+
 @gluon.jit
-def _chained(a, b, acc):
-    """acc + the sum over the head-dim chunks of a_c b_c: chained async wgmmas (one group each); the last
-    one's token."""
-    for c in gl.static_range(len(a)):
+def _chained(a, b, acc, USE_ACC: gl.constexpr = True):
+    """acc (0 where not USE_ACC) + the sum over the head-dim chunks of a_c b_c: chained async wgmmas (one
+    group each); the last one's token."""
+    acc = warpgroup_mma(a[0], b[0], acc, use_acc=USE_ACC, is_async=True)
+    for c in gl.static_range(1, len(a)):
         acc = warpgroup_mma(a[c], b[c], acc, is_async=True)
     return acc
 
 
 @gluon.jit
 def _scores(C: gl.constexpr, i, slot, smem):
-    """Issues consumer C's S^T = K Q^T - lse / scale and dP^T = V dO^T - delta, each a chain over the
-    head-dim chunks (the accumulators start at the shifts, so no row vector stays live across the
-    products: registers); their tokens and operands (per chunk).  ptxas waits for S^T before dP^T's issue
-    (C7517: it cannot tell across the loop that the last block's dP^T, which wrote these registers, is
-    done); dP^T still runs across the exponentials.  With dP^T started at 0 and delta subtracted after,
-    there is no wait, but head_dim 128 spills 8-16 bytes."""
+    """Issues consumer C's S^T = K Q^T - lse / scale and dP^T = V dO^T (- delta where ``DP_FROM_DELTA``),
+    each a chain over the head-dim chunks (the accumulators start at the shifts, so no row vector stays live
+    across the products: registers); their tokens and operands (per chunk)."""
     q_tiles, do_tiles, k_tiles, v_tiles, kh_tiles, lse_smem, delta_smem, ds_smem = smem
     KEYS: gl.constexpr = k_tiles[0].shape[2]
     BLOCK_M: gl.constexpr = q_tiles[0].shape[2]
@@ -177,8 +186,10 @@ def _scores(C: gl.constexpr, i, slot, smem):
     zero = gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout)
     s_init = zero - lse_smem.index(slot).load(gl.SliceLayout(0, s_layout))[None, :]
     s_tok = _chained(k, _transposed(q), s_init)
-    dp_init = zero - delta_smem.index(slot).load(gl.SliceLayout(0, s_layout))[None, :]
-    dp_tok = _chained(v, _transposed(do), dp_init)
+    if _dp_from_delta(kh_tiles):
+        dp_tok = _chained(v, _transposed(do), zero - delta_smem.index(slot).load(gl.SliceLayout(0, s_layout))[None, :])
+    else:
+        dp_tok = _chained(v, _transposed(do), zero, False)
     return s_tok, dp_tok, (k, v, q, do)
 
 
@@ -255,6 +266,8 @@ def _step(C: gl.constexpr, i, grads, smem, bars, key_args, DQ_ACC, scales, NUM_S
     p_op = _operands(p_t.to(dtype), dv)
     dv_tok = _issue_pv(p_op, do, dv)  # dV_c += P^T dO_c
     dp_t = warpgroup_mma_wait(CHUNKS, deps=(dp_tok, ) + v + do)[0]  # dV in flight across dS^T
+    if not _dp_from_delta(kh_tiles):
+        dp_t = dp_t - delta_smem.index(slot).load(gl.SliceLayout(0, dp_t.type.layout))[None, :]
     ds_t = (p_t * dp_t).to(dtype)
     ds_op = _operands(ds_t, dk)
     dk_tok = _issue_pv(ds_op, q, dk)  # dK_c += dS^T Q_c

@@ -2,8 +2,8 @@
 
 Compiles every kernel case of ``kernels/aot_cases.py`` for sm_80 and sm_90 (no
 GPU needed) and prints registers, spills, shared memory, tensor-core use, TMA loads and stores,
-the deepest wgmma pipelining, warp specialisation, persistence and the widest global load per
-case; exits 1 if any case has a problem.  See ``kernels/aot.py``.
+the deepest wgmma pipelining, ptxas's notes where it serialised wgmmas, warp specialisation,
+persistence and the widest global load per case; exits 1 if any case has a problem.  See ``kernels/aot.py``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from opt_core.kernels import aot, aot_cases
 def _facts(r: dict) -> str:
     flags = [name for name in ("wgmma", "mma", "tma", "tma_store", "persistent", "warp_specialized") if r[name]]
     pending = f" wait<={r['wgmma_max_pending']}" if r["wgmma_max_pending"] is not None else ""
+    serialized = f" serialized({','.join(r['wgmma_notes'])})" if r["wgmma_serialized"] else ""
     return (f"REG {r['registers']:3d} STACK {r['stack']:4d} smem {r['shared']:6d} ld{r['max_load_bits']:>4d}b"
-            f"{pending} {' '.join(flags)}")
+            f"{pending} {' '.join(flags)}{serialized}")
 
 
 def main(argv: list[str] | None = None) -> int:

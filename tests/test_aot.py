@@ -36,6 +36,21 @@ def test_compiles_without_spills(compiled, case, arch):
     assert not aot.problems(result), aot.problems(result)
 
 
+def test_wgmma_notes_are_ptxas_notes_on_the_wgmma_pipeline():
+    """The codes of ptxas -v's notes on wgmma (as ptxas words them), not its other notes; PTX without wgmma
+    is not sent to ptxas."""
+    log = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+           "non wgmma instructions defining accumulator registers of a wgmma between start and end of the pipeline "
+           "stage in the function 'k'\n"
+           "ptxas info    : (C7517) warpgroup.wait is injected in around line 2493 by compiler to allow use of "
+           "registers defined by GMMA in function 'k'\n"
+           "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized\n"
+           "ptxas info    : (C2000) Used 168 registers\n")
+    assert sorted(set(aot._PTXAS_NOTE.findall(log))) == ["C7515", "C7517"]
+    assert aot.wgmma_notes("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...};", 90) == []
+    assert aot.wgmma_notes("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};", 80) == []
+
+
 def test_code_facts_read_off_the_ptx():
     """The facts the Hopper issues assert on, from hand-written PTX/TTGIR snippets (one per fact)."""
     ptx = "\n".join([

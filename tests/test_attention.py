@@ -514,6 +514,19 @@ def test_default_forward_configs_overlap_the_softmax_with_a_product():
         assert r["warp_specialized"] or (r["wgmma_max_pending"] or 0) >= 1, r
 
 
+def test_no_tma_path_kernel_has_its_wgmmas_serialised(aot_compile):
+    """Every sm_90 TMA-path case (forward, dK/dV, dQ; every config the tuner may pick): ptxas keeps its wgmmas
+    asynchronous as written, no C7515/C7517 note.  The dK/dV kernel's loop split in a masked and an unmasked
+    one had every wgmma serialised (C7515); it is one loop."""
+    results = [r for (name, arch), r in aot_compile("attention_").items()
+               if arch == 90 and name.startswith(("attention_fwd[", "attention_dkdv[", "attention_dq["))
+               and ",tma," in name]
+    assert {r["case"].split("[")[0] for r in results} == {"attention_fwd", "attention_dkdv", "attention_dq"}
+    assert len(results) >= 50
+    serialised = [(r["case"], r["wgmma_notes"]) for r in results if r["wgmma_serialized"]]
+    assert not serialised, serialised
+
+
 # --------------------------------------------------------------------------- NaN
 def _sdpa_math(q, k, v, causal, mask):
     """PyTorch's math SDPA with the equivalent boolean attn_mask, in our layout."""

@@ -59,6 +59,9 @@ def test_configs_compile_warp_specialized_without_spills(aot_compile):
         assert r["stack"] == 0 and r["shared"] <= r["max_shared"], r
         assert r["wgmma"] and r["tma"] and r["tma_store"] and r["warp_specialized"], r
         assert r["wgmma_max_pending"] == 2, r
+        # dP^T started at -delta: ptxas waits for S^T before it (C7517); started at 0 it keeps both in flight
+        head_dim = int(r["case"].split("D=")[1].split(",")[0])
+        assert r["wgmma_serialized"] == gbwd.DP_FROM_DELTA[head_dim] and set(r["wgmma_notes"]) <= {"C7517"}, r
 
 
 @pytest.mark.parametrize("D", [64, 80, 128])
