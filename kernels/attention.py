@@ -143,7 +143,7 @@ _DKDV_SHAPES = _ShapeTable(
         # With dropout at 256 no 64-key block fits: 32 keys, mma.sync instead of wgmma.
         (256, False): {(16, 64, 8, 2): NO_DROPOUT, (16, 32, 8, 2): {DROPOUT}},
         (64, True): {(16, 32, 4, 2): EVERY_VARIANT},
-        (128, True): {(16, 32, 4, 2): EVERY_VARIANT},  # 8 warps spill 8 bytes on sm_80 with a mask and dropout
+        (128, True): {(16, 32, 8, 2): EVERY_VARIANT},
         (256, True): {(16, 32, 8, 2): EVERY_VARIANT},
     },
     tma_only={
@@ -654,6 +654,35 @@ def _dkdv_blocks(
 
 
 @triton.jit
+def _dkdv_loops(
+    grads, key_block, queries, dropout, dq_sum, lo, start_n, qk_scale,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TMA: tl.constexpr, FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr,
+):
+    """(dK, dV) of the key block starting at ``start_n`` over every query block from ``lo`` on.  Through
+    pointers (sm_80's path), causal: the blocks crossing the diagonal in a masked loop, the rest in one
+    without the mask's arithmetic, as the forward.  With TMA (sm_90) one loop, the causal mask on every
+    tile (a no-op past the diagonal): split, ptxas serialises every wgmma of the kernel (C7515: the
+    accumulators carried from one loop into the other are written while the first loop's last product
+    may be in flight), which costs more than a compare and a select per score."""
+    seqlen_q, diag = queries[8], queries[10]
+    if TMA or not CAUSAL:
+        lo_unmasked = lo
+    else:  # from `mid` on, every row sees the whole key block
+        mid = _clamp(start_n + BLOCK_N - 1 - diag, lo, seqlen_q)
+        lo_unmasked = lo + tl.cdiv(mid - lo, BLOCK_M) * BLOCK_M
+        grads = _dkdv_blocks(grads, key_block, queries, dropout, dq_sum, lo, lo_unmasked, qk_scale, CAUSAL=True,
+                             HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
+                             DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, TMA=TMA,
+                             FUSED_DQ=FUSED_DQ, DETERMINISTIC=DETERMINISTIC)
+    return _dkdv_blocks(grads, key_block, queries, dropout, dq_sum, lo_unmasked, seqlen_q, qk_scale,
+                        CAUSAL=CAUSAL and TMA, HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
+                        DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, TMA=TMA, FUSED_DQ=FUSED_DQ,
+                        DETERMINISTIC=DETERMINISTIC)
+
+
+@triton.jit
 def _dq_acc_rows(seqlen_q):
     """Rows per (batch, head) of the fused dQ's fp32 sum, (batch * heads, rows, BLOCK_D): seqlen_q rounded
     up to DQ_ACC_ROW_BLOCK, a whole number of any BLOCK_M, so its tiles need no mask."""
@@ -731,7 +760,7 @@ def bwd_dkdv_kernel(
         key_real = col_ok
 
     diag = seqlen_k - seqlen_q
-    # Rows before `lo` see none of this block (no visit).
+    # Rows before `lo` see none of this block (no visit); `_dkdv_loops` finds the ones that see all of it.
     lo = _first_query_row(start_n, seqlen_q, diag, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M)
     dq_sum = (DQ_ACC, LOCKS, seqlen_q, seqlen_q)
     if FUSED_DQ:
@@ -748,13 +777,10 @@ def bwd_dkdv_kernel(
     key_block = (k, v, key_real, cols)
     queries = (Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32, seqlen_q, seqlen_k, diag)
     dropout = (bh.to(tl.int64) * seqlen_q * seqlen_k, dropout_p, dropout_scale, seed)
-    # One loop over every query block, the causal mask on each (a no-op past the diagonal): split into a
-    # masked loop and an unmasked one, as the forward is, ptxas serialises every wgmma of the kernel on
-    # sm_90 (C7515: the accumulators carried from one loop into the other are written while the first
-    # loop's last product may be in flight), which costs more than a compare and a select per score.
-    dk, dv = _dkdv_blocks((dk, dv), key_block, queries, dropout, dq_sum, lo, seqlen_q, qk_scale, CAUSAL=CAUSAL,
-                          HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
-                          BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, TMA=TMA, FUSED_DQ=FUSED_DQ, DETERMINISTIC=DETERMINISTIC)
+    dk, dv = _dkdv_loops((dk, dv), key_block, queries, dropout, dq_sum, lo, start_n, qk_scale, CAUSAL=CAUSAL,
+                         HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
+                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TMA=TMA, FUSED_DQ=FUSED_DQ,
+                         DETERMINISTIC=DETERMINISTIC)
 
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + n64 * stride_dks + offs_n[:, None] * stride_dks + offs_d[None, :],

@@ -517,7 +517,7 @@ def test_default_forward_configs_overlap_the_softmax_with_a_product():
 def test_no_tma_path_kernel_has_its_wgmmas_serialised(aot_compile):
     """Every sm_90 TMA-path case (forward, dK/dV, dQ; every config the tuner may pick): ptxas keeps its wgmmas
     asynchronous as written, no C7515/C7517 note.  The dK/dV kernel's loop split in a masked and an unmasked
-    one had every wgmma serialised (C7515); it is one loop."""
+    one had every wgmma serialised (C7515); on the TMA path it is one loop."""
     results = [r for (name, arch), r in aot_compile("attention_").items()
                if arch == 90 and name.startswith(("attention_fwd[", "attention_dkdv[", "attention_dq["))
                and ",tma," in name]
