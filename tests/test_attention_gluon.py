@@ -314,18 +314,24 @@ def test_persistent_runs_the_same_tiles(seqlens, shape, group, causal, D, monkey
     _check_lse(lse, ref_lse)
 
 
-def _route_to_gluon(monkeypatch):
-    """GLUON on, with a count of the forwards the Gluon kernel ran."""
+def routed_calls(monkeypatch, module, function: str, switch: str, shape_of: int) -> list:
+    """The Triton attention module's ``switch`` on, with a list that gets the shape of argument ``shape_of``
+    of each call of ``module.function`` (the Gluon kernel's host function) the routed op makes."""
     calls = []
-    real = attention_gluon.attention_fwd
+    real = getattr(module, function)
 
     def counted(*args):
-        calls.append(args[0].shape)
+        calls.append(args[shape_of].shape)
         return real(*args)
 
-    monkeypatch.setattr(attention_gluon, "attention_fwd", counted)
-    monkeypatch.setattr(attn, "GLUON", "on")
+    monkeypatch.setattr(module, function, counted)
+    monkeypatch.setattr(attn, switch, "on")
     return calls
+
+
+def _route_to_gluon(monkeypatch):
+    """GLUON on, with a count of the forwards the Gluon kernel ran."""
+    return routed_calls(monkeypatch, attention_gluon, "attention_fwd", "GLUON", 0)
 
 
 @pytest.mark.gpu

@@ -25,6 +25,7 @@ from opt_core.kernels import attention_gluon
 from opt_core.kernels import attention_gluon_bwd as gbwd
 from opt_core.kernels.testing import FORWARD_FACTOR, GRADIENT_FACTOR, assert_close_to_reference
 from test_attention import _assert_single_key_gradient, _run
+from test_attention_gluon import routed_calls
 
 
 def _qkv(B, Sq, Sk, H, D, dtype, device):
@@ -468,17 +469,8 @@ def test_deterministic_is_bitwise_repeatable(D, causal):
 
 
 def _route_to_gluon(monkeypatch):
-    """GLUON_BWD on, with a count of the backwards the Gluon kernel ran."""
-    calls = []
-    real = gbwd.attention_bwd
-
-    def counted(*args):
-        calls.append(args[1].shape)
-        return real(*args)
-
-    monkeypatch.setattr(gbwd, "attention_bwd", counted)
-    monkeypatch.setattr(attn, "GLUON_BWD", "on")
-    return calls
+    """GLUON_BWD on, with a count of the backwards the Gluon kernel ran (q's shape each)."""
+    return routed_calls(monkeypatch, gbwd, "attention_bwd", "GLUON_BWD", 1)
 
 
 @pytest.mark.gpu
