@@ -9,8 +9,8 @@ runs, else cuDNN, else the memory-efficient kernel; every provider's time is in
 the table, so the ratio to the fastest SDPA backend can be read off too.  On
 sm_90 and newer, our kernels with a switch of ``kernels/attention.py`` set are
 A/B providers (``VARIANTS``): ``opt-core-no-tma`` (the TMA loads off: what the
-descriptor path buys, the pointer path's sm_90 code included, where ptxas
-serialises the wgmmas of 51 configs: ``compile_check``'s ``wgmma_serialized``),
+descriptor path buys over the pointer path's sm_90 code, one masked loop per
+kernel there: ``attention.split_masked``),
 ``opt-core-ws`` and ``opt-core-no-ws`` (the forward's tuner held to the
 warp-specialised loop, or kept from it: what the overlap buys), ``opt-core-fused-dq`` (the five-product backward, dQ added up by the
 dK/dV kernel in the deterministic order), ``opt-core-fused-dq-atomic`` (the

@@ -95,6 +95,11 @@ class Target:
     def of(cls, device: torch.device) -> "Target":
         return cls(device.type == "cuda", has_tma(device))
 
+    @property
+    def arch(self) -> int:
+        """The compute capability the AOT cases stand for: sm_90 with TMA, else sm_80."""
+        return 90 if self.tma else 80
+
 
 H200 = Target(gpu=True, tma=True)
 

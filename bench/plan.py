@@ -110,10 +110,12 @@ def _tag(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
 
 
-def attention_compiles(head_dim: int, dtype: torch.dtype, tma: bool) -> set:
-    """AOT cases of the plain causal kernels (no mask, no dropout) at one head dim, and the delta pass."""
+def attention_compiles(head_dim: int, dtype: torch.dtype, tma: bool, arch: int = 90) -> set:
+    """AOT cases of the plain causal kernels (no mask, no dropout) at one head dim on sm_``arch`` (the
+    pointer path compiles its loops per arch), and the delta pass."""
     names = {c.name for c in _all_aot()
              if _family(c) in ("attention.fwd_kernel", "attention.bwd_dkdv_kernel", "attention.bwd_dq_kernel")
+             and arch in c.archs and c.constexprs.get("CAUSAL")
              and c.constexprs.get("HEAD_DIM") == head_dim and _dtype_tag(c) == _tag(dtype)
              and not c.constexprs.get("HAS_KPM") and not c.constexprs.get("HAS_DROPOUT")
              and not c.constexprs.get("FUSED_DQ") and bool(c.constexprs.get("TMA")) == tma}
@@ -243,7 +245,7 @@ def op_work(op: str, specs: list, target: harness.Target, compiles: bool = True)
         if op == "attention":
             shape = spec.group[0]
             for tma in _tma_variants(spec, target):
-                work.compiles |= attention_compiles(shape[3], spec.dtype, tma) if compiles else set()
+                work.compiles |= attention_compiles(shape[3], spec.dtype, tma, target.arch) if compiles else set()
                 work.tunes.update(_attention_tunes(shape, tma, backward))
         elif op == "relu_mlp":
             _, M, d, _, _ = spec.group
@@ -407,7 +409,7 @@ def _mfu_work(work: OpWork, spec, target, compiles: bool) -> None:
     d, heads, tokens = config.hidden_size, config.num_heads, batch * seq
     if compiles:
         work.compiles |= layer_norm_compiles(d, torch.bfloat16) | attention_compiles(d // heads, torch.bfloat16,
-                                                                                     target.tma)
+                                                                                     target.tma, target.arch)
         work.compiles |= relu_mlp_compiles(torch.bfloat16, target.tma) | adamw_compiles({"bfloat16,master", "clip"})
     for residual in (False, True):
         work.tunes.update(_layer_norm_tunes(tokens, d, residual, True))

@@ -121,19 +121,21 @@ def _attention_configs(kind, flags, variant):
 
 
 def _attention_kernel_cases(kind, dtype, head_dim, variant=attention.PLAIN, *, tma=False, fused_dq=False,
-                            deterministic=True):
-    """AOT cases of one kernel ("fwd", "dkdv", "dq", "pre"), causal, for the configs its prune function
-    keeps; with ``tma``, the streamed operands as descriptors, for sm_90 only; with ``fused_dq``, the
-    dK/dV kernel that adds up dQ as well, in key-block order if ``deterministic``."""
+                            deterministic=True, first_config=False, causal=True):
+    """AOT cases of one kernel ("fwd", "dkdv", "dq", "pre"), causal unless not ``causal``, for the configs
+    its prune function keeps (the first only with ``first_config``); with ``tma``, the streamed operands as
+    descriptors, for sm_90 only; with ``fused_dq``, the dK/dV kernel that adds up dQ as well, in key-block
+    order if ``deterministic``."""
     fn = _ATTENTION_KERNELS[kind][0]
     padding_mask, dropout = variant != attention.PLAIN, variant == attention.DROPOUT
     args = _attention_args(dtype, head_dim, padding_mask, dropout)
     flags = dict(HEAD_DIM=head_dim, BLOCK_D=attention.block_d(head_dim))
     tag = f"D={head_dim},{_dtype_name(dtype)}"
     if kind != "pre":
-        flags.update(CAUSAL=True, HAS_KPM=padding_mask, HAS_DROPOUT=dropout,
+        flags.update(CAUSAL=causal, HAS_KPM=padding_mask, HAS_DROPOUT=dropout,
                      DOT_PRECISION=attention.dot_precision(dtype), TMA=tma)
-        tag += f",causal{',kpm' if padding_mask else ''}{',dropout' if dropout else ''}{',tma' if tma else ''}"
+        tag += f",{'' if causal else 'non'}causal{',kpm' if padding_mask else ''}"
+        tag += f"{',dropout' if dropout else ''}{',tma' if tma else ''}"
     if kind == "fwd":  # every loop the tuner may pick; a config's WARP_SPECIALIZE overrides the default
         flags.update(SPECIALIZE="auto" if tma else "off", WARP_SPECIALIZE=False)
     if kind == "dkdv":
@@ -142,7 +144,9 @@ def _attention_kernel_cases(kind, dtype, head_dim, variant=attention.PLAIN, *, t
             args.update(DQ_ACC=torch.float32, LOCKS=torch.int32)
             tag += ",fused_dq" if deterministic else ",fused_dq_unordered"
     cases = []
-    for cfg in _attention_configs(kind, flags, variant):
+    loops = _attention_loops(kind, dtype, tma)
+    configs = _attention_configs(kind, flags, variant)[:1 if first_config else None]
+    for cfg, (archs, split) in [(c, each) for c in configs for each in loops]:
         # fp32 multiplies on the FMA units (exact fp32), not the tensor cores; wgmma takes 64 rows per
         # warpgroup, so a dot with 32 rows (the dK/dV kernel's key block at head_dim 256 with dropout)
         # is mma.sync on sm_90.
@@ -155,15 +159,31 @@ def _attention_kernel_cases(kind, dtype, head_dim, variant=attention.PLAIN, *, t
                 launch[name] = aot.Descriptor(dtype, (1, cfg.kwargs[block], 1, flags["BLOCK_D"]))
         meta = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items() if k != "WARP_SPECIALIZE")
         meta += ",specialized" if cfg.kwargs.get("WARP_SPECIALIZE") else ""
+        constexprs = dict(flags, **cfg.kwargs)
+        if split is not None:
+            constexprs["SPLIT_MASKED"] = split
+            meta += "" if tma or split else ",one_loop"
         cases.append(aot.case(
             f"attention_{kind}[{tag},{meta},warps={cfg.num_warps},stages={cfg.num_stages}]",
-            fn, launch, dict(flags, **cfg.kwargs),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_cores=tensor_cores,
-            archs=(90,) if tma else aot.ARCHS,
+            fn, launch, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_cores=tensor_cores,
+            archs=archs,
             # the compiler's pass gives up on a loop it cannot split without an error: check it did not
             expects={"warp_specialized": True} if cfg.kwargs.get("WARP_SPECIALIZE") else None,
         ))
     return cases
+
+
+def _attention_loops(kind, dtype, tma):
+    """(archs, SPLIT_MASKED) of each compile a kernel gets: the TMA path on sm_90 only; through pointers,
+    fp16/bf16 splits its loops on sm_80 and not on sm_90 (wgmma), fp32 on both (attention.split_masked).
+    The delta pass has no such loops (None)."""
+    if kind == "pre":
+        return [(aot.ARCHS, None)]
+    if tma:
+        return [((90,), attention.split_masked(kind, True, wgmma=True))]
+    if dtype == torch.float32:
+        return [(aot.ARCHS, attention.split_masked(kind, False, wgmma=False))]
+    return [((arch,), attention.split_masked(kind, False, wgmma=arch == 90)) for arch in aot.ARCHS]
 
 
 def _attention_variants(head_dim):
@@ -174,11 +194,11 @@ def _attention_variants(head_dim):
 
 
 def attention_cases() -> list[aot.Case]:
-    """Every (shape, variant) the tables keep, bf16 and causal, at head_dim 64, 80, 128 and 256; the
-    same for fp32 inputs at 64, 128 and 256; fp16 once per kernel; the TMA path (sm_90; bf16 and fp16
-    share it) at OPT's head dims; the delta preprocess per tile; the dK/dV kernel with the fused dQ and
-    dQ's store at OPT's head dims.  The dropout variant is compiled with the padding mask too (dropout
-    without a mask runs a subset of that code)."""
+    """Every (shape, variant) the tables keep, bf16 and causal, at head_dim 64, 80, 128 and 256; the same for fp32
+    inputs at 64, 128 and 256; fp16 once per kernel; bf16 not causal at 128, both paths; the TMA path (sm_90; bf16
+    and fp16 share it) at OPT's head dims; the delta preprocess per tile; the dK/dV kernel with the fused dQ and
+    dQ's store at OPT's head dims. The dropout variant is compiled with the padding mask too (dropout without a mask
+    runs a subset of that code)."""
     cases = []
     for dtype, head_dims in ((torch.bfloat16, (64, 80, 128, 256)), (torch.float32, (64, 128, 256))):
         for head_dim in head_dims:
@@ -186,7 +206,9 @@ def attention_cases() -> list[aot.Case]:
                 for variant in _attention_variants(head_dim):
                     cases += _attention_kernel_cases(kind, dtype, head_dim, variant)
     for kind in ("fwd", "dkdv", "dq"):
-        cases += _attention_kernel_cases(kind, torch.float16, 128)[:1]
+        cases += _attention_kernel_cases(kind, torch.float16, 128, first_config=True)
+        for tma in (False, True):  # not causal: the key blocks' loops end at the keys' end, not the diagonal
+            cases += _attention_kernel_cases(kind, torch.bfloat16, 128, tma=tma, causal=False)
     for head_dim in (64, 80, 128):
         for kind in ("fwd", "dkdv", "dq"):
             for variant in _attention_variants(head_dim):

@@ -7,7 +7,8 @@
 - Forward: one program per (query block, batch*head), online softmax in the exp2 domain with fp32
   statistics; only O and the log-sum-exp are written.  Key blocks every row sees completely run without
   mask arithmetic, the blocks on the diagonal or the end of the keys with it, blocks above the diagonal
-  never.  Programs walk query blocks last to first, the blocks of one head together (K/V stay in L2).
+  never; where ptxas would then serialise the wgmmas (sm_90), one masked loop instead (split_masked).
+  Programs walk query blocks last to first, the blocks of one head together (K/V stay in L2).
   On sm_90's TMA path the tuner may also pick a warp-specialised loop (a producer warpgroup, two
   consumer ones that overlap one's softmax with the other's products; switch ``WARP_SPECIALIZE``).
   Opt-in (switch ``GLUON``): FlashAttention-3's schedule in Gluon, ``kernels/attention_gluon.py``.
@@ -468,10 +469,10 @@ def fwd_kernel(
     heads, seqlen_q, seqlen_k, seqlen_bucket, qk_scale, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TMA: tl.constexpr, SPECIALIZE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
+    TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr, SPECIALIZE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     # seqlen_bucket and SPECIALIZE (which loops the tuner may pick) only key the autotuner;
-    # WARP_SPECIALIZE (a config's) picks the loop.
+    # WARP_SPECIALIZE (a config's) picks the loop, SPLIT_MASKED (see split_masked) how today's loop runs.
     bh, start_m, b32, h32 = _query_block_program(seqlen_q, heads, BLOCK_M=BLOCK_M)
     b = b32.to(tl.int64)
     h = h32.to(tl.int64)
@@ -512,9 +513,13 @@ def fwd_kernel(
                                                 HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
                                                 BLOCK_D=BLOCK_D)
     else:
-        state = _fwd_blocks((acc, l_i, m_i), q, rows, keys, dropout, 0, full, qk_scale, MASKED=False,
-                            CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
-                            DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TMA=TMA)
+        state = (acc, l_i, m_i)
+        if SPLIT_MASKED:  # first the key blocks every row sees in full, without the mask's arithmetic
+            state = _fwd_blocks(state, q, rows, keys, dropout, 0, full, qk_scale, MASKED=False, CAUSAL=CAUSAL,
+                                HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
+                                DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TMA=TMA)
+        else:
+            full = 0
         acc, l_i, m_i = _fwd_blocks(state, q, rows, keys, dropout, full, hi, qk_scale, MASKED=True, CAUSAL=CAUSAL,
                                     HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
                                     DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TMA=TMA)
@@ -658,16 +663,14 @@ def _dkdv_loops(
     grads, key_block, queries, dropout, dq_sum, lo, start_n, qk_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TMA: tl.constexpr, FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr, FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
-    """(dK, dV) of the key block starting at ``start_n`` over every query block from ``lo`` on.  Through
-    pointers (sm_80's path), causal: the blocks crossing the diagonal in a masked loop, the rest in one
-    without the mask's arithmetic, as the forward.  With TMA (sm_90) one loop, the causal mask on every
-    tile (a no-op past the diagonal): split, ptxas serialises every wgmma of the kernel (C7515: the
-    accumulators carried from one loop into the other are written while the first loop's last product
-    may be in flight), which costs more than a compare and a select per score."""
+    """(dK, dV) of the key block starting at ``start_n`` over every query block from ``lo`` on.  Causal
+    with SPLIT_MASKED (sm_80): the blocks crossing the diagonal in a masked loop, the rest in one without
+    the mask's arithmetic, as the forward.  Otherwise (sm_90) one loop, the causal mask on every tile (a
+    no-op past the diagonal): see split_masked."""
     seqlen_q, diag = queries[8], queries[10]
-    if TMA or not CAUSAL:
+    if not (SPLIT_MASKED and CAUSAL):
         lo_unmasked = lo
     else:  # from `mid` on, every row sees the whole key block
         mid = _clamp(start_n + BLOCK_N - 1 - diag, lo, seqlen_q)
@@ -677,7 +680,7 @@ def _dkdv_loops(
                              DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, TMA=TMA,
                              FUSED_DQ=FUSED_DQ, DETERMINISTIC=DETERMINISTIC)
     return _dkdv_blocks(grads, key_block, queries, dropout, dq_sum, lo_unmasked, seqlen_q, qk_scale,
-                        CAUSAL=CAUSAL and TMA, HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
+                        CAUSAL=CAUSAL and not SPLIT_MASKED, HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
                         DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, TMA=TMA, FUSED_DQ=FUSED_DQ,
                         DETERMINISTIC=DETERMINISTIC)
 
@@ -724,7 +727,7 @@ def bwd_dkdv_kernel(
     heads, seqlen_q, seqlen_k, seqlen_bucket, sm_scale, qk_scale, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TMA: tl.constexpr, FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr, FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
     """dK and dV of one key block; with FUSED_DQ also its part of dQ, added into DQ_ACC (fp32, zeroed, see
     _dq_acc_rows), with DETERMINISTIC in key-block order through LOCKS (one int32 per (batch, head) and
@@ -779,8 +782,8 @@ def bwd_dkdv_kernel(
     dropout = (bh.to(tl.int64) * seqlen_q * seqlen_k, dropout_p, dropout_scale, seed)
     dk, dv = _dkdv_loops((dk, dv), key_block, queries, dropout, dq_sum, lo, start_n, qk_scale, CAUSAL=CAUSAL,
                          HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
-                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TMA=TMA, FUSED_DQ=FUSED_DQ,
-                         DETERMINISTIC=DETERMINISTIC)
+                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TMA=TMA, SPLIT_MASKED=SPLIT_MASKED,
+                         FUSED_DQ=FUSED_DQ, DETERMINISTIC=DETERMINISTIC)
 
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + n64 * stride_dks + offs_n[:, None] * stride_dks + offs_d[None, :],
@@ -845,9 +848,9 @@ def bwd_dq_kernel(
     heads, seqlen_q, seqlen_k, seqlen_bucket, sm_scale, qk_scale, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr,
 ):
-    # Grid and order as in the forward.
+    # Grid, order and loops as in the forward.
     bh, start_m, b32, h32 = _query_block_program(seqlen_q, heads, BLOCK_M=BLOCK_M)
     b = b32.to(tl.int64)
     h = h32.to(tl.int64)
@@ -874,9 +877,12 @@ def bwd_dq_kernel(
     query_block = (q, do, lse2, delta, rows)
     keys = (K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32, seqlen_k, seqlen_k - seqlen_q)
     dropout = (row_base * seqlen_k, dropout_p, dropout_scale, seed)
-    dq = _dq_blocks(dq, query_block, keys, dropout, 0, full, qk_scale, MASKED=False, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
-                    HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
-                    BLOCK_D=BLOCK_D, TMA=TMA)
+    if SPLIT_MASKED:
+        dq = _dq_blocks(dq, query_block, keys, dropout, 0, full, qk_scale, MASKED=False, CAUSAL=CAUSAL,
+                        HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
+                        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TMA=TMA)
+    else:
+        full = 0
     dq = _dq_blocks(dq, query_block, keys, dropout, full, hi, qk_scale, MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
                     HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
                     BLOCK_D=BLOCK_D, TMA=TMA)
@@ -979,6 +985,24 @@ def _tma_usable(*tensors) -> bool:
     each has the layout a (batch, seqlen, heads, head_dim) descriptor needs."""
     return (dispatch.tma_enabled(TMA, tensors[0], "opt_core.kernels.attention.TMA")
             and all(dispatch.tma_aligned(t) for t in tensors))
+
+
+def split_masked(kind: str, tma: bool, wgmma: bool) -> bool:
+    """SPLIT_MASKED of the ``kind`` kernel ("fwd", "dkdv", "dq"): whether the blocks the causal diagonal
+    or the end of the sequence crosses run in a masked loop of their own and the rest in one without the
+    mask's arithmetic (True), or every block in one masked loop (False).  The split saves that arithmetic
+    on most tiles, but where the products are wgmmas (``wgmma``: fp16/bf16 on sm_90) ptxas serialises
+    every wgmma of the kernel when fp32 accumulators pass from one loop into the next (C7515) everywhere
+    but in the forward and dQ kernels on the TMA path, and that costs more."""
+    if tma:  # sm_90 only
+        return kind != "dkdv"
+    return not wgmma
+
+
+def _wgmma(x: Tensor) -> bool:
+    """Whether the kernels' products on ``x`` (fp16/bf16 on an sm_90 GPU) are wgmmas."""
+    return (x.device.type == "cuda" and x.dtype in dispatch.TMA_DTYPES
+            and torch.cuda.get_device_capability(x.device)[0] == 9)
 
 
 def _descriptor(t):
@@ -1114,7 +1138,8 @@ def _launch_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tens
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_mb, stride_mn,
         H, Sq, Sk, _seqlen_bucket(Sq, Sk), softmax_scale * LOG2E, dropout_p, dropout_scale, seed,
         HEAD_DIM=D, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0,
-        DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d(D), TMA=tma, SPECIALIZE=_specialize_mode(q, tma),
+        DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d(D), TMA=tma,
+        SPLIT_MASKED=split_masked("fwd", tma, _wgmma(q)), SPECIALIZE=_specialize_mode(q, tma),
     )
     return out, lse
 
@@ -1159,7 +1184,8 @@ def _launch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     _bwd_dkdv[lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]) * B * H,)](
         _descriptor(q) if tma else q, k, v, mask, _descriptor(dout) if tma else dout, lse, delta, dk, dv,
         dq_acc, locks, *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-        stride_mb, stride_mn, *common, **flags, TMA=tma, FUSED_DQ=fused, DETERMINISTIC=deterministic,
+        stride_mb, stride_mn, *common, **flags, TMA=tma, SPLIT_MASKED=split_masked("dkdv", tma, _wgmma(q)),
+        FUSED_DQ=fused, DETERMINISTIC=deterministic,
     )
     if fused:
         bwd_dq_store_kernel[(triton.cdiv(Sq, DQ_STORE_ROWS) * B * H,)](
@@ -1170,7 +1196,7 @@ def _launch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     _bwd_dq[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]) * B * H,)](
         q, _descriptor(k) if tma else k, _descriptor(v) if tma else v, mask, dout, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-        stride_mb, stride_mn, *common, **flags, TMA=tma,
+        stride_mb, stride_mn, *common, **flags, TMA=tma, SPLIT_MASKED=split_masked("dq", tma, _wgmma(q)),
     )
     return dq, dk, dv
 

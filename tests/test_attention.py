@@ -9,6 +9,7 @@ and a ragged tail; test_other_block_shapes swaps in smaller and square ones.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import math
@@ -383,6 +384,58 @@ def test_tma_falls_back_where_the_layout_does_not_allow_it(device, tma_on, monke
         functional.attention(*_qkv(1, 4, 4, 1, 16, torch.float16, device))
 
 
+# --------------------------------------------------------------------------- sm_90's pointer path: one loop
+@pytest.fixture
+def one_loop(monkeypatch):
+    """The loops sm_90 runs through pointers (no TMA: a layout TMA cannot describe, or TMA="off"): every
+    block in one masked loop (split_masked with wgmma), here on any device; yields the dtypes of the
+    launches that asked, so a test can tell they did."""
+    asked = []
+
+    def wgmma(x):
+        asked.append(x.dtype)
+        return True
+
+    monkeypatch.setattr(attn, "_wgmma", wgmma)
+    yield asked
+
+
+ONE_LOOP_CASES = [((113, 203), True, "left", 80), ((200, 200), False, "right", 64), ((17, 17), True, "none", 111),
+                  ((203, 113), True, "none", 128), ((1, 239), False, "left", 64)]
+
+
+@pytest.mark.parametrize("seqlens, causal, pad, D", ONE_LOOP_CASES, ids=str)
+def test_one_loop_pointer_path_matches_float64_reference(seqlens, causal, pad, D, device, one_loop):
+    _check(2, *seqlens, 2, D, torch.float16, device, causal=causal, pad=pad)
+    assert one_loop == [torch.float16] * 3, "the forward, dK/dV and dQ launches"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_one_loop_equals_the_split_loops(causal, device, monkeypatch):
+    """The mask is a no-op on the blocks the split runs unmasked, so the two agree bit for bit (dropout and a
+    padding mask included).  Under the interpreter both run one fixed config; a GPU tunes each apart."""
+    if not dispatch.INTERPRET:
+        pytest.skip("bitwise only with the interpreter's single config; GPUs autotune each loop separately")
+    q, k, v = _qkv(2, 150, 203, 2, 64, torch.float16, device)
+    mask = _padding_mask(2, 203, "left", device)
+    grad = torch.randn(2, 150, 2, 64, dtype=torch.float64, device=device)
+    runs = []
+    for wgmma in (False, True):
+        monkeypatch.setattr(attn, "_wgmma", lambda x, wgmma=wgmma: wgmma)
+        runs.append(_run(lambda *t: functional.attention(*t, causal=causal, key_padding_mask=mask, dropout_p=0.2,
+                                                         seed=2 ** 40 + 3), (q, k, v), grad))
+    (o1, g1), (o2, g2) = runs
+    assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_split_masked_per_kernel_and_path():
+    """Where the loops split (sm_80, and the forward and dQ kernels on the TMA path) and where not."""
+    assert all(attn.split_masked(kind, tma=False, wgmma=False) for kind in ("fwd", "dkdv", "dq"))
+    assert not any(attn.split_masked(kind, tma=False, wgmma=True) for kind in ("fwd", "dkdv", "dq"))
+    assert [attn.split_masked(kind, tma=True, wgmma=True) for kind in ("fwd", "dkdv", "dq")] == [True, False, True]
+    assert not attn._wgmma(torch.empty(1, dtype=torch.float16))  # a CPU tensor: no wgmma
+
+
 # --------------------------------------------------------------------------- sm_90's new loops
 @pytest.fixture
 def specialized_forward(monkeypatch, tma_on):
@@ -514,15 +567,18 @@ def test_default_forward_configs_overlap_the_softmax_with_a_product():
         assert r["warp_specialized"] or (r["wgmma_max_pending"] or 0) >= 1, r
 
 
-def test_no_tma_path_kernel_has_its_wgmmas_serialised(aot_compile):
-    """Every sm_90 TMA-path case (forward, dK/dV, dQ; every config the tuner may pick): ptxas keeps its wgmmas
-    asynchronous as written, no C7515/C7517 note.  The dK/dV kernel's loop split in a masked and an unmasked
-    one had every wgmma serialised (C7515); on the TMA path it is one loop."""
+def test_no_sm90_kernel_has_its_wgmmas_serialised(aot_compile):
+    """Every sm_90 case of the forward, dK/dV and dQ kernels (both paths, causal and not, every config the
+    tuner may pick): ptxas keeps its wgmmas asynchronous as written, no C7515/C7517 note.  Loops split in a
+    masked and an unmasked one had every wgmma serialised (C7515) in the dK/dV kernel, and in all three
+    through pointers; there they are one loop (split_masked)."""
     results = [r for (name, arch), r in aot_compile("attention_").items()
-               if arch == 90 and name.startswith(("attention_fwd[", "attention_dkdv[", "attention_dq["))
-               and ",tma," in name]
+               if arch == 90 and name.startswith(("attention_fwd[", "attention_dkdv[", "attention_dq["))]
     assert {r["case"].split("[")[0] for r in results} == {"attention_fwd", "attention_dkdv", "attention_dq"}
-    assert len(results) >= 50
+    paths = collections.Counter(("tma" if ",tma," in r["case"] else "pointer", ",noncausal," in r["case"])
+                                for r in results)
+    assert paths[("tma", False)] >= 50 and paths[("pointer", False)] >= 50, paths
+    assert paths[("tma", True)] and paths[("pointer", True)], paths
     serialised = [(r["case"], r["wgmma_notes"]) for r in results if r["wgmma_serialized"]]
     assert not serialised, serialised
 
@@ -822,7 +878,8 @@ def test_gpu_matches_float64_reference(D, dtype, causal, pad):
 @pytest.mark.gpu
 @pytest.mark.parametrize("D", [64, 80, 128])
 def test_gpu_pointer_path_where_tma_is_available(D, monkeypatch):
-    """On sm_90 the tests above take the TMA path; this keeps the pointer path (sm_80's) checked there too."""
+    """On sm_90 the tests above take the TMA path; this keeps the pointer path checked there too (its loops
+    as sm_90 runs them: one masked loop per kernel, split_masked)."""
     monkeypatch.setattr(attn, "TMA", "off")
     _check(2, 777, 1031, 4, D, torch.bfloat16, torch.device("cuda"), causal=True, pad="left")
 
