@@ -174,16 +174,16 @@ def _attention_kernel_cases(kind, dtype, head_dim, variant=attention.PLAIN, *, t
 
 
 def _attention_loops(kind, dtype, tma):
-    """(archs, SPLIT_MASKED) of each compile a kernel gets: the TMA path on sm_90 only; through pointers,
-    fp16/bf16 splits its loops on sm_80 and not on sm_90 (wgmma), fp32 on both (attention.split_masked).
-    The delta pass has no such loops (None)."""
+    """(archs, SPLIT_MASKED) of each compile a kernel gets, as a launch on each arch picks it
+    (attention.split_masked): the TMA path on sm_90 only; through pointers one compile where every arch
+    agrees (fp32), else one per arch.  The delta pass has no such loops (None)."""
     if kind == "pre":
         return [(aot.ARCHS, None)]
-    if tma:
-        return [((90,), attention.split_masked(kind, True, wgmma=True))]
-    if dtype == torch.float32:
-        return [(aot.ARCHS, attention.split_masked(kind, False, wgmma=False))]
-    return [((arch,), attention.split_masked(kind, False, wgmma=arch == 90)) for arch in aot.ARCHS]
+    archs = (90,) if tma else aot.ARCHS
+    split = {arch: attention.split_masked(kind, tma, attention.uses_wgmma(dtype, arch)) for arch in archs}
+    if len(set(split.values())) == 1:
+        return [(archs, split[archs[0]])]
+    return [((arch,), value) for arch, value in split.items()]
 
 
 def _attention_variants(head_dim):

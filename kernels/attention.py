@@ -999,10 +999,18 @@ def split_masked(kind: str, tma: bool, wgmma: bool) -> bool:
     return not wgmma
 
 
+def uses_wgmma(dtype: torch.dtype, arch: int) -> bool:
+    """Whether the kernels' products in ``dtype`` on sm_``arch`` are wgmmas: fp16/bf16 on sm_90 (fp32 runs
+    on the FMA units, sm_80 has mma.sync)."""
+    return dtype in dispatch.TMA_DTYPES and arch == 90
+
+
 def _wgmma(x: Tensor) -> bool:
-    """Whether the kernels' products on ``x`` (fp16/bf16 on an sm_90 GPU) are wgmmas."""
-    return (x.device.type == "cuda" and x.dtype in dispatch.TMA_DTYPES
-            and torch.cuda.get_device_capability(x.device)[0] == 9)
+    """``uses_wgmma`` for ``x``'s dtype on its GPU (False off a GPU)."""
+    if x.device.type != "cuda":
+        return False
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return uses_wgmma(x.dtype, 10 * major + minor)
 
 
 def _descriptor(t):

@@ -433,6 +433,8 @@ def test_split_masked_per_kernel_and_path():
     assert all(attn.split_masked(kind, tma=False, wgmma=False) for kind in ("fwd", "dkdv", "dq"))
     assert not any(attn.split_masked(kind, tma=False, wgmma=True) for kind in ("fwd", "dkdv", "dq"))
     assert [attn.split_masked(kind, tma=True, wgmma=True) for kind in ("fwd", "dkdv", "dq")] == [True, False, True]
+    assert attn.uses_wgmma(torch.bfloat16, 90) and attn.uses_wgmma(torch.float16, 90)
+    assert not attn.uses_wgmma(torch.float32, 90) and not attn.uses_wgmma(torch.bfloat16, 80)
     assert not attn._wgmma(torch.empty(1, dtype=torch.float16))  # a CPU tensor: no wgmma
 
 
