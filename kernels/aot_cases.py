@@ -130,6 +130,7 @@ def _attention_kernel_cases(kind, dtype, head_dim, variant=attention.PLAIN, *, t
     padding_mask, dropout = variant != attention.PLAIN, variant == attention.DROPOUT
     args = _attention_args(dtype, head_dim, padding_mask, dropout)
     flags = dict(HEAD_DIM=head_dim, BLOCK_D=attention.block_d(head_dim))
+    args.update(K_TAIL=None, V_TAIL=None, Q_TAIL=None, DO_TAIL=None)
     tag = f"D={head_dim},{_dtype_name(dtype)}"
     if kind != "pre":
         flags.update(CAUSAL=causal, HAS_KPM=padding_mask, HAS_DROPOUT=dropout,
@@ -144,25 +145,26 @@ def _attention_kernel_cases(kind, dtype, head_dim, variant=attention.PLAIN, *, t
             args.update(DQ_ACC=torch.float32, LOCKS=torch.int32)
             tag += ",fused_dq" if deterministic else ",fused_dq_unordered"
     cases = []
-    loops = _attention_loops(kind, dtype, tma)
+    loops = _attention_loops(kind, dtype, head_dim, tma)
     configs = _attention_configs(kind, flags, variant)[:1 if first_config else None]
-    for cfg, (archs, split) in [(c, each) for c in configs for each in loops]:
+    for cfg, (archs, per_arch) in [(c, each) for c in configs for each in loops]:
         # fp32 multiplies on the FMA units (exact fp32), not the tensor cores; wgmma takes 64 rows per
         # warpgroup, so a dot with 32 rows (the dK/dV kernel's key block at head_dim 256 with dropout)
         # is mma.sync on sm_90.
         rows = cfg.kwargs["BLOCK_N"] if kind == "dkdv" else cfg.kwargs["BLOCK_M"]
         tensor_cores = kind != "pre" and dtype != torch.float32 and rows >= 64
         launch = dict(args)
+        constexprs = dict(flags, **per_arch, **cfg.kwargs)
         if tma:
             names, block = attention.STREAMED[kind]
             for name in names:
-                launch[name] = aot.Descriptor(dtype, (1, cfg.kwargs[block], 1, flags["BLOCK_D"]))
+                width = constexprs["HEAD_TAIL"] if name.endswith("_TAIL") else constexprs["BLOCK_D"]
+                if width:
+                    launch[name] = aot.Descriptor(dtype, (1, cfg.kwargs[block], 1, width))
         meta = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items() if k != "WARP_SPECIALIZE")
         meta += ",specialized" if cfg.kwargs.get("WARP_SPECIALIZE") else ""
-        constexprs = dict(flags, **cfg.kwargs)
-        if split is not None:
-            constexprs["SPLIT_MASKED"] = split
-            meta += "" if tma or split else ",one_loop"
+        if "SPLIT_MASKED" in per_arch:
+            meta += "" if tma or per_arch["SPLIT_MASKED"] else ",one_loop"
         cases.append(aot.case(
             f"attention_{kind}[{tag},{meta},warps={cfg.num_warps},stages={cfg.num_stages}]",
             fn, launch, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages, tensor_cores=tensor_cores,
@@ -173,24 +175,27 @@ def _attention_kernel_cases(kind, dtype, head_dim, variant=attention.PLAIN, *, t
     return cases
 
 
-def _attention_loops(kind, dtype, tma):
-    """(archs, SPLIT_MASKED) of each compile a kernel gets, as a launch on each arch picks it
-    (attention.split_masked): the TMA path on sm_90 only; through pointers one compile where every arch
-    agrees (fp32), else one per arch.  The delta pass has no such loops (None)."""
+def _attention_loops(kind, dtype, head_dim, tma):
+    """(archs, constexprs) of each compile a kernel gets, as a launch on each arch sets them: SPLIT_MASKED
+    (attention.split_masked) and the head-dim tiles BLOCK_D, HEAD_TAIL (attention.splits_head_dim); the
+    TMA path on sm_90 only; through pointers one compile where every arch agrees (fp32), else one per arch.
+    The delta pass has neither (no constexprs)."""
     if kind == "pre":
-        return [(aot.ARCHS, None)]
+        return [(aot.ARCHS, {})]
     archs = (90,) if tma else aot.ARCHS
-    split = {arch: attention.split_masked(kind, tma, attention.uses_wgmma(dtype, arch)) for arch in archs}
-    if len(set(split.values())) == 1:
-        return [(archs, split[archs[0]])]
-    return [((arch,), value) for arch, value in split.items()]
+    per_arch = {}
+    for arch in archs:
+        tiles = (attention.head_tiles(head_dim) if attention.splits_head_dim(dtype, arch)
+                 else (attention.block_d(head_dim), 0))
+        per_arch[arch] = dict(SPLIT_MASKED=attention.split_masked(kind, tma, attention.uses_wgmma(dtype, arch)),
+                              BLOCK_D=tiles[0], HEAD_TAIL=tiles[1])
+    if all(each == per_arch[archs[0]] for each in per_arch.values()):
+        return [(archs, per_arch[archs[0]])]
+    return [((arch,), each) for arch, each in per_arch.items()]
 
 
-def _attention_variants(head_dim):
-    # head_dim 80 shares 128's tile; only its head_dim masks differ, which the plain variant compiles.
-    if head_dim == 80:
-        return (attention.PLAIN,)
-    return (attention.PLAIN, attention.PADDING_MASK, attention.DROPOUT)
+# Every head dim compiles every variant (80's two tiles, attention.head_tiles, are code of their own).
+_ATTENTION_VARIANTS = (attention.PLAIN, attention.PADDING_MASK, attention.DROPOUT)
 
 
 def attention_cases() -> list[aot.Case]:
@@ -203,7 +208,7 @@ def attention_cases() -> list[aot.Case]:
     for dtype, head_dims in ((torch.bfloat16, (64, 80, 128, 256)), (torch.float32, (64, 128, 256))):
         for head_dim in head_dims:
             for kind in ("fwd", "dkdv", "dq"):
-                for variant in _attention_variants(head_dim):
+                for variant in _ATTENTION_VARIANTS:
                     cases += _attention_kernel_cases(kind, dtype, head_dim, variant)
     for kind in ("fwd", "dkdv", "dq"):
         cases += _attention_kernel_cases(kind, torch.float16, 128, first_config=True)
@@ -211,12 +216,12 @@ def attention_cases() -> list[aot.Case]:
             cases += _attention_kernel_cases(kind, torch.bfloat16, 128, tma=tma, causal=False)
     for head_dim in (64, 80, 128):
         for kind in ("fwd", "dkdv", "dq"):
-            for variant in _attention_variants(head_dim):
+            for variant in _ATTENTION_VARIANTS:
                 cases += _attention_kernel_cases(kind, torch.bfloat16, head_dim, variant, tma=True)
     for head_dim in (64, 80, 128, 256):
         cases += _attention_kernel_cases("pre", torch.bfloat16, head_dim)
     for head_dim in (64, 80, 128):  # the fused dQ runs where its table has shapes: the TMA path
-        for variant in _attention_variants(head_dim):
+        for variant in _ATTENTION_VARIANTS:
             if attention.fused_dq_shapes(head_dim, variant):
                 cases += _attention_kernel_cases("dkdv", torch.bfloat16, head_dim, variant, tma=True, fused_dq=True)
         # In any order: the same loop without the turns (and with the other launch order).
@@ -234,7 +239,8 @@ def attention_default_forward_cases(head_dims=(64, 80, 128)) -> list[aot.Case]:
 
 def _attention_dq_store_case(head_dim):
     """The fused dQ's store (fp32 sum -> dQ) as the launch runs it."""
-    flags = dict(HEAD_DIM=head_dim, BLOCK_M=attention.DQ_STORE_ROWS, BLOCK_D=attention.block_d(head_dim))
+    flags = dict(HEAD_DIM=head_dim, BLOCK_M=attention.DQ_STORE_ROWS, BLOCK_D=attention.block_d(head_dim),
+                 ACC_WIDTH=attention.dq_acc_width(head_dim))
     return aot.case(f"attention_dq_store[D={head_dim},bfloat16,BLOCK_M={attention.DQ_STORE_ROWS}]",
                     attention.bwd_dq_store_kernel, dict(_attention_args(torch.bfloat16, head_dim, False, False),
                                                         DQ_ACC=torch.float32), flags, num_warps=4)

@@ -17,7 +17,9 @@
   query block accumulates dQ (7 products, no atomics).  With ``FUSED_DQ`` (sm_90's TMA path, where its
   table has a shape) the dK/dV kernel adds dQ up itself in fp32 (5 products), in key-block order unless
   ``deterministic=False``.
-- Head dims 1 to 256 on a power-of-two tile of at least 16.  fp16/bf16 on the tensor cores; fp32 with
+- Head dims 1 to 256: a power of two plus a power-of-two rest of at least 16 (80 = 64 + 16) in two tiles
+  (head_tiles; sm_80's tensor cores pad it instead, splits_head_dim), any other on one power-of-two tile of
+  at least 16, the columns past head_dim masked.  fp16/bf16 on the tensor cores; fp32 with
   ``input_precision="ieee"``; fp64 runs ``kernels/reference.py``.
 - Dropout: keep(b, h, i, j) = rand(seed, ((b*H + h)*Sq + i)*Sk + j) >= p, one counter-based Philox
   draw that the forward, both backward kernels and ``dropout_mask`` evaluate alike, so no mask is
@@ -49,6 +51,7 @@ from opt_core.kernels import dispatch
 from opt_core.kernels import native
 from opt_core.kernels import reference
 from opt_core.kernels import tuning
+from opt_core.kernels.head_dim_tiles import MIN_TILE, block_d, head_tiles  # noqa: F401 (part of this module's API)
 from opt_core.kernels.op_registry import Direction, register_op
 from opt_core.kernels.validation import SEED_LIMIT, check_float, check_same_device, check_seed, check_tensor
 
@@ -182,14 +185,16 @@ _DQ_SHAPES = _ShapeTable(
 
 
 def _pre_hook(names, rows, zeroed=()):
-    """Autotune pre-hook: the TMA descriptors among ``names`` get this config's block, [1, rows, 1, BLOCK_D] of
-    (batch, seqlen, heads, head_dim).  A launch builds them before the config is known (pointer launches
-    pass tensors, which the hook leaves alone).  The buffers named in ``zeroed`` (the fused dQ's sum and
-    locks, when present) start at 0 for every run, the tuner's timing runs included."""
+    """Autotune pre-hook: the TMA descriptors among ``names`` get this config's block, [1, rows, 1, width] of
+    (batch, seqlen, heads, head_dim), width BLOCK_D, or HEAD_TAIL for the tail tiles' (names ending in
+    _TAIL).  A launch builds them before the config is known (pointer launches pass tensors or None, which
+    the hook leaves alone).  The buffers named in ``zeroed`` (the fused dQ's sum and locks, when present)
+    start at 0 for every run, the tuner's timing runs included."""
     def hook(nargs):
         for name in names:
             if isinstance(nargs[name], TensorDescriptor):
-                nargs[name].block_shape = [1, nargs[rows], 1, nargs["BLOCK_D"]]
+                width = nargs["HEAD_TAIL"] if name.endswith("_TAIL") else nargs["BLOCK_D"]
+                nargs[name].block_shape = [1, nargs[rows], 1, width]
         for name in zeroed:
             if nargs[name] is not None:
                 nargs[name].zero_()
@@ -197,7 +202,8 @@ def _pre_hook(names, rows, zeroed=()):
 
 
 # The operands each kernel streams through its loop, and the block that sizes their tile.
-STREAMED = {"fwd": (("K", "V"), "BLOCK_N"), "dkdv": (("Q", "DO"), "BLOCK_M"), "dq": (("K", "V"), "BLOCK_N")}
+STREAMED = {"fwd": (("K", "V", "K_TAIL", "V_TAIL"), "BLOCK_N"), "dkdv": (("Q", "DO", "Q_TAIL", "DO_TAIL"), "BLOCK_M"),
+            "dq": (("K", "V", "K_TAIL", "V_TAIL"), "BLOCK_N")}
 # The buffers a kernel adds into (the dK/dV kernel's fused dQ).
 _ADDED_INTO = {"dkdv": ("DQ_ACC", "LOCKS")}
 
@@ -224,8 +230,9 @@ def _variant(flags):
 
 def _table_key(flags):
     # Head dims up to 64 use the 64-wide tile's shapes (narrower tiles need fewer
-    # registers); 80 and 111 run on the 128-wide tile, 129 to 256 on the 256-wide.
-    return max(64, flags["BLOCK_D"]), flags.get("DOT_PRECISION") == "ieee"
+    # registers); 80 (in a 64 and a 16-wide tile, head_tiles) and 111 use the 128-wide tile's,
+    # 129 to 256 the 256-wide's.
+    return max(64, block_d(flags["HEAD_DIM"])), flags.get("DOT_PRECISION") == "ieee"
 
 
 def _configs_for(configs, table, flags):
@@ -281,9 +288,9 @@ def _for_launch(configs, kind):
 # --------------------------------------------------------------------------- shared device code
 @triton.jit
 def _tile_mask(row_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Mask of a [rows, BLOCK_D] tile: the rows that exist and, where the tile is
-    wider than head_dim, the columns that do."""
-    if HEAD_DIM == BLOCK_D:
+    """Mask of a tile of the columns ``offs_d`` (up to BLOCK_D): the rows that exist and, where the tile
+    ends past head_dim, the columns that do."""
+    if HEAD_DIM >= BLOCK_D:
         mask = row_ok[:, None]
     else:
         mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -365,46 +372,61 @@ def _row_block_program(seqlen_q, heads, BLOCK_M: tl.constexpr):
 
 # --------------------------------------------------------------------------- forward
 @triton.jit
-def _online_softmax(s, m_i, l_i, acc):
+def _online_softmax(s, m_i, l_i):
     """One key block's online-softmax step over the (log2-scaled, masked) scores ``s``: (p, the new row
-    maxima, l_i and acc rescaled to them)."""
+    maxima, l_i rescaled to them, the factor alpha that rescales the accumulators to them)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with no visible key so far keeps m = -inf; subtracting 0 instead
     # keeps exp2 at 0 rather than exp2(-inf + inf) = NaN.
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_sub)
     p = tl.math.exp2(s - m_sub[:, None])
-    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+    return p, m_new, l_i * alpha + tl.sum(p, 1), alpha
 
 
 @triton.jit
 def _fwd_blocks(
-    state, q, rows, keys, dropout, lo, hi, qk_scale,
+    state, q, q_t, rows, keys, tails, dropout, lo, hi, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TMA: tl.constexpr,
+    HEAD_TAIL: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Online-softmax update of state = (acc, l_i, m_i) of the query rows ``rows`` over the key blocks
-    [lo, hi)."""
-    acc, l_i, m_i = state
+    """Online-softmax update of state = (acc, acc_t, l_i, m_i) of the query rows ``rows`` over the key
+    blocks [lo, hi).  With HEAD_TAIL (see head_tiles) q_t, acc_t and the K/V tiles ``_t`` hold the
+    columns BLOCK_D on (``tails``: K's and V's tail descriptors with TMA), else they are stand-ins."""
+    acc, acc_t, l_i, m_i = state
     K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32, seqlen_k, diag = keys
+    K_T, V_T = tails
     drop_rows, dropout_p, seed = dropout
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
     v_offs = offs_n[:, None] * stride_vs + offs_d[None, :]
+    if HEAD_TAIL:
+        offs_t = BLOCK_D + tl.arange(0, HEAD_TAIL)
+        kt_offs = offs_n[:, None] * stride_ks + offs_t[None, :]
+        vt_offs = offs_n[:, None] * stride_vs + offs_t[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
         n64 = tl.cast(start_n, tl.int64)
         if TMA:  # rows past seqlen_k and columns past head_dim arrive as zeros
             k = K.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
-        elif MASKED or HEAD_DIM != BLOCK_D:
+            if HEAD_TAIL:
+                k_t = K_T.load([b32, start_n, h32, 0]).reshape(BLOCK_N, HEAD_TAIL)
+        elif MASKED or HEAD_DIM < BLOCK_D:
             kv_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
             k = tl.load(K + n64 * stride_ks + k_offs, mask=kv_mask, other=0.0)
+            if HEAD_TAIL:
+                k_t = tl.load(K + n64 * stride_ks + kt_offs, mask=col_ok[:, None], other=0.0)
         else:
             k = tl.load(K + n64 * stride_ks + k_offs)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            if HEAD_TAIL:
+                k_t = tl.load(K + n64 * stride_ks + kt_offs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if HEAD_TAIL:
+            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
+        s = s * qk_scale
         if MASKED:
             visible = col_ok[None, :]
             if CAUSAL:
@@ -414,126 +436,200 @@ def _fwd_blocks(
         if HAS_KPM:
             real = tl.load(KPM + n64 * stride_mn + offs_n * stride_mn, mask=col_ok, other=0) != 0
             s = tl.where(real[None, :], s, float("-inf"))
-        p, m_new, l_i, acc = _online_softmax(s, m_i, l_i, acc)
+        p, m_new, l_i, alpha = _online_softmax(s, m_i, l_i)
+        acc = acc * alpha[:, None]
+        if HEAD_TAIL:
+            acc_t = acc_t * alpha[:, None]
         if HAS_DROPOUT:
             p = tl.where(_survives_dropout(seed, drop_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
         if TMA:
             v = V.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
-        elif MASKED or HEAD_DIM != BLOCK_D:
+            if HEAD_TAIL:
+                v_t = V_T.load([b32, start_n, h32, 0]).reshape(BLOCK_N, HEAD_TAIL)
+        elif MASKED or HEAD_DIM < BLOCK_D:
             v = tl.load(V + n64 * stride_vs + v_offs, mask=kv_mask, other=0.0)
+            if HEAD_TAIL:
+                v_t = tl.load(V + n64 * stride_vs + vt_offs, mask=col_ok[:, None], other=0.0)
         else:
             v = tl.load(V + n64 * stride_vs + v_offs)
+            if HEAD_TAIL:
+                v_t = tl.load(V + n64 * stride_vs + vt_offs)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        if HEAD_TAIL:
+            acc_t = tl.dot(p.to(v.dtype), v_t, acc_t, input_precision=DOT_PRECISION)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, acc_t, l_i, m_i
 
 
 @triton.jit
 def _fwd_blocks_specialized(
-    state, q, last_key, keys, dropout, hi, qk_scale,
+    state, q, q_t, last_key, keys, tails, dropout, hi, qk_scale,
     HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_TAIL: tl.constexpr,
 ):
     """``_fwd_blocks`` over [0, hi) as sm_90's warp specialisation takes it: a producer warpgroup streams
     K/V by TMA, the compiler splits the 128 query rows over two consumer warpgroups with barriers of
     their own, so one's softmax overlaps the other's products.  Every block is masked against
     ``last_key`` (per row, the last key it sees): the pass rejects the unmasked/masked loop pair and a
     branch in the loop alike, and one compare per score is all the mask costs."""
-    acc, l_i, m_i = state
+    acc, acc_t, l_i, m_i = state
     K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32, seqlen_k, diag = keys
+    K_T, V_T = tails
     drop_rows, dropout_p, seed = dropout
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         k = K.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k))
+        if HEAD_TAIL:
+            k_t = K_T.load([b32, start_n, h32, 0]).reshape(BLOCK_N, HEAD_TAIL)
+            s = tl.dot(q_t, tl.trans(k_t), s)
+        s = s * qk_scale
         s = tl.where(cols[None, :] <= last_key[:, None], s, float("-inf"))
         if HAS_KPM:
             real = tl.load(KPM + start_n.to(tl.int64) * stride_mn + offs_n * stride_mn, mask=cols < seqlen_k,
                            other=0) != 0
             s = tl.where(real[None, :], s, float("-inf"))
-        p, m_new, l_i, acc = _online_softmax(s, m_i, l_i, acc)
+        p, m_new, l_i, alpha = _online_softmax(s, m_i, l_i)
+        acc = acc * alpha[:, None]
+        if HEAD_TAIL:
+            acc_t = acc_t * alpha[:, None]
         if HAS_DROPOUT:
             p = tl.where(_survives_dropout(seed, drop_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
         v = V.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc)
+        if HEAD_TAIL:
+            v_t = V_T.load([b32, start_n, h32, 0]).reshape(BLOCK_N, HEAD_TAIL)
+            acc_t = tl.dot(p.to(v.dtype), v_t, acc_t)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, acc_t, l_i, m_i
+
+
+@triton.jit
+def _load_row_tiles(base, start, seqlen, row_stride, row_ok, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+                    BLOCK_D: tl.constexpr, HEAD_TAIL: tl.constexpr, BY_TMA: tl.constexpr):
+    """(x, x_t): the ROWS rows from ``start`` on of a (seqlen, head_dim) matrix at ``base`` (one (batch,
+    head) of q, k, v or dO), its first BLOCK_D columns and, with HEAD_TAIL, the rest (x_t; else x stands
+    in), zeros past seqlen (rows ``row_ok``) and head_dim.  BY_TMA through descriptors built on the device:
+    the warp-specialised forward splits q's rows over its consumer warpgroups only when q arrives so."""
+    offs_r = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    first = base + start.to(tl.int64) * row_stride
+    rows_offs = offs_r[:, None] * row_stride
+    if BY_TMA:
+        x = tl.make_tensor_descriptor(base, shape=[seqlen, HEAD_DIM], strides=[row_stride, 1],
+                                      block_shape=[ROWS, BLOCK_D]).load([start, 0])
+    else:
+        x = tl.load(first + rows_offs + offs_d[None, :], mask=_tile_mask(row_ok, offs_d, HEAD_DIM=HEAD_DIM,
+                                                                          BLOCK_D=BLOCK_D), other=0.0)
+    x_t = x
+    if HEAD_TAIL:
+        if BY_TMA:
+            x_t = tl.make_tensor_descriptor(base + BLOCK_D, shape=[seqlen, HEAD_TAIL], strides=[row_stride, 1],
+                                            block_shape=[ROWS, HEAD_TAIL]).load([start, 0])
+        else:
+            x_t = tl.load(first + rows_offs + (BLOCK_D + tl.arange(0, HEAD_TAIL))[None, :], mask=row_ok[:, None],
+                          other=0.0)
+    return x, x_t
+
+
+@triton.jit
+def _store_rows(ptr, x, x_t, row_ok, row_stride, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                HEAD_TAIL: tl.constexpr):
+    """Store the rows ``row_ok`` of x (the first BLOCK_D columns) and, with HEAD_TAIL, x_t (the rest) at
+    ``ptr`` (the block's first row), converted to ptr's dtype; ``row_stride`` between rows."""
+    offs_r = tl.arange(0, x.shape[0])
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_offs = offs_r[:, None] * row_stride
+    tl.store(ptr + rows_offs + offs_d[None, :], x.to(ptr.dtype.element_ty),
+             mask=_tile_mask(row_ok, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D))
+    if HEAD_TAIL:
+        tl.store(ptr + rows_offs + (BLOCK_D + tl.arange(0, HEAD_TAIL))[None, :], x_t.to(ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+@triton.jit
+def _normalized(acc, l_safe, sees_no_key, dropout_scale, HAS_DROPOUT: tl.constexpr):
+    """The output rows acc / l (times the dropout scale), 0 where the row sees no key even if a shared
+    tile held 0 * NaN."""
+    out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * dropout_scale
+    return tl.where(sees_no_key[:, None], 0.0, out)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def fwd_kernel(
-    Q, K, V, KPM, O, LSE,
+    Q, K, V, K_TAIL, V_TAIL, KPM, O, LSE,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_mb, stride_mn,
     heads, seqlen_q, seqlen_k, seqlen_bucket, qk_scale, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr, SPECIALIZE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
+    HEAD_TAIL: tl.constexpr, TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr, SPECIALIZE: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     # seqlen_bucket and SPECIALIZE (which loops the tuner may pick) only key the autotuner;
     # WARP_SPECIALIZE (a config's) picks the loop, SPLIT_MASKED (see split_masked) how today's loop runs.
+    # K_TAIL, V_TAIL: with TMA and HEAD_TAIL, the descriptors of K's and V's columns BLOCK_D on.
     bh, start_m, b32, h32 = _query_block_program(seqlen_q, heads, BLOCK_M=BLOCK_M)
     b = b32.to(tl.int64)
     h = h32.to(tl.int64)
-    m64 = start_m.to(tl.int64)
     if not TMA:
         K += b * stride_kb + h * stride_kh
         V += b * stride_vb + h * stride_vh
     KPM += b * stride_mb
 
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = start_m + offs_m
+    rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q
-    tile_mask = _tile_mask(row_ok, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-    q_base = Q + b * stride_qb + h * stride_qh
-    if WARP_SPECIALIZE:
-        # The compiler splits q's rows over the consumer warpgroups only when q arrives by TMA: a
-        # descriptor of this (batch, head), built on the device, zero-filled as the masked load is.
-        q = tl.make_tensor_descriptor(q_base, shape=[seqlen_q, HEAD_DIM], strides=[stride_qs, 1],
-                                      block_shape=[BLOCK_M, BLOCK_D]).load([start_m, 0])
-    else:
-        q = tl.load(q_base + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :], mask=tile_mask,
-                    other=0.0)
+    q, q_t = _load_row_tiles(Q + b * stride_qb + h * stride_qh, start_m, seqlen_q, stride_qs, row_ok,
+                               HEAD_DIM=HEAD_DIM, ROWS=BLOCK_M, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL,
+                               BY_TMA=WARP_SPECIALIZE)
     drop_rows = (bh.to(tl.int64) * seqlen_q + rows) * seqlen_k
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_t = acc
+    if HEAD_TAIL:
+        acc_t = tl.zeros([BLOCK_M, HEAD_TAIL], dtype=tl.float32)
     full, hi = _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     diag = seqlen_k - seqlen_q
     keys = (K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32, seqlen_k, diag)
+    tails = (K_TAIL, V_TAIL)
     dropout = (drop_rows, dropout_p, seed)
+    state = (acc, acc_t, l_i, m_i)
     if WARP_SPECIALIZE:
         last_key = tl.full([BLOCK_M], seqlen_k - 1, dtype=tl.int32)
         if CAUSAL:
             last_key = tl.minimum(rows + diag, last_key)
-        acc, l_i, m_i = _fwd_blocks_specialized((acc, l_i, m_i), q, last_key, keys, dropout, hi, qk_scale,
-                                                HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
-                                                BLOCK_D=BLOCK_D)
+        acc, acc_t, l_i, m_i = _fwd_blocks_specialized(state, q, q_t, last_key, keys, tails, dropout, hi, qk_scale,
+                                                       HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
+                                                       BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
     else:
-        state = (acc, l_i, m_i)
         if SPLIT_MASKED:  # first the key blocks every row sees in full, without the mask's arithmetic
-            state = _fwd_blocks(state, q, rows, keys, dropout, 0, full, qk_scale, MASKED=False, CAUSAL=CAUSAL,
-                                HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
-                                DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TMA=TMA)
+            state = _fwd_blocks(state, q, q_t, rows, keys, tails, dropout, 0, full, qk_scale, MASKED=False,
+                                CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
+                                DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL,
+                                TMA=TMA)
         else:
             full = 0
-        acc, l_i, m_i = _fwd_blocks(state, q, rows, keys, dropout, full, hi, qk_scale, MASKED=True, CAUSAL=CAUSAL,
-                                    HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
-                                    DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TMA=TMA)
+        acc, acc_t, l_i, m_i = _fwd_blocks(state, q, q_t, rows, keys, tails, dropout, full, hi, qk_scale,
+                                           MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT,
+                                           HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
+                                           BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL, TMA=TMA)
 
-    sees_no_key = l_i == 0.0  # 0 out, even if a shared tile held 0 * NaN
+    sees_no_key = l_i == 0.0
     l_safe = tl.where(sees_no_key, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    if HAS_DROPOUT:
-        out = out * dropout_scale
-    out = tl.where(sees_no_key[:, None], 0.0, out)
     lse = tl.where(sees_no_key, float("inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
     tl.store(LSE + bh.to(tl.int64) * seqlen_q + rows, lse, mask=row_ok)
-    tl.store(O + b * stride_ob + h * stride_oh + m64 * stride_os + offs_m[:, None] * stride_os + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=tile_mask)
+    out = _normalized(acc, l_safe, sees_no_key, dropout_scale, HAS_DROPOUT=HAS_DROPOUT)
+    out_t = out
+    if HEAD_TAIL:
+        out_t = _normalized(acc_t, l_safe, sees_no_key, dropout_scale, HAS_DROPOUT=HAS_DROPOUT)
+    _store_rows(O + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_os, out, out_t, row_ok, stride_os,
+                HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
 
 
 # --------------------------------------------------------------------------- backward
@@ -590,26 +686,35 @@ def _pass_turn(lock, token):
 
 @triton.jit
 def _dkdv_blocks(
-    grads, key_block, queries, dropout, dq_sum, lo, hi, qk_scale,
+    grads, key_block, queries, tails, dropout, dq_sum, lo, hi, qk_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    TMA: tl.constexpr, FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    HEAD_TAIL: tl.constexpr, TMA: tl.constexpr, FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
-    """Accumulate grads = (dK, dV) of key_block = (k, v, key_real, cols) over the query blocks [lo, hi).
-    queries = (Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32, seqlen_q, seqlen_k, diag): Q and dO
-    are descriptors with TMA, as K and V in the forward.  With FUSED_DQ, dS K of each query block is also
-    added into dQ's fp32 sum, DETERMINISTIC in turn: dq_sum = (DQ_ACC and LOCKS of this (batch, head),
-    this key block's token, the first query row the key block above it visits)."""
-    dk, dv = grads
-    k, v, key_real, cols = key_block
+    """Accumulate grads = (dK, dV, their tails) of key_block = (k, k_t, v, v_t, key_real, cols) over the
+    query blocks [lo, hi); the tails (``_t``, ``tails``: Q's and dO's tail descriptors) as in
+    ``_fwd_blocks``.  queries = (Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32, seqlen_q, seqlen_k,
+    diag): Q and dO are descriptors with TMA, as K and V in the forward.  With FUSED_DQ, dS K of each query
+    block is also added into dQ's fp32 sum, DETERMINISTIC in turn: dq_sum = (DQ_ACC and LOCKS of this
+    (batch, head), this key block's token, the first query row the key block above it visits)."""
+    dk, dk_t, dv, dv_t = grads
+    k, k_t, v, v_t, key_real, cols = key_block
     Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32, seqlen_q, seqlen_k, diag = queries
+    Q_T, DO_T = tails
     drop_base, dropout_p, dropout_scale, seed = dropout
     DQ_ACC, LOCKS, token, wait_from = dq_sum
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_offs = offs_m[:, None] * stride_qs + offs_d[None, :]
     do_offs = offs_m[:, None] * stride_dos + offs_d[None, :]
-    dq_offs = offs_m[:, None] * BLOCK_D + offs_d[None, :]
+    # DQ_ACC has whole blocks of rows and BLOCK_D + HEAD_TAIL columns (dq_acc_width): no mask (rows past
+    # seqlen_q and columns past head_dim add zeros that are never read).
+    dq_offs = offs_m[:, None] * (BLOCK_D + HEAD_TAIL) + offs_d[None, :]
+    if HEAD_TAIL:
+        offs_t = BLOCK_D + tl.arange(0, HEAD_TAIL)
+        qt_offs = offs_m[:, None] * stride_qs + offs_t[None, :]
+        dot_offs = offs_m[:, None] * stride_dos + offs_t[None, :]
+        dqt_offs = offs_m[:, None] * (BLOCK_D + HEAD_TAIL) + offs_t[None, :]
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < seqlen_q
@@ -619,75 +724,90 @@ def _dkdv_blocks(
         if TMA:
             q = Q.load([b32, start_m, h32, 0]).reshape(BLOCK_M, BLOCK_D)
             do = DO.load([b32, start_m, h32, 0]).reshape(BLOCK_M, BLOCK_D)
+            if HEAD_TAIL:
+                q_t = Q_T.load([b32, start_m, h32, 0]).reshape(BLOCK_M, HEAD_TAIL)
+                do_t = DO_T.load([b32, start_m, h32, 0]).reshape(BLOCK_M, HEAD_TAIL)
         else:
-            if HEAD_DIM == BLOCK_D:
-                qd_mask = row_ok[:, None]
-            else:
-                qd_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+            qd_mask = _tile_mask(row_ok, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
             q = tl.load(Q + m64 * stride_qs + q_offs, mask=qd_mask, other=0.0)
             do = tl.load(DO + m64 * stride_dos + do_offs, mask=qd_mask, other=0.0)
+            if HEAD_TAIL:
+                q_t = tl.load(Q + m64 * stride_qs + qt_offs, mask=row_ok[:, None], other=0.0)
+                do_t = tl.load(DO + m64 * stride_dos + dot_offs, mask=row_ok[:, None], other=0.0)
         # Rows past seqlen_q load q = dO = 0 and delta = 0, so they add nothing;
         # lse = +inf makes their P 0 as well rather than exp2(0 - 0) = 1.
         lse2 = tl.load(LSE + rows, mask=row_ok, other=float("inf")) * _LOG2E
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        if HEAD_TAIL:
+            s_t = tl.dot(k_t, tl.trans(q_t), s_t, input_precision=DOT_PRECISION)
+        s_t = s_t * qk_scale
         if CAUSAL:
             s_t = tl.where(cols[:, None] <= rows[None, :] + diag, s_t, float("-inf"))
         if HAS_KPM:
             s_t = tl.where(key_real[:, None], s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse2[None, :])
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if HEAD_TAIL:
+            dp_t = tl.dot(v_t, tl.trans(do_t), dp_t, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             kept_t = _survives_dropout(seed, drop_base + (rows.to(tl.int64) * seqlen_k)[None, :] + cols[:, None],
                                        dropout_p)
-            dv = tl.dot(tl.where(kept_t, p_t * dropout_scale, 0.0).to(do.dtype), do, dv,
-                        input_precision=DOT_PRECISION)
+            pd_t = tl.where(kept_t, p_t * dropout_scale, 0.0).to(do.dtype)
             dp_t = tl.where(kept_t, dp_t * dropout_scale, 0.0)
         else:
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+            pd_t = p_t.to(do.dtype)
+        dv = tl.dot(pd_t, do, dv, input_precision=DOT_PRECISION)
+        if HEAD_TAIL:
+            dv_t = tl.dot(pd_t, do_t, dv_t, input_precision=DOT_PRECISION)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+        if HEAD_TAIL:
+            dk_t = tl.dot(ds_t, q_t, dk_t, input_precision=DOT_PRECISION)
         if FUSED_DQ:
-            # DQ_ACC has whole blocks of rows and BLOCK_D columns: no mask (rows past seqlen_q and
-            # columns past head_dim add zeros that are never read).
-            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION)
-            tl.atomic_add(DQ_ACC + m64 * BLOCK_D + dq_offs, dq, sem="relaxed")
+            dq_rows = DQ_ACC + m64 * (BLOCK_D + HEAD_TAIL)
+            tl.atomic_add(dq_rows + dq_offs, tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION),
+                          sem="relaxed")
+            if HEAD_TAIL:
+                tl.atomic_add(dq_rows + dqt_offs, tl.dot(tl.trans(ds_t), k_t, input_precision=DOT_PRECISION),
+                              sem="relaxed")
     if FUSED_DQ and DETERMINISTIC:
         if hi > lo:
             _pass_turn(LOCKS + tl.cdiv(hi, BLOCK_M) - 1, token)
-    return dk, dv
+    return dk, dk_t, dv, dv_t
 
 
 @triton.jit
 def _dkdv_loops(
-    grads, key_block, queries, dropout, dq_sum, lo, start_n, qk_scale,
+    grads, key_block, queries, tails, dropout, dq_sum, lo, start_n, qk_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr, FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    HEAD_TAIL: tl.constexpr, TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr, FUSED_DQ: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
 ):
-    """(dK, dV) of the key block starting at ``start_n`` over every query block from ``lo`` on.  Causal
-    with SPLIT_MASKED (sm_80): the blocks crossing the diagonal in a masked loop, the rest in one without
-    the mask's arithmetic, as the forward.  Otherwise (sm_90) one loop, the causal mask on every tile (a
-    no-op past the diagonal): see split_masked."""
+    """(dK, dV) and their tails of the key block starting at ``start_n`` over every query block from ``lo``
+    on.  Causal with SPLIT_MASKED (sm_80): the blocks crossing the diagonal in a masked loop, the rest in
+    one without the mask's arithmetic, as the forward.  Otherwise (sm_90) one loop, the causal mask on
+    every tile (a no-op past the diagonal): see split_masked."""
     seqlen_q, diag = queries[8], queries[10]
     if not (SPLIT_MASKED and CAUSAL):
         lo_unmasked = lo
     else:  # from `mid` on, every row sees the whole key block
         mid = _clamp(start_n + BLOCK_N - 1 - diag, lo, seqlen_q)
         lo_unmasked = lo + tl.cdiv(mid - lo, BLOCK_M) * BLOCK_M
-        grads = _dkdv_blocks(grads, key_block, queries, dropout, dq_sum, lo, lo_unmasked, qk_scale, CAUSAL=True,
-                             HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
-                             DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, TMA=TMA,
-                             FUSED_DQ=FUSED_DQ, DETERMINISTIC=DETERMINISTIC)
-    return _dkdv_blocks(grads, key_block, queries, dropout, dq_sum, lo_unmasked, seqlen_q, qk_scale,
+        grads = _dkdv_blocks(grads, key_block, queries, tails, dropout, dq_sum, lo, lo_unmasked, qk_scale,
+                             CAUSAL=True, HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
+                             DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL,
+                             TMA=TMA, FUSED_DQ=FUSED_DQ, DETERMINISTIC=DETERMINISTIC)
+    return _dkdv_blocks(grads, key_block, queries, tails, dropout, dq_sum, lo_unmasked, seqlen_q, qk_scale,
                         CAUSAL=CAUSAL and not SPLIT_MASKED, HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
-                        DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, TMA=TMA, FUSED_DQ=FUSED_DQ,
-                        DETERMINISTIC=DETERMINISTIC)
+                        DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL, TMA=TMA,
+                        FUSED_DQ=FUSED_DQ, DETERMINISTIC=DETERMINISTIC)
 
 
 @triton.jit
 def _dq_acc_rows(seqlen_q):
-    """Rows per (batch, head) of the fused dQ's fp32 sum, (batch * heads, rows, BLOCK_D): seqlen_q rounded
+    """Rows per (batch, head) of the fused dQ's fp32 sum, (batch * heads, rows, dq_acc_width): seqlen_q rounded
     up to DQ_ACC_ROW_BLOCK, a whole number of any BLOCK_M, so its tiles need no mask."""
     return tl.cdiv(seqlen_q, _DQ_ACC_ROW_BLOCK) * _DQ_ACC_ROW_BLOCK
 
@@ -706,7 +826,7 @@ def _first_query_row(start_n, seqlen_q, diag, CAUSAL: tl.constexpr, BLOCK_M: tl.
 
 @triton.jit
 def _dq_sum_of(DQ_ACC, LOCKS, bh, n_idx, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+               BLOCK_N: tl.constexpr, ACC_WIDTH: tl.constexpr):
     """The fused dQ's ``dq_sum`` for key block ``n_idx`` of (batch, head) ``bh``: its DQ_ACC and LOCKS, its
     token, and the first query row the key block above it (the one before it in the order) visits, from
     which on it waits for that one's part."""
@@ -714,24 +834,26 @@ def _dq_sum_of(DQ_ACC, LOCKS, bh, n_idx, seqlen_q, seqlen_k, CAUSAL: tl.constexp
     if (n_idx + 1) * BLOCK_N < seqlen_k:
         wait_from = _first_query_row((n_idx + 1) * BLOCK_N, seqlen_q, seqlen_k - seqlen_q, CAUSAL=CAUSAL,
                                      BLOCK_M=BLOCK_M)
-    dq_acc = DQ_ACC + bh.to(tl.int64) * _dq_acc_rows(seqlen_q) * BLOCK_D
+    dq_acc = DQ_ACC + bh.to(tl.int64) * _dq_acc_rows(seqlen_q) * ACC_WIDTH
     return dq_acc, LOCKS + bh * tl.cdiv(seqlen_q, BLOCK_M), n_idx + 1, wait_from
 
 
 @triton.jit(do_not_specialize=["seed"])
 def bwd_dkdv_kernel(
-    Q, K, V, KPM, DO, LSE, DELTA, DK, DV, DQ_ACC, LOCKS,
+    Q, K, V, Q_TAIL, DO_TAIL, KPM, DO, LSE, DELTA, DK, DV, DQ_ACC, LOCKS,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
     stride_mb, stride_mn,
     heads, seqlen_q, seqlen_k, seqlen_bucket, sm_scale, qk_scale, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr, FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    HEAD_TAIL: tl.constexpr, TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr, FUSED_DQ: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
 ):
     """dK and dV of one key block; with FUSED_DQ also its part of dQ, added into DQ_ACC (fp32, zeroed, see
     _dq_acc_rows), with DETERMINISTIC in key-block order through LOCKS (one int32 per (batch, head) and
-    query block of BLOCK_M rows, zeroed)."""
+    query block of BLOCK_M rows, zeroed).  Head-dim tiles as in the forward (Q_TAIL, DO_TAIL: with TMA
+    and HEAD_TAIL, the descriptors of Q's and dO's columns BLOCK_D on)."""
     num_n = tl.cdiv(seqlen_k, BLOCK_N)
     pid = tl.program_id(0)
     bh = pid // num_n
@@ -747,16 +869,12 @@ def bwd_dkdv_kernel(
     h32 = bh % heads
     b = b32.to(tl.int64)
     h = h32.to(tl.int64)
-    n64 = start_n.to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    cols = start_n + offs_n
+    cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < seqlen_k
-    tile_mask = _tile_mask(col_ok, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-    k = tl.load(K + b * stride_kb + h * stride_kh + n64 * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :],
-                mask=tile_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + n64 * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :],
-                mask=tile_mask, other=0.0)
+    k, k_t = _load_row_tiles(K + b * stride_kb + h * stride_kh, start_n, seqlen_k, stride_ks, col_ok,
+                               HEAD_DIM=HEAD_DIM, ROWS=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL, BY_TMA=False)
+    v, v_t = _load_row_tiles(V + b * stride_vb + h * stride_vh, start_n, seqlen_k, stride_vs, col_ok,
+                               HEAD_DIM=HEAD_DIM, ROWS=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL, BY_TMA=False)
     if HAS_KPM:
         key_real = tl.load(KPM + b * stride_mb + cols * stride_mn, mask=col_ok, other=0) != 0
     else:
@@ -768,45 +886,55 @@ def bwd_dkdv_kernel(
     dq_sum = (DQ_ACC, LOCKS, seqlen_q, seqlen_q)
     if FUSED_DQ:
         dq_sum = _dq_sum_of(DQ_ACC, LOCKS, bh, n_idx, seqlen_q, seqlen_k, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M,
-                            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+                            BLOCK_N=BLOCK_N, ACC_WIDTH=BLOCK_D + HEAD_TAIL)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk_t = dk
+    if HEAD_TAIL:
+        dk_t = tl.zeros([BLOCK_N, HEAD_TAIL], dtype=tl.float32)
     if not TMA:
         Q += b * stride_qb + h * stride_qh
         DO += b * stride_dob + h * stride_doh
     LSE += bh.to(tl.int64) * seqlen_q
     DELTA += bh.to(tl.int64) * seqlen_q
-    key_block = (k, v, key_real, cols)
+    key_block = (k, k_t, v, v_t, key_real, cols)
     queries = (Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32, seqlen_q, seqlen_k, diag)
     dropout = (bh.to(tl.int64) * seqlen_q * seqlen_k, dropout_p, dropout_scale, seed)
-    dk, dv = _dkdv_loops((dk, dv), key_block, queries, dropout, dq_sum, lo, start_n, qk_scale, CAUSAL=CAUSAL,
-                         HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
-                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TMA=TMA, SPLIT_MASKED=SPLIT_MASKED,
-                         FUSED_DQ=FUSED_DQ, DETERMINISTIC=DETERMINISTIC)
+    dk, dk_t, dv, dv_t = _dkdv_loops((dk, dk_t, dk, dk_t), key_block, queries, (Q_TAIL, DO_TAIL), dropout, dq_sum,
+                                     lo, start_n, qk_scale, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT,
+                                     HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                     BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL, TMA=TMA, SPLIT_MASKED=SPLIT_MASKED,
+                                     FUSED_DQ=FUSED_DQ, DETERMINISTIC=DETERMINISTIC)
 
-    dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + h * stride_dkh + n64 * stride_dks + offs_n[:, None] * stride_dks + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=tile_mask)
-    tl.store(DV + b * stride_dvb + h * stride_dvh + n64 * stride_dvs + offs_n[:, None] * stride_dvs + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=tile_mask)
+    n64 = start_n.to(tl.int64)
+    _store_rows(DK + b * stride_dkb + h * stride_dkh + n64 * stride_dks, dk * sm_scale, dk_t * sm_scale, col_ok,
+                stride_dks, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
+    _store_rows(DV + b * stride_dvb + h * stride_dvh + n64 * stride_dvs, dv, dv_t, col_ok, stride_dvs,
+                HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
 
 
 @triton.jit
 def _dq_blocks(
-    dq, query_block, keys, dropout, lo, hi, qk_scale,
+    grads, query_block, keys, tails, dropout, lo, hi, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TMA: tl.constexpr,
+    HEAD_TAIL: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Accumulate dQ of query_block = (q, do, lse2, delta, rows) over the key blocks [lo, hi)."""
-    q, do, lse2, delta, rows = query_block
+    """Accumulate grads = (dQ, its tail) of query_block = (q, q_t, do, do_t, lse2, delta, rows) over the key
+    blocks [lo, hi); the tails (``_t``, ``tails``: K's and V's tail descriptors) as in ``_fwd_blocks``."""
+    dq, dq_t = grads
+    q, q_t, do, do_t, lse2, delta, rows = query_block
     K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32, seqlen_k, diag = keys
+    K_T, V_T = tails
     drop_rows, dropout_p, dropout_scale, seed = dropout
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
     v_offs = offs_n[:, None] * stride_vs + offs_d[None, :]
+    if HEAD_TAIL:
+        offs_t = BLOCK_D + tl.arange(0, HEAD_TAIL)
+        kt_offs = offs_n[:, None] * stride_ks + offs_t[None, :]
+        vt_offs = offs_n[:, None] * stride_vs + offs_t[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
@@ -814,14 +942,26 @@ def _dq_blocks(
         if TMA:
             k = K.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
             v = V.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
-        elif MASKED or HEAD_DIM != BLOCK_D:
+            if HEAD_TAIL:
+                k_t = K_T.load([b32, start_n, h32, 0]).reshape(BLOCK_N, HEAD_TAIL)
+                v_t = V_T.load([b32, start_n, h32, 0]).reshape(BLOCK_N, HEAD_TAIL)
+        elif MASKED or HEAD_DIM < BLOCK_D:
             kv_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
             k = tl.load(K + n64 * stride_ks + k_offs, mask=kv_mask, other=0.0)
             v = tl.load(V + n64 * stride_vs + v_offs, mask=kv_mask, other=0.0)
+            if HEAD_TAIL:
+                k_t = tl.load(K + n64 * stride_ks + kt_offs, mask=col_ok[:, None], other=0.0)
+                v_t = tl.load(V + n64 * stride_vs + vt_offs, mask=col_ok[:, None], other=0.0)
         else:
             k = tl.load(K + n64 * stride_ks + k_offs)
             v = tl.load(V + n64 * stride_vs + v_offs)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            if HEAD_TAIL:
+                k_t = tl.load(K + n64 * stride_ks + kt_offs)
+                v_t = tl.load(V + n64 * stride_vs + vt_offs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if HEAD_TAIL:
+            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
+        s = s * qk_scale
         if MASKED:
             visible = col_ok[None, :]
             if CAUSAL:
@@ -832,77 +972,83 @@ def _dq_blocks(
             s = tl.where(real[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HEAD_TAIL:
+            dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             kept = _survives_dropout(seed, drop_rows[:, None] + cols[None, :], dropout_p)
             dp = tl.where(kept, dp * dropout_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    return dq
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)
+        if HEAD_TAIL:
+            dq_t = tl.dot(ds, k_t, dq_t, input_precision=DOT_PRECISION)
+    return dq, dq_t
 
 
 @triton.jit(do_not_specialize=["seed"])
 def bwd_dq_kernel(
-    Q, K, V, KPM, DO, LSE, DELTA, DQ,
+    Q, K, V, K_TAIL, V_TAIL, KPM, DO, LSE, DELTA, DQ,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_dqb, stride_dqs, stride_dqh, stride_mb, stride_mn,
     heads, seqlen_q, seqlen_k, seqlen_bucket, sm_scale, qk_scale, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr,
+    HEAD_TAIL: tl.constexpr, TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr,
 ):
-    # Grid, order and loops as in the forward.
+    # Grid, order, loops and head-dim tiles as in the forward.
     bh, start_m, b32, h32 = _query_block_program(seqlen_q, heads, BLOCK_M=BLOCK_M)
     b = b32.to(tl.int64)
     h = h32.to(tl.int64)
-    m64 = start_m.to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = start_m + offs_m
+    rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q
-    tile_mask = _tile_mask(row_ok, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + m64 * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=tile_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + m64 * stride_dos + offs_m[:, None] * stride_dos
-                 + offs_d[None, :], mask=tile_mask, other=0.0)
+    q, q_t = _load_row_tiles(Q + b * stride_qb + h * stride_qh, start_m, seqlen_q, stride_qs, row_ok,
+                               HEAD_DIM=HEAD_DIM, ROWS=BLOCK_M, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL, BY_TMA=False)
+    do, do_t = _load_row_tiles(DO + b * stride_dob + h * stride_doh, start_m, seqlen_q, stride_dos, row_ok,
+                                 HEAD_DIM=HEAD_DIM, ROWS=BLOCK_M, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL,
+                                 BY_TMA=False)
     row_base = bh.to(tl.int64) * seqlen_q + rows
     lse2 = tl.load(LSE + row_base, mask=row_ok, other=float("inf")) * _LOG2E
     delta = tl.load(DELTA + row_base, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq_t = dq
+    if HEAD_TAIL:
+        dq_t = tl.zeros([BLOCK_M, HEAD_TAIL], dtype=tl.float32)
     full, hi = _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     if not TMA:
         K += b * stride_kb + h * stride_kh
         V += b * stride_vb + h * stride_vh
     KPM += b * stride_mb
-    query_block = (q, do, lse2, delta, rows)
+    query_block = (q, q_t, do, do_t, lse2, delta, rows)
     keys = (K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32, seqlen_k, seqlen_k - seqlen_q)
+    tails = (K_TAIL, V_TAIL)
     dropout = (row_base * seqlen_k, dropout_p, dropout_scale, seed)
+    grads = (dq, dq_t)
     if SPLIT_MASKED:
-        dq = _dq_blocks(dq, query_block, keys, dropout, 0, full, qk_scale, MASKED=False, CAUSAL=CAUSAL,
-                        HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
-                        BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, TMA=TMA)
+        grads = _dq_blocks(grads, query_block, keys, tails, dropout, 0, full, qk_scale, MASKED=False, CAUSAL=CAUSAL,
+                           HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
+                           BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL, TMA=TMA)
     else:
         full = 0
-    dq = _dq_blocks(dq, query_block, keys, dropout, full, hi, qk_scale, MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
-                    HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
-                    BLOCK_D=BLOCK_D, TMA=TMA)
-    dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + m64 * stride_dqs + offs_m[:, None] * stride_dqs + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=tile_mask)
+    dq, dq_t = _dq_blocks(grads, query_block, keys, tails, dropout, full, hi, qk_scale, MASKED=True, CAUSAL=CAUSAL,
+                          HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
+                          BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL, TMA=TMA)
+    _store_rows(DQ + b * stride_dqb + h * stride_dqh + start_m.to(tl.int64) * stride_dqs, dq * sm_scale,
+                dq_t * sm_scale, row_ok, stride_dqs, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
 
 
 @triton.jit
 def bwd_dq_store_kernel(
     DQ_ACC, DQ, stride_dqb, stride_dqs, stride_dqh, heads, seqlen_q, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC_WIDTH: tl.constexpr,
 ):
-    """dQ = sm_scale * the fp32 sum the dK/dV kernel added up (FUSED_DQ), in dQ's dtype and layout."""
+    """dQ = sm_scale * the fp32 sum the dK/dV kernel added up (FUSED_DQ), in dQ's dtype and layout: one
+    block_d wide tile of DQ_ACC's rows of ACC_WIDTH (dq_acc_width) columns."""
     bh, start_m, b, h = _row_block_program(seqlen_q, heads, BLOCK_M=BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     rows = start_m + offs_m
     tile_mask = _tile_mask(rows < seqlen_q, offs_d, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
-    acc = tl.load(DQ_ACC + (bh.to(tl.int64) * _dq_acc_rows(seqlen_q) + rows)[:, None] * BLOCK_D + offs_d[None, :],
+    acc = tl.load(DQ_ACC + (bh.to(tl.int64) * _dq_acc_rows(seqlen_q) + rows)[:, None] * ACC_WIDTH + offs_d[None, :],
                   mask=tile_mask)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows.to(tl.int64)[:, None] * stride_dqs + offs_d[None, :],
              (acc * sm_scale).to(DQ.dtype.element_ty), mask=tile_mask)
@@ -955,8 +1101,10 @@ def dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else None
 
 
-def block_d(head_dim):
-    return max(16, triton.next_power_of_2(head_dim))
+def dq_acc_width(head_dim: int) -> int:
+    """Columns of the fused dQ's fp32 sum per row: head_dim where the kernels split it (head_tiles), else
+    the one tile's block_d."""
+    return sum(head_tiles(head_dim))
 
 
 def _seqlen_bucket(seqlen_q, seqlen_k):
@@ -1005,18 +1153,54 @@ def uses_wgmma(dtype: torch.dtype, arch: int) -> bool:
     return dtype in dispatch.TMA_DTYPES and arch == 90
 
 
+def splits_head_dim(dtype: torch.dtype, arch: Optional[int]) -> bool:
+    """Whether the kernels hold a head_dim that splits so in two tiles (head_tiles) for ``dtype`` on
+    sm_``arch`` (None: no GPU, the interpreter): everywhere but on sm_80's tensor cores.  There Triton lays
+    a chain of mma.sync products whose output is as tall as wide over the warps by rows (warpsPerCTA
+    [8, 1]), so a 64-row tile at 8 warps is held twice over: at 80 = 64 + 16 the dK/dV kernel's 64x64
+    went from 193 registers to 255 and a spill, the forward's 64x64 with a mask and dropout spilled too.
+    The padded 128-wide outputs are wider than tall and split by columns ([1, 8])."""
+    return not (dtype in dispatch.TMA_DTYPES and arch is not None and arch < 90)
+
+
+def _arch(x: Tensor) -> Optional[int]:
+    """The compute capability of ``x``'s GPU as sm_ counts it (90), None off a GPU."""
+    if x.device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return 10 * major + minor
+
+
 def _wgmma(x: Tensor) -> bool:
     """``uses_wgmma`` for ``x``'s dtype on its GPU (False off a GPU)."""
-    if x.device.type != "cuda":
-        return False
-    major, minor = torch.cuda.get_device_capability(x.device)
-    return uses_wgmma(x.dtype, 10 * major + minor)
+    arch = _arch(x)
+    return arch is not None and uses_wgmma(x.dtype, arch)
+
+
+def _head_tiles_for(x: Tensor, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, HEAD_TAIL) of a launch on x's device: head_tiles where the kernels split head_dim there
+    (splits_head_dim), else one block_d wide tile."""
+    if splits_head_dim(x.dtype, _arch(x)):
+        return head_tiles(head_dim)
+    return block_d(head_dim), 0
 
 
 def _descriptor(t):
     # A 4-D (batch, seqlen, heads, head_dim) descriptor; the autotune pre-hook sets its block for the
     # chosen config.  Out-of-range rows and head_dim columns read as zeros, as the masked loads do.
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 1, 1])
+
+
+def _streamed(a: Tensor, b: Tensor, tma: bool, tile: int, tail: int) -> tuple:
+    """A kernel's streamed operands (a, b, a's tail, b's tail): with TMA descriptors, the tails' over the
+    columns ``tile`` on (None where ``tail`` is 0); through pointers the tensors, the kernel addresses the
+    tails from them (None)."""
+    if not tma:
+        return a, b, None, None
+    main = _descriptor(a), _descriptor(b)
+    if not tail:
+        return *main, None, None
+    return *main, _descriptor(a[..., tile:]), _descriptor(b[..., tile:])
 
 
 # Whether the forward's tuner may pick the warp-specialised loop on sm_90's TMA path: "auto" beside
@@ -1101,7 +1285,7 @@ DQ_STORE_ROWS = 64  # rows per program of the fused dQ's store (a [64, <=128] fp
 
 def fused_dq_shapes(head_dim: int, variant: str) -> list:
     """The dK/dV shapes with the fused dQ sm_90's TMA path keeps for 16-bit inputs at ``head_dim``."""
-    return _DKDV_FUSED_DQ_SHAPES.kept(_table_key(dict(BLOCK_D=block_d(head_dim))), variant, tma=True)
+    return _DKDV_FUSED_DQ_SHAPES.kept(_table_key(dict(HEAD_DIM=head_dim)), variant, tma=True)
 
 
 def _fused_dq(q: Tensor, flags: dict, tma: bool) -> bool:
@@ -1110,7 +1294,7 @@ def _fused_dq(q: Tensor, flags: dict, tma: bool) -> bool:
     head_dim 128)."""
     if not isinstance(FUSED_DQ, bool):
         raise TypeError(f"opt_core.kernels.attention.FUSED_DQ must be a bool, got {FUSED_DQ!r}")
-    if not FUSED_DQ or q.dtype not in dispatch.TMA_DTYPES or flags["BLOCK_D"] > 128:
+    if not FUSED_DQ or q.dtype not in dispatch.TMA_DTYPES or block_d(flags["HEAD_DIM"]) > 128:
         return False
     return dispatch.INTERPRET or bool(_DKDV_FUSED_DQ_SHAPES.kept(_table_key(flags), _variant(flags), tma))
 
@@ -1141,12 +1325,13 @@ def _launch_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tens
     mask, stride_mb, stride_mn = _padding_mask_args(key_padding_mask, q)
     dropout_p, dropout_scale, seed = _dropout_args(dropout_p, seed)
     tma = _tma_usable(k, v)
+    tile, tail = _head_tiles_for(q, D)
     _fwd[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]) * B * H,)](
-        q, _descriptor(k) if tma else k, _descriptor(v) if tma else v, mask, out, lse,
+        q, *_streamed(k, v, tma, tile, tail), mask, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_mb, stride_mn,
         H, Sq, Sk, _seqlen_bucket(Sq, Sk), softmax_scale * LOG2E, dropout_p, dropout_scale, seed,
         HEAD_DIM=D, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0,
-        DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d(D), TMA=tma,
+        DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=tile, HEAD_TAIL=tail, TMA=tma,
         SPLIT_MASKED=split_masked("fwd", tma, _wgmma(q)), SPECIALIZE=_specialize_mode(q, tma),
     )
     return out, lse
@@ -1169,7 +1354,7 @@ def _launch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
         return dq.zero_(), dk.zero_(), dv.zero_()
     flags = dict(
         HEAD_DIM=D, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0,
-        DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d(D),
+        DOT_PRECISION=dot_precision(q.dtype),
     )
     delta = dispatch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     _bwd_pre[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]) * B * H,)](
@@ -1187,24 +1372,30 @@ def _launch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     # The fp32 sum of dQ and one lock per query block of the smallest BLOCK_M a dot allows (16), for any
     # config; the config's pre-hook zeroes both before each run.
     rows = triton.cdiv(Sq, DQ_ACC_ROW_BLOCK) * DQ_ACC_ROW_BLOCK
-    dq_acc = torch.empty((B * H, rows, block_d(D)), dtype=torch.float32, device=q.device) if fused else None
+    tile, tail = _head_tiles_for(q, D)
+    acc_width = tile + tail  # columns of the fused dQ's sum: dq_acc_width where the kernel splits head_dim
+    dq_acc = torch.empty((B * H, rows, acc_width), dtype=torch.float32, device=q.device) if fused else None
     locks = torch.empty((B * H * triton.cdiv(Sq, 16),), dtype=torch.int32, device=q.device) if fused else None
+    q_in, dout_in, q_tail, dout_tail = _streamed(q, dout, tma, tile, tail)
     _bwd_dkdv[lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]) * B * H,)](
-        _descriptor(q) if tma else q, k, v, mask, _descriptor(dout) if tma else dout, lse, delta, dk, dv,
-        dq_acc, locks, *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-        stride_mb, stride_mn, *common, **flags, TMA=tma, SPLIT_MASKED=split_masked("dkdv", tma, _wgmma(q)),
+        q_in, k, v, q_tail, dout_tail, mask, dout_in, lse, delta, dk, dv, dq_acc, locks,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+        stride_mb, stride_mn, *common, **flags, BLOCK_D=tile, HEAD_TAIL=tail, TMA=tma,
+        SPLIT_MASKED=split_masked("dkdv", tma, _wgmma(q)),
         FUSED_DQ=fused, DETERMINISTIC=deterministic,
     )
     if fused:
         bwd_dq_store_kernel[(triton.cdiv(Sq, DQ_STORE_ROWS) * B * H,)](
             dq_acc, dq, *_strides(dq), H, Sq, softmax_scale, HEAD_DIM=D, BLOCK_M=DQ_STORE_ROWS, BLOCK_D=block_d(D),
+            ACC_WIDTH=acc_width,
         )
         return dq, dk, dv
     tma = _tma_usable(k, v)  # the dQ kernel streams K and V
     _bwd_dq[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]) * B * H,)](
-        q, _descriptor(k) if tma else k, _descriptor(v) if tma else v, mask, dout, lse, delta, dq,
+        q, *_streamed(k, v, tma, tile, tail), mask, dout, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-        stride_mb, stride_mn, *common, **flags, TMA=tma, SPLIT_MASKED=split_masked("dq", tma, _wgmma(q)),
+        stride_mb, stride_mn, *common, **flags, BLOCK_D=tile, HEAD_TAIL=tail, TMA=tma,
+        SPLIT_MASKED=split_masked("dq", tma, _wgmma(q)),
     )
     return dq, dk, dv
 

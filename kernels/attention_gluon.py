@@ -47,7 +47,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from opt_core.kernels import dispatch
+from opt_core.kernels import dispatch, head_dim_tiles
 from opt_core.kernels.gluon_hopper import barriers, gl_dtype, mma_layout, release, wait_ready
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -70,7 +70,7 @@ PRODUCER_REGS = gl.constexpr(24)
 CONFIGS = {64: (128, 3), 80: (128, 3), 128: (128, 2)}
 HEAD_DIMS = tuple(CONFIGS)
 # A chunk's width: the K of a wgmma step (16 for 16-bit types) at least, and a power of two (Gluon shapes).
-MIN_CHUNK = 16
+MIN_CHUNK = head_dim_tiles.MIN_TILE
 # Whether the kernel runs persistent: one program per SM looping over the tiles, so the producer loads the
 # next tile's Q, K and V while the consumers finish the last one's out (FlashAttention-3's reason):
 # "off" | "on".  Off until a GPU run has passed the gpu tests with it and measured it faster.
@@ -435,18 +435,16 @@ def smem_layout(dtype: torch.dtype, rows: int, head_dim: int):
 
 
 def head_chunks(head_dim: int) -> tuple[int, ...]:
-    """The power-of-two column chunks the kernel splits head_dim into, so no tile is padded: the largest
-    power of two <= head_dim, then the rest if any, which must be a power of two >= ``MIN_CHUNK``
-    (64 -> (64,), 80 -> (64, 16), 128 -> (128,)).  ValueError for a head_dim that does not split so."""
+    """The power-of-two column chunks the kernel splits head_dim into, so no tile is padded: the Triton
+    kernels' two tiles (``head_dim_tiles.head_tiles``: the largest power of two <= head_dim, then the rest if
+    any, a power of two >= ``MIN_CHUNK``), 64 -> (64,), 80 -> (64, 16), 128 -> (128,).  ValueError for a
+    head_dim that does not split so (those kernels pad it instead)."""
     if not isinstance(head_dim, int) or head_dim < MIN_CHUNK:
         raise ValueError(f"head_dim must be an int >= {MIN_CHUNK}, got {head_dim!r}")
-    main = 1 << (head_dim.bit_length() - 1)
-    tail = head_dim - main
-    if tail == 0:
-        return (main,)
-    if tail < MIN_CHUNK or tail & (tail - 1):
-        raise ValueError(f"head_dim {head_dim} = {main} + {tail}: the rest must be a power of two >= {MIN_CHUNK}")
-    return (main, tail)
+    main, tail = head_dim_tiles.head_tiles(head_dim)
+    if main + tail != head_dim:
+        raise ValueError(f"head_dim {head_dim} is not a power of two plus a power of two >= {MIN_CHUNK}")
+    return (main, tail) if tail else (main,)
 
 
 def _descriptor(t: Tensor, rows: int, width: int | None = None) -> TensorDescriptor:

@@ -338,18 +338,26 @@ TMA_CASES = [((113, 203), True, "left", 80, 3), ((200, 200), False, "right", 64,
              ((128, 128), True, "none", 64, 2), ((17, 17), False, "left", 128, 3), ((203, 113), True, "right", 64, 2)]
 
 
+def _descriptor_widths(D):
+    """The head-dim widths of the descriptors a forward and a backward build, in order: each kernel's two
+    streamed operands, then, where head_dim splits (48 = 32 + 16, 80 = 64 + 16), their tails."""
+    tile, tail = attn.head_tiles(D)
+    return [D, D, tail, tail] * 3 if tail else [D] * 6
+
+
 @pytest.mark.parametrize("seqlens, causal, pad, D, H", TMA_CASES, ids=str)
 def test_tma_descriptor_path_matches_float64_reference(seqlens, causal, pad, D, H, device, tma_on):
-    """K/V (forward, dQ) and Q/dO (dK/dV) streamed through 4-D descriptors: the zero fill past seqlen and
-    head_dim (80 on a 128-wide tile) must stand in for the masked loads exactly."""
+    """K/V (forward, dQ) and Q/dO (dK/dV) streamed through 4-D descriptors: the zero fill past seqlen must
+    stand in for the masked loads exactly; head_dim 80 comes in a 64-wide and a 16-wide tile, each through
+    a descriptor of its own."""
     Sq, Sk = seqlens
     _check(2, Sq, Sk, H, D, torch.float16, device, causal=causal, pad=pad)
-    assert len(tma_on) == 6, "forward (k, v), dK/dV (q, dout) and dQ (k, v) descriptors"
+    assert [t.shape[-1] for t in tma_on] == _descriptor_widths(D), "forward (k, v), dK/dV (q, dout), dQ (k, v)"
 
 
 def test_tma_descriptor_path_with_dropout(device, tma_on):
     test_dropout_matches_reference_with_the_same_mask((113, 203), "left", torch.float16, device)
-    assert len(tma_on) == 6
+    assert [t.shape[-1] for t in tma_on] == _descriptor_widths(48)
 
 
 def test_tma_path_equals_the_pointer_path(device, tma_on, monkeypatch):
@@ -438,6 +446,20 @@ def test_split_masked_per_kernel_and_path():
     assert not attn._wgmma(torch.empty(1, dtype=torch.float16))  # a CPU tensor: no wgmma
 
 
+def test_head_tiles_and_where_they_split():
+    """A power of two plus a power-of-two rest of at least 16 is held in two tiles, anything else in one
+    padded tile; split everywhere but on sm_80's tensor cores."""
+    tiles = {D: attn.head_tiles(D) for D in (1, 16, 24, 48, 64, 72, 80, 96, 111, 128, 144, 192, 200, 256)}
+    assert tiles == {1: (16, 0), 16: (16, 0), 24: (32, 0), 48: (32, 16), 64: (64, 0), 72: (128, 0), 80: (64, 16),
+                     96: (64, 32), 111: (128, 0), 128: (128, 0), 144: (128, 16), 192: (128, 64), 200: (256, 0),
+                     256: (256, 0)}
+    assert all(attn.head_tiles(D)[1] == 0 or sum(attn.head_tiles(D)) == D for D in range(1, 257))
+    assert not attn.splits_head_dim(torch.bfloat16, 80) and not attn.splits_head_dim(torch.float16, 86)
+    assert all(attn.splits_head_dim(dtype, arch) for dtype, arch in ((torch.bfloat16, 90), (torch.float16, 90),
+                                                                   (torch.float32, 80), (torch.float16, None)))
+    assert attn._head_tiles_for(torch.empty(1, dtype=torch.float16), 80) == (64, 16)  # the interpreter's
+
+
 # --------------------------------------------------------------------------- sm_90's new loops
 @pytest.fixture
 def specialized_forward(monkeypatch, tma_on):
@@ -477,7 +499,7 @@ def test_specialized_forward_is_todays_loop_bit_for_bit(seqlens, causal, pad, D,
 def test_specialized_forward_with_gradients_and_dropout(device, specialized_forward):
     _check(2, 113, 203, 2, 80, torch.float16, device, causal=True, pad="left")
     test_dropout_matches_reference_with_the_same_mask((130, 70), "right", torch.float16, device)
-    assert len(specialized_forward) == 12
+    assert [t.shape[-1] for t in specialized_forward] == _descriptor_widths(80) + _descriptor_widths(48)
 
 
 def test_warp_specialize_switch(device, monkeypatch):
@@ -486,7 +508,7 @@ def test_warp_specialize_switch(device, monkeypatch):
     assert attn._specialize_mode(q, tma=True) == "on"
     assert attn._specialize_mode(q, tma=False) == "off"
     assert attn._specialize_mode(q.new_empty(8 * 64 + 1)[1:].view(1, 8, 1, 64), tma=True) == "off"  # misaligned
-    flags = dict(BLOCK_D=128, HAS_KPM=False, HAS_DROPOUT=False, TMA=True)
+    flags = dict(HEAD_DIM=128, HAS_KPM=False, HAS_DROPOUT=False, TMA=True)
     kept = {mode: [attn._shape(c) for c in attn.prune_fwd_configs(attn.FWD_CONFIGS, {}, **flags, SPECIALIZE=mode)]
             for mode in attn.SPECIALIZE_MODES}
     assert all(shape[-1] for shape in kept["on"]) and not any(shape[-1] for shape in kept["off"])
@@ -539,11 +561,12 @@ def test_fused_dq_with_dropout_and_other_block_shapes(device, fused_dq, monkeypa
 
 def test_fused_dq_applies_where_its_table_has_a_shape(device, monkeypatch):
     q = torch.empty(1, 8, 1, 128, dtype=torch.bfloat16, device=device)
-    flags = dict(BLOCK_D=128, HAS_KPM=False, HAS_DROPOUT=False)
+    flags = dict(HEAD_DIM=128, HAS_KPM=False, HAS_DROPOUT=False)
     assert not attn._fused_dq(q, flags, tma=True)  # the switch is off
     monkeypatch.setattr(attn, "FUSED_DQ", True)
     assert not attn._fused_dq(q.float(), flags, tma=True)
-    assert not attn._fused_dq(q.new_empty(1, 8, 1, 256), dict(flags, BLOCK_D=256), tma=True)
+    assert not attn._fused_dq(q.new_empty(1, 8, 1, 256), dict(flags, HEAD_DIM=256), tma=True)
+    assert not attn._fused_dq(q.new_empty(1, 8, 1, 192), dict(flags, HEAD_DIM=192), tma=True)  # 128 + 64
     monkeypatch.setattr(dispatch, "INTERPRET", False)  # a GPU's launch: only the table's shapes
     assert attn._fused_dq(q, flags, tma=True)
     assert not attn._fused_dq(q, flags, tma=False) and not attn._fused_dq(q, dict(flags, HAS_KPM=True), tma=True)
