@@ -685,6 +685,21 @@ def _pass_turn(lock, token):
 
 
 @triton.jit
+def _add_dq_part(dq_rows, ds_t, k, k_t, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_TAIL: tl.constexpr):
+    """Add dS K (and with HEAD_TAIL dS K_t) of one query block into the fused dQ's fp32 sum at ``dq_rows``
+    (the block's first row).  DQ_ACC has whole blocks of rows and BLOCK_D + HEAD_TAIL columns
+    (dq_acc_width): no mask (rows past seqlen_q and columns past head_dim add zeros that are never read)."""
+    offs_m = tl.arange(0, ds_t.shape[1])
+    offs_d = tl.arange(0, BLOCK_D)
+    row_offs = offs_m[:, None] * (BLOCK_D + HEAD_TAIL)
+    tl.atomic_add(dq_rows + row_offs + offs_d[None, :], tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION),
+                  sem="relaxed")
+    if HEAD_TAIL:
+        tl.atomic_add(dq_rows + row_offs + (BLOCK_D + tl.arange(0, HEAD_TAIL))[None, :],
+                      tl.dot(tl.trans(ds_t), k_t, input_precision=DOT_PRECISION), sem="relaxed")
+
+
+@triton.jit
 def _dkdv_blocks(
     grads, key_block, queries, tails, dropout, dq_sum, lo, hi, qk_scale,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -692,11 +707,11 @@ def _dkdv_blocks(
     HEAD_TAIL: tl.constexpr, TMA: tl.constexpr, FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
     """Accumulate grads = (dK, dV, their tails) of key_block = (k, k_t, v, v_t, key_real, cols) over the
-    query blocks [lo, hi); the tails (``_t``, ``tails``: Q's and dO's tail descriptors) as in
-    ``_fwd_blocks``.  queries = (Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32, seqlen_q, seqlen_k,
-    diag): Q and dO are descriptors with TMA, as K and V in the forward.  With FUSED_DQ, dS K of each query
-    block is also added into dQ's fp32 sum, DETERMINISTIC in turn: dq_sum = (DQ_ACC and LOCKS of this
-    (batch, head), this key block's token, the first query row the key block above it visits)."""
+    query blocks [lo, hi); tails (``_t``; ``tails``: Q's and dO's tail descriptors) as in ``_fwd_blocks``.
+    queries = (Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32, seqlen_q, seqlen_k, diag): Q and dO are
+    descriptors with TMA.  With FUSED_DQ, dS K of each query block is added into dQ's fp32 sum too,
+    DETERMINISTIC in turn: dq_sum = (DQ_ACC and LOCKS of this (batch, head), this key block's token, the
+    first query row the key block above it visits)."""
     dk, dk_t, dv, dv_t = grads
     k, k_t, v, v_t, key_real, cols = key_block
     Q, DO, LSE, DELTA, stride_qs, stride_dos, b32, h32, seqlen_q, seqlen_k, diag = queries
@@ -707,14 +722,10 @@ def _dkdv_blocks(
     offs_d = tl.arange(0, BLOCK_D)
     q_offs = offs_m[:, None] * stride_qs + offs_d[None, :]
     do_offs = offs_m[:, None] * stride_dos + offs_d[None, :]
-    # DQ_ACC has whole blocks of rows and BLOCK_D + HEAD_TAIL columns (dq_acc_width): no mask (rows past
-    # seqlen_q and columns past head_dim add zeros that are never read).
-    dq_offs = offs_m[:, None] * (BLOCK_D + HEAD_TAIL) + offs_d[None, :]
     if HEAD_TAIL:
         offs_t = BLOCK_D + tl.arange(0, HEAD_TAIL)
         qt_offs = offs_m[:, None] * stride_qs + offs_t[None, :]
         dot_offs = offs_m[:, None] * stride_dos + offs_t[None, :]
-        dqt_offs = offs_m[:, None] * (BLOCK_D + HEAD_TAIL) + offs_t[None, :]
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < seqlen_q
@@ -765,12 +776,8 @@ def _dkdv_blocks(
         if HEAD_TAIL:
             dk_t = tl.dot(ds_t, q_t, dk_t, input_precision=DOT_PRECISION)
         if FUSED_DQ:
-            dq_rows = DQ_ACC + m64 * (BLOCK_D + HEAD_TAIL)
-            tl.atomic_add(dq_rows + dq_offs, tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION),
-                          sem="relaxed")
-            if HEAD_TAIL:
-                tl.atomic_add(dq_rows + dqt_offs, tl.dot(tl.trans(ds_t), k_t, input_precision=DOT_PRECISION),
-                              sem="relaxed")
+            _add_dq_part(DQ_ACC + m64 * (BLOCK_D + HEAD_TAIL), ds_t, k, k_t, DOT_PRECISION=DOT_PRECISION,
+                         BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
     if FUSED_DQ and DETERMINISTIC:
         if hi > lo:
             _pass_turn(LOCKS + tl.cdiv(hi, BLOCK_M) - 1, token)
