@@ -334,6 +334,18 @@ def _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL: tl.constexpr, B
     return full, hi
 
 
+@triton.jit
+def _tile_offsets(row_stride, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_TAIL: tl.constexpr):
+    """32-bit offsets, from a block's first row (rows ``row_stride`` apart), of its [ROWS, BLOCK_D] tile and,
+    with HEAD_TAIL, of its [ROWS, HEAD_TAIL] tail at the columns BLOCK_D on (else the tile's stand in)."""
+    rows_offs = tl.arange(0, ROWS)[:, None] * row_stride
+    main = rows_offs + tl.arange(0, BLOCK_D)[None, :]
+    tail = main
+    if HEAD_TAIL:
+        tail = rows_offs + (BLOCK_D + tl.arange(0, HEAD_TAIL))[None, :]
+    return main, tail
+
+
 # In the loops below, tile addresses are a 64-bit scalar base (the block's start
 # times the stride) plus loop-invariant 32-bit offsets, and loads are written
 # out rather than called through a helper:
@@ -400,12 +412,8 @@ def _fwd_blocks(
     drop_rows, dropout_p, seed = dropout
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_offs = offs_n[:, None] * stride_vs + offs_d[None, :]
-    if HEAD_TAIL:
-        offs_t = BLOCK_D + tl.arange(0, HEAD_TAIL)
-        kt_offs = offs_n[:, None] * stride_ks + offs_t[None, :]
-        vt_offs = offs_n[:, None] * stride_vs + offs_t[None, :]
+    k_offs, kt_offs = _tile_offsets(stride_ks, ROWS=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
+    v_offs, vt_offs = _tile_offsets(stride_vs, ROWS=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
@@ -720,12 +728,8 @@ def _dkdv_blocks(
     DQ_ACC, LOCKS, token, wait_from = dq_sum
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_offs = offs_m[:, None] * stride_qs + offs_d[None, :]
-    do_offs = offs_m[:, None] * stride_dos + offs_d[None, :]
-    if HEAD_TAIL:
-        offs_t = BLOCK_D + tl.arange(0, HEAD_TAIL)
-        qt_offs = offs_m[:, None] * stride_qs + offs_t[None, :]
-        dot_offs = offs_m[:, None] * stride_dos + offs_t[None, :]
+    q_offs, qt_offs = _tile_offsets(stride_qs, ROWS=BLOCK_M, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
+    do_offs, dot_offs = _tile_offsets(stride_dos, ROWS=BLOCK_M, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < seqlen_q
@@ -936,12 +940,8 @@ def _dq_blocks(
     drop_rows, dropout_p, dropout_scale, seed = dropout
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_offs = offs_n[:, None] * stride_vs + offs_d[None, :]
-    if HEAD_TAIL:
-        offs_t = BLOCK_D + tl.arange(0, HEAD_TAIL)
-        kt_offs = offs_n[:, None] * stride_ks + offs_t[None, :]
-        vt_offs = offs_n[:, None] * stride_vs + offs_t[None, :]
+    k_offs, kt_offs = _tile_offsets(stride_ks, ROWS=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
+    v_offs, vt_offs = _tile_offsets(stride_vs, ROWS=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
