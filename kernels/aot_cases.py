@@ -177,7 +177,8 @@ def _attention_kernel_cases(kind, dtype, head_dim, variant=attention.PLAIN, *, t
 
 def _attention_loops(kind, dtype, head_dim, tma):
     """(archs, constexprs) of each compile a kernel gets, as a launch on each arch sets them: SPLIT_MASKED
-    (attention.split_masked) and the head-dim tiles BLOCK_D, HEAD_TAIL (attention.splits_head_dim); the
+    (attention.split_masked), the head-dim tiles BLOCK_D, HEAD_TAIL (attention.head_tiles) and SPLIT_MIN_ROWS
+    (attention.split_min_rows, the fewest rows a config's tile needs to hold them); the
     TMA path on sm_90 only; through pointers one compile where every arch agrees (fp32), else one per arch.
     The delta pass has neither (no constexprs)."""
     if kind == "pre":
@@ -185,10 +186,9 @@ def _attention_loops(kind, dtype, head_dim, tma):
     archs = (90,) if tma else aot.ARCHS
     per_arch = {}
     for arch in archs:
-        tiles = (attention.head_tiles(head_dim) if attention.splits_head_dim(dtype, arch)
-                 else (attention.block_d(head_dim), 0))
+        tile, tail = attention.head_tiles(head_dim)
         per_arch[arch] = dict(SPLIT_MASKED=attention.split_masked(kind, tma, attention.uses_wgmma(dtype, arch)),
-                              BLOCK_D=tiles[0], HEAD_TAIL=tiles[1])
+                              BLOCK_D=tile, HEAD_TAIL=tail, SPLIT_MIN_ROWS=attention.split_min_rows(dtype, arch))
     if all(each == per_arch[archs[0]] for each in per_arch.values()):
         return [(archs, per_arch[archs[0]])]
     return [((arch,), each) for arch, each in per_arch.items()]

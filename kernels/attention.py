@@ -18,8 +18,8 @@
   table has a shape) the dK/dV kernel adds dQ up itself in fp32 (5 products), in key-block order unless
   ``deterministic=False``.
 - Head dims 1 to 256: a power of two plus a power-of-two rest of at least 16 (80 = 64 + 16) in two tiles
-  (head_tiles; sm_80's tensor cores pad it instead, splits_head_dim), any other on one power-of-two tile of
-  at least 16, the columns past head_dim masked.  fp16/bf16 on the tensor cores; fp32 with
+  (head_tiles; on sm_80's tensor cores only in tiles of 128 rows or more, split_min_rows), any other on
+  one power-of-two tile of at least 16, the columns past head_dim masked.  fp16/bf16 on the tensor cores; fp32 with
   ``input_precision="ieee"``; fp64 runs ``kernels/reference.py``.
 - Dropout: keep(b, h, i, j) = rand(seed, ((b*H + h)*Sq + i)*Sk + j) >= p, one counter-based Philox
   draw that the forward, both backward kernels and ``dropout_mask`` evaluate alike, so no mask is
@@ -575,12 +575,17 @@ def fwd_kernel(
     heads, seqlen_q, seqlen_k, seqlen_bucket, qk_scale, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_TAIL: tl.constexpr, TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr, SPECIALIZE: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr = False,
+    HEAD_TAIL: tl.constexpr, SPLIT_MIN_ROWS: tl.constexpr, TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr,
+    SPECIALIZE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     # seqlen_bucket and SPECIALIZE (which loops the tuner may pick) only key the autotuner;
     # WARP_SPECIALIZE (a config's) picks the loop, SPLIT_MASKED (see split_masked) how today's loop runs.
     # K_TAIL, V_TAIL: with TMA and HEAD_TAIL, the descriptors of K's and V's columns BLOCK_D on.
+    # Where the config's tile has fewer than SPLIT_MIN_ROWS rows (split_min_rows), the padded tile.
+    PADDED: tl.constexpr = HEAD_TAIL > 0 and BLOCK_M < SPLIT_MIN_ROWS
+    TILE_D: tl.constexpr = 2 * BLOCK_D if PADDED else BLOCK_D
+    TILE_TAIL: tl.constexpr = 0 if PADDED else HEAD_TAIL
+    tl.static_assert(not (PADDED and TMA), "TMA boxes are sized by BLOCK_D and HEAD_TAIL")
     bh, start_m, b32, h32 = _query_block_program(seqlen_q, heads, BLOCK_M=BLOCK_M)
     b = b32.to(tl.int64)
     h = h32.to(tl.int64)
@@ -592,16 +597,16 @@ def fwd_kernel(
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q
     q, q_t = _load_row_tiles(Q + b * stride_qb + h * stride_qh, start_m, seqlen_q, stride_qs, row_ok,
-                               HEAD_DIM=HEAD_DIM, ROWS=BLOCK_M, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL,
+                               HEAD_DIM=HEAD_DIM, ROWS=BLOCK_M, BLOCK_D=TILE_D, HEAD_TAIL=TILE_TAIL,
                                BY_TMA=WARP_SPECIALIZE)
     drop_rows = (bh.to(tl.int64) * seqlen_q + rows) * seqlen_k
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, TILE_D], dtype=tl.float32)
     acc_t = acc
-    if HEAD_TAIL:
-        acc_t = tl.zeros([BLOCK_M, HEAD_TAIL], dtype=tl.float32)
+    if TILE_TAIL:
+        acc_t = tl.zeros([BLOCK_M, TILE_TAIL], dtype=tl.float32)
     full, hi = _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     diag = seqlen_k - seqlen_q
     keys = (K, V, KPM, stride_ks, stride_vs, stride_mn, b32, h32, seqlen_k, diag)
@@ -614,19 +619,19 @@ def fwd_kernel(
             last_key = tl.minimum(rows + diag, last_key)
         acc, acc_t, l_i, m_i = _fwd_blocks_specialized(state, q, q_t, last_key, keys, tails, dropout, hi, qk_scale,
                                                        HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, BLOCK_N=BLOCK_N,
-                                                       BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
+                                                       BLOCK_D=TILE_D, HEAD_TAIL=TILE_TAIL)
     else:
         if SPLIT_MASKED:  # first the key blocks every row sees in full, without the mask's arithmetic
             state = _fwd_blocks(state, q, q_t, rows, keys, tails, dropout, 0, full, qk_scale, MASKED=False,
                                 CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM,
-                                DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL,
+                                DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N, BLOCK_D=TILE_D, HEAD_TAIL=TILE_TAIL,
                                 TMA=TMA)
         else:
             full = 0
         acc, acc_t, l_i, m_i = _fwd_blocks(state, q, q_t, rows, keys, tails, dropout, full, hi, qk_scale,
                                            MASKED=True, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT,
                                            HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
-                                           BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL, TMA=TMA)
+                                           BLOCK_D=TILE_D, HEAD_TAIL=TILE_TAIL, TMA=TMA)
 
     sees_no_key = l_i == 0.0
     l_safe = tl.where(sees_no_key, 1.0, l_i)
@@ -634,10 +639,10 @@ def fwd_kernel(
     tl.store(LSE + bh.to(tl.int64) * seqlen_q + rows, lse, mask=row_ok)
     out = _normalized(acc, l_safe, sees_no_key, dropout_scale, HAS_DROPOUT=HAS_DROPOUT)
     out_t = out
-    if HEAD_TAIL:
+    if TILE_TAIL:
         out_t = _normalized(acc_t, l_safe, sees_no_key, dropout_scale, HAS_DROPOUT=HAS_DROPOUT)
     _store_rows(O + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_os, out, out_t, row_ok, stride_os,
-                HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
+                HEAD_DIM=HEAD_DIM, BLOCK_D=TILE_D, HEAD_TAIL=TILE_TAIL)
 
 
 # --------------------------------------------------------------------------- backward
@@ -858,13 +863,18 @@ def bwd_dkdv_kernel(
     heads, seqlen_q, seqlen_k, seqlen_bucket, sm_scale, qk_scale, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_TAIL: tl.constexpr, TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr, FUSED_DQ: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
+    HEAD_TAIL: tl.constexpr, SPLIT_MIN_ROWS: tl.constexpr, TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr,
+    FUSED_DQ: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
     """dK and dV of one key block; with FUSED_DQ also its part of dQ, added into DQ_ACC (fp32, zeroed, see
     _dq_acc_rows), with DETERMINISTIC in key-block order through LOCKS (one int32 per (batch, head) and
     query block of BLOCK_M rows, zeroed).  Head-dim tiles as in the forward (Q_TAIL, DO_TAIL: with TMA
     and HEAD_TAIL, the descriptors of Q's and dO's columns BLOCK_D on)."""
+    # Where the config's tile has fewer than SPLIT_MIN_ROWS rows (split_min_rows), the padded tile.
+    PADDED: tl.constexpr = HEAD_TAIL > 0 and BLOCK_N < SPLIT_MIN_ROWS
+    TILE_D: tl.constexpr = 2 * BLOCK_D if PADDED else BLOCK_D
+    TILE_TAIL: tl.constexpr = 0 if PADDED else HEAD_TAIL
+    tl.static_assert(not (PADDED and TMA), "TMA boxes are sized by BLOCK_D and HEAD_TAIL")
     num_n = tl.cdiv(seqlen_k, BLOCK_N)
     pid = tl.program_id(0)
     bh = pid // num_n
@@ -883,9 +893,9 @@ def bwd_dkdv_kernel(
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < seqlen_k
     k, k_t = _load_row_tiles(K + b * stride_kb + h * stride_kh, start_n, seqlen_k, stride_ks, col_ok,
-                               HEAD_DIM=HEAD_DIM, ROWS=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL, BY_TMA=False)
+                               HEAD_DIM=HEAD_DIM, ROWS=BLOCK_N, BLOCK_D=TILE_D, HEAD_TAIL=TILE_TAIL, BY_TMA=False)
     v, v_t = _load_row_tiles(V + b * stride_vb + h * stride_vh, start_n, seqlen_k, stride_vs, col_ok,
-                               HEAD_DIM=HEAD_DIM, ROWS=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL, BY_TMA=False)
+                               HEAD_DIM=HEAD_DIM, ROWS=BLOCK_N, BLOCK_D=TILE_D, HEAD_TAIL=TILE_TAIL, BY_TMA=False)
     if HAS_KPM:
         key_real = tl.load(KPM + b * stride_mb + cols * stride_mn, mask=col_ok, other=0) != 0
     else:
@@ -897,12 +907,12 @@ def bwd_dkdv_kernel(
     dq_sum = (DQ_ACC, LOCKS, seqlen_q, seqlen_q)
     if FUSED_DQ:
         dq_sum = _dq_sum_of(DQ_ACC, LOCKS, bh, n_idx, seqlen_q, seqlen_k, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M,
-                            BLOCK_N=BLOCK_N, ACC_WIDTH=BLOCK_D + HEAD_TAIL)
+                            BLOCK_N=BLOCK_N, ACC_WIDTH=TILE_D + TILE_TAIL)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, TILE_D], dtype=tl.float32)
     dk_t = dk
-    if HEAD_TAIL:
-        dk_t = tl.zeros([BLOCK_N, HEAD_TAIL], dtype=tl.float32)
+    if TILE_TAIL:
+        dk_t = tl.zeros([BLOCK_N, TILE_TAIL], dtype=tl.float32)
     if not TMA:
         Q += b * stride_qb + h * stride_qh
         DO += b * stride_dob + h * stride_doh
@@ -914,14 +924,14 @@ def bwd_dkdv_kernel(
     dk, dk_t, dv, dv_t = _dkdv_loops((dk, dk_t, dk, dk_t), key_block, queries, (Q_TAIL, DO_TAIL), dropout, dq_sum,
                                      lo, start_n, qk_scale, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT,
                                      HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                                     BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL, TMA=TMA, SPLIT_MASKED=SPLIT_MASKED,
+                                     BLOCK_D=TILE_D, HEAD_TAIL=TILE_TAIL, TMA=TMA, SPLIT_MASKED=SPLIT_MASKED,
                                      FUSED_DQ=FUSED_DQ, DETERMINISTIC=DETERMINISTIC)
 
     n64 = start_n.to(tl.int64)
     _store_rows(DK + b * stride_dkb + h * stride_dkh + n64 * stride_dks, dk * sm_scale, dk_t * sm_scale, col_ok,
-                stride_dks, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
+                stride_dks, HEAD_DIM=HEAD_DIM, BLOCK_D=TILE_D, HEAD_TAIL=TILE_TAIL)
     _store_rows(DV + b * stride_dvb + h * stride_dvh + n64 * stride_dvs, dv, dv_t, col_ok, stride_dvs,
-                HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
+                HEAD_DIM=HEAD_DIM, BLOCK_D=TILE_D, HEAD_TAIL=TILE_TAIL)
 
 
 @triton.jit
@@ -999,27 +1009,32 @@ def bwd_dq_kernel(
     heads, seqlen_q, seqlen_k, seqlen_bucket, sm_scale, qk_scale, dropout_p, dropout_scale, seed,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_TAIL: tl.constexpr, TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr,
+    HEAD_TAIL: tl.constexpr, SPLIT_MIN_ROWS: tl.constexpr, TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr,
 ):
     # Grid, order, loops and head-dim tiles as in the forward.
+    # Where the config's tile has fewer than SPLIT_MIN_ROWS rows (split_min_rows), the padded tile.
+    PADDED: tl.constexpr = HEAD_TAIL > 0 and BLOCK_M < SPLIT_MIN_ROWS
+    TILE_D: tl.constexpr = 2 * BLOCK_D if PADDED else BLOCK_D
+    TILE_TAIL: tl.constexpr = 0 if PADDED else HEAD_TAIL
+    tl.static_assert(not (PADDED and TMA), "TMA boxes are sized by BLOCK_D and HEAD_TAIL")
     bh, start_m, b32, h32 = _query_block_program(seqlen_q, heads, BLOCK_M=BLOCK_M)
     b = b32.to(tl.int64)
     h = h32.to(tl.int64)
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q
     q, q_t = _load_row_tiles(Q + b * stride_qb + h * stride_qh, start_m, seqlen_q, stride_qs, row_ok,
-                               HEAD_DIM=HEAD_DIM, ROWS=BLOCK_M, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL, BY_TMA=False)
+                               HEAD_DIM=HEAD_DIM, ROWS=BLOCK_M, BLOCK_D=TILE_D, HEAD_TAIL=TILE_TAIL, BY_TMA=False)
     do, do_t = _load_row_tiles(DO + b * stride_dob + h * stride_doh, start_m, seqlen_q, stride_dos, row_ok,
-                                 HEAD_DIM=HEAD_DIM, ROWS=BLOCK_M, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL,
+                                 HEAD_DIM=HEAD_DIM, ROWS=BLOCK_M, BLOCK_D=TILE_D, HEAD_TAIL=TILE_TAIL,
                                  BY_TMA=False)
     row_base = bh.to(tl.int64) * seqlen_q + rows
     lse2 = tl.load(LSE + row_base, mask=row_ok, other=float("inf")) * _LOG2E
     delta = tl.load(DELTA + row_base, mask=row_ok, other=0.0)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, TILE_D], dtype=tl.float32)
     dq_t = dq
-    if HEAD_TAIL:
-        dq_t = tl.zeros([BLOCK_M, HEAD_TAIL], dtype=tl.float32)
+    if TILE_TAIL:
+        dq_t = tl.zeros([BLOCK_M, TILE_TAIL], dtype=tl.float32)
     full, hi = _query_block_key_ranges(start_m, seqlen_q, seqlen_k, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     if not TMA:
         K += b * stride_kb + h * stride_kh
@@ -1033,14 +1048,14 @@ def bwd_dq_kernel(
     if SPLIT_MASKED:
         grads = _dq_blocks(grads, query_block, keys, tails, dropout, 0, full, qk_scale, MASKED=False, CAUSAL=CAUSAL,
                            HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
-                           BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL, TMA=TMA)
+                           BLOCK_N=BLOCK_N, BLOCK_D=TILE_D, HEAD_TAIL=TILE_TAIL, TMA=TMA)
     else:
         full = 0
     dq, dq_t = _dq_blocks(grads, query_block, keys, tails, dropout, full, hi, qk_scale, MASKED=True, CAUSAL=CAUSAL,
                           HAS_KPM=HAS_KPM, HAS_DROPOUT=HAS_DROPOUT, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
-                          BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL, TMA=TMA)
+                          BLOCK_N=BLOCK_N, BLOCK_D=TILE_D, HEAD_TAIL=TILE_TAIL, TMA=TMA)
     _store_rows(DQ + b * stride_dqb + h * stride_dqh + start_m.to(tl.int64) * stride_dqs, dq * sm_scale,
-                dq_t * sm_scale, row_ok, stride_dqs, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
+                dq_t * sm_scale, row_ok, stride_dqs, HEAD_DIM=HEAD_DIM, BLOCK_D=TILE_D, HEAD_TAIL=TILE_TAIL)
 
 
 @triton.jit
@@ -1160,14 +1175,17 @@ def uses_wgmma(dtype: torch.dtype, arch: int) -> bool:
     return dtype in dispatch.TMA_DTYPES and arch == 90
 
 
-def splits_head_dim(dtype: torch.dtype, arch: Optional[int]) -> bool:
-    """Whether the kernels hold a head_dim that splits so in two tiles (head_tiles) for ``dtype`` on
-    sm_``arch`` (None: no GPU, the interpreter): everywhere but on sm_80's tensor cores.  There Triton lays
-    a chain of mma.sync products whose output is as tall as wide over the warps by rows (warpsPerCTA
-    [8, 1]), so a 64-row tile at 8 warps is held twice over: at 80 = 64 + 16 the dK/dV kernel's 64x64
-    went from 193 registers to 255 and a spill, the forward's 64x64 with a mask and dropout spilled too.
-    The padded 128-wide outputs are wider than tall and split by columns ([1, 8])."""
-    return not (dtype in dispatch.TMA_DTYPES and arch is not None and arch < 90)
+def split_min_rows(dtype: torch.dtype, arch: Optional[int]) -> int:
+    """SPLIT_MIN_ROWS of a launch in ``dtype`` on sm_``arch`` (None: no GPU, the interpreter): the fewest rows
+    (BLOCK_M, the dK/dV kernel's BLOCK_N) a config's tile needs to hold a head dim that splits (head_tiles)
+    in two tiles; a smaller tile keeps the padded one.  0 but on sm_80's tensor cores (mma.sync), 128:
+    there Triton lays a chain of products whose output is as tall as wide by rows over the warps
+    (warpsPerCTA [8, 1]), so below 16 rows a warp the tile is held twice over.  At 80 = 64 + 16 with the
+    split, the dK/dV kernel's 64x64 at 8 warps went from 193 registers to 255 and a spill, and the dQ
+    kernel's 64x32 at 4 warps (16 rows a warp) spilled with dropout; the 128-row tiles of the forward
+    and dQ kernels have 0-57 fewer registers (216 -> 195 at the forward's 128x64), 37% less shared memory
+    and 37% fewer products (docs/kernels.md, Head dims)."""
+    return 128 if dtype in dispatch.TMA_DTYPES and arch is not None and arch < 90 else 0
 
 
 def _arch(x: Tensor) -> Optional[int]:
@@ -1182,14 +1200,6 @@ def _wgmma(x: Tensor) -> bool:
     """``uses_wgmma`` for ``x``'s dtype on its GPU (False off a GPU)."""
     arch = _arch(x)
     return arch is not None and uses_wgmma(x.dtype, arch)
-
-
-def _head_tiles_for(x: Tensor, head_dim: int) -> tuple[int, int]:
-    """(BLOCK_D, HEAD_TAIL) of a launch on x's device: head_tiles where the kernels split head_dim there
-    (splits_head_dim), else one block_d wide tile."""
-    if splits_head_dim(x.dtype, _arch(x)):
-        return head_tiles(head_dim)
-    return block_d(head_dim), 0
 
 
 def _descriptor(t):
@@ -1303,6 +1313,8 @@ def _fused_dq(q: Tensor, flags: dict, tma: bool) -> bool:
         raise TypeError(f"opt_core.kernels.attention.FUSED_DQ must be a bool, got {FUSED_DQ!r}")
     if not FUSED_DQ or q.dtype not in dispatch.TMA_DTYPES or block_d(flags["HEAD_DIM"]) > 128:
         return False
+    if flags["SPLIT_MIN_ROWS"]:  # mma.sync (no TMA): DQ_ACC's columns are the split tiles', dq_acc_width
+        return False
     return dispatch.INTERPRET or bool(_DKDV_FUSED_DQ_SHAPES.kept(_table_key(flags), _variant(flags), tma))
 
 
@@ -1332,14 +1344,15 @@ def _launch_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tens
     mask, stride_mb, stride_mn = _padding_mask_args(key_padding_mask, q)
     dropout_p, dropout_scale, seed = _dropout_args(dropout_p, seed)
     tma = _tma_usable(k, v)
-    tile, tail = _head_tiles_for(q, D)
+    tile, tail = head_tiles(D)
     _fwd[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]) * B * H,)](
         q, *_streamed(k, v, tma, tile, tail), mask, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), stride_mb, stride_mn,
         H, Sq, Sk, _seqlen_bucket(Sq, Sk), softmax_scale * LOG2E, dropout_p, dropout_scale, seed,
         HEAD_DIM=D, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0,
-        DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=tile, HEAD_TAIL=tail, TMA=tma,
-        SPLIT_MASKED=split_masked("fwd", tma, _wgmma(q)), SPECIALIZE=_specialize_mode(q, tma),
+        DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=tile, HEAD_TAIL=tail,
+        SPLIT_MIN_ROWS=split_min_rows(q.dtype, _arch(q)), TMA=tma, SPLIT_MASKED=split_masked("fwd", tma, _wgmma(q)),
+        SPECIALIZE=_specialize_mode(q, tma),
     )
     return out, lse
 
@@ -1361,7 +1374,7 @@ def _launch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
         return dq.zero_(), dk.zero_(), dv.zero_()
     flags = dict(
         HEAD_DIM=D, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0,
-        DOT_PRECISION=dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), SPLIT_MIN_ROWS=split_min_rows(q.dtype, _arch(q)),
     )
     delta = dispatch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     _bwd_pre[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]) * B * H,)](
@@ -1379,8 +1392,8 @@ def _launch_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     # The fp32 sum of dQ and one lock per query block of the smallest BLOCK_M a dot allows (16), for any
     # config; the config's pre-hook zeroes both before each run.
     rows = triton.cdiv(Sq, DQ_ACC_ROW_BLOCK) * DQ_ACC_ROW_BLOCK
-    tile, tail = _head_tiles_for(q, D)
-    acc_width = tile + tail  # columns of the fused dQ's sum: dq_acc_width where the kernel splits head_dim
+    tile, tail = head_tiles(D)
+    acc_width = tile + tail  # columns of the fused dQ's sum, dq_acc_width (TMA only: never a padded tile)
     dq_acc = torch.empty((B * H, rows, acc_width), dtype=torch.float32, device=q.device) if fused else None
     locks = torch.empty((B * H * triton.cdiv(Sq, 16),), dtype=torch.int32, device=q.device) if fused else None
     q_in, dout_in, q_tail, dout_tail = _streamed(q, dout, tma, tile, tail)

@@ -448,16 +448,28 @@ def test_split_masked_per_kernel_and_path():
 
 def test_head_tiles_and_where_they_split():
     """A power of two plus a power-of-two rest of at least 16 is held in two tiles, anything else in one
-    padded tile; split everywhere but on sm_80's tensor cores."""
+    padded tile; on sm_80's tensor cores only by tiles of at least 128 rows."""
     tiles = {D: attn.head_tiles(D) for D in (1, 16, 24, 48, 64, 72, 80, 96, 111, 128, 144, 192, 200, 256)}
     assert tiles == {1: (16, 0), 16: (16, 0), 24: (32, 0), 48: (32, 16), 64: (64, 0), 72: (128, 0), 80: (64, 16),
                      96: (64, 32), 111: (128, 0), 128: (128, 0), 144: (128, 16), 192: (128, 64), 200: (256, 0),
                      256: (256, 0)}
     assert all(attn.head_tiles(D)[1] == 0 or sum(attn.head_tiles(D)) == D for D in range(1, 257))
-    assert not attn.splits_head_dim(torch.bfloat16, 80) and not attn.splits_head_dim(torch.float16, 86)
-    assert all(attn.splits_head_dim(dtype, arch) for dtype, arch in ((torch.bfloat16, 90), (torch.float16, 90),
-                                                                   (torch.float32, 80), (torch.float16, None)))
-    assert attn._head_tiles_for(torch.empty(1, dtype=torch.float16), 80) == (64, 16)  # the interpreter's
+    assert attn.split_min_rows(torch.bfloat16, 80) == attn.split_min_rows(torch.float16, 86) == 128
+    assert all(attn.split_min_rows(dtype, arch) == 0 for dtype, arch in ((torch.bfloat16, 90), (torch.float16, 90),
+                                                                         (torch.float32, 80), (torch.float16, None)))
+
+
+@pytest.mark.parametrize("rows", [64, 128])
+def test_mma_sync_split_head_dim_by_tile_rows(rows, device, monkeypatch):
+    """On sm_80's tensor cores (split_min_rows 128) head_dim 80 is two tiles in 128-row configs and one
+    padded 128-wide tile in smaller ones; both against float64, the 128 rows of the dK/dV kernel keys."""
+    monkeypatch.setattr(attn, "_arch", lambda x: 80)
+    monkeypatch.setattr(attn, "TMA", "off")  # sm_80 has none (and a padded tile takes none)
+    shapes = {"fwd": (rows, 32), "dkdv": (32, rows), "dq": (rows, 32)}
+    for kind, tuner in (("fwd", attn._fwd), ("dkdv", attn._bwd_dkdv), ("dq", attn._bwd_dq)):
+        monkeypatch.setattr(tuner, "configs", [attn._config(kind, *shapes[kind], 4, 1)])
+        monkeypatch.setattr(tuner, "cache", {})
+    _check(2, 200, 150, 2, 80, torch.float16, device, causal=True, pad="left")
 
 
 # --------------------------------------------------------------------------- sm_90's new loops
@@ -561,12 +573,13 @@ def test_fused_dq_with_dropout_and_other_block_shapes(device, fused_dq, monkeypa
 
 def test_fused_dq_applies_where_its_table_has_a_shape(device, monkeypatch):
     q = torch.empty(1, 8, 1, 128, dtype=torch.bfloat16, device=device)
-    flags = dict(HEAD_DIM=128, HAS_KPM=False, HAS_DROPOUT=False)
+    flags = dict(HEAD_DIM=128, HAS_KPM=False, HAS_DROPOUT=False, SPLIT_MIN_ROWS=0)
     assert not attn._fused_dq(q, flags, tma=True)  # the switch is off
     monkeypatch.setattr(attn, "FUSED_DQ", True)
     assert not attn._fused_dq(q.float(), flags, tma=True)
     assert not attn._fused_dq(q.new_empty(1, 8, 1, 256), dict(flags, HEAD_DIM=256), tma=True)
     assert not attn._fused_dq(q.new_empty(1, 8, 1, 192), dict(flags, HEAD_DIM=192), tma=True)  # 128 + 64
+    assert not attn._fused_dq(q, dict(flags, SPLIT_MIN_ROWS=128), tma=False)  # mma.sync
     monkeypatch.setattr(dispatch, "INTERPRET", False)  # a GPU's launch: only the table's shapes
     assert attn._fused_dq(q, flags, tma=True)
     assert not attn._fused_dq(q, flags, tma=False) and not attn._fused_dq(q, dict(flags, HAS_KPM=True), tma=True)
