@@ -178,9 +178,9 @@ def _attention_kernel_cases(kind, dtype, head_dim, variant=attention.PLAIN, *, t
 def _attention_loops(kind, dtype, head_dim, tma):
     """(archs, constexprs) of each compile a kernel gets, as a launch on each arch sets them: SPLIT_MASKED
     (attention.split_masked), the head-dim tiles BLOCK_D, HEAD_TAIL (attention.head_tiles) and SPLIT_MIN_ROWS
-    (attention.split_min_rows, the fewest rows a config's tile needs to hold them); the
-    TMA path on sm_90 only; through pointers one compile where every arch agrees (fp32), else one per arch.
-    The delta pass has neither (no constexprs)."""
+    (attention.split_min_rows: the fewest rows a config's tile needs to hold them); the TMA path on sm_90
+    only; through pointers one compile where every arch agrees (fp32), else one per arch.  The delta pass
+    has neither (no constexprs)."""
     if kind == "pre":
         return [(aot.ARCHS, {})]
     archs = (90,) if tma else aot.ARCHS

@@ -286,6 +286,18 @@ def _for_launch(configs, kind):
 
 
 # --------------------------------------------------------------------------- shared device code
+@triton.constexpr_function
+def config_head_tiles(block_d, head_tail, rows, split_min_rows, tma):
+    """(TILE_D, TILE_TAIL) a config's tile of ``rows`` rows (BLOCK_M, the dK/dV kernel's BLOCK_N) holds the
+    head dim in, from the launch's split (head_tiles: BLOCK_D, HEAD_TAIL) and SPLIT_MIN_ROWS
+    (split_min_rows): the split, or below SPLIT_MIN_ROWS rows the padded tile, twice BLOCK_D, and no tail."""
+    if not head_tail or rows >= split_min_rows:
+        return block_d, head_tail
+    if tma:
+        raise ValueError("a padded head-dim tile cannot take TMA: the pre-hook sizes its boxes by BLOCK_D, HEAD_TAIL")
+    return 2 * block_d, 0
+
+
 @triton.jit
 def _tile_mask(row_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Mask of a tile of the columns ``offs_d`` (up to BLOCK_D): the rows that exist and, where the tile
@@ -581,11 +593,9 @@ def fwd_kernel(
     # seqlen_bucket and SPECIALIZE (which loops the tuner may pick) only key the autotuner;
     # WARP_SPECIALIZE (a config's) picks the loop, SPLIT_MASKED (see split_masked) how today's loop runs.
     # K_TAIL, V_TAIL: with TMA and HEAD_TAIL, the descriptors of K's and V's columns BLOCK_D on.
-    # Where the config's tile has fewer than SPLIT_MIN_ROWS rows (split_min_rows), the padded tile.
-    PADDED: tl.constexpr = HEAD_TAIL > 0 and BLOCK_M < SPLIT_MIN_ROWS
-    TILE_D: tl.constexpr = 2 * BLOCK_D if PADDED else BLOCK_D
-    TILE_TAIL: tl.constexpr = 0 if PADDED else HEAD_TAIL
-    tl.static_assert(not (PADDED and TMA), "TMA boxes are sized by BLOCK_D and HEAD_TAIL")
+    TILES: tl.constexpr = config_head_tiles(BLOCK_D, HEAD_TAIL, BLOCK_M, SPLIT_MIN_ROWS, TMA)
+    TILE_D: tl.constexpr = TILES[0]
+    TILE_TAIL: tl.constexpr = TILES[1]
     bh, start_m, b32, h32 = _query_block_program(seqlen_q, heads, BLOCK_M=BLOCK_M)
     b = b32.to(tl.int64)
     h = h32.to(tl.int64)
@@ -870,11 +880,9 @@ def bwd_dkdv_kernel(
     _dq_acc_rows), with DETERMINISTIC in key-block order through LOCKS (one int32 per (batch, head) and
     query block of BLOCK_M rows, zeroed).  Head-dim tiles as in the forward (Q_TAIL, DO_TAIL: with TMA
     and HEAD_TAIL, the descriptors of Q's and dO's columns BLOCK_D on)."""
-    # Where the config's tile has fewer than SPLIT_MIN_ROWS rows (split_min_rows), the padded tile.
-    PADDED: tl.constexpr = HEAD_TAIL > 0 and BLOCK_N < SPLIT_MIN_ROWS
-    TILE_D: tl.constexpr = 2 * BLOCK_D if PADDED else BLOCK_D
-    TILE_TAIL: tl.constexpr = 0 if PADDED else HEAD_TAIL
-    tl.static_assert(not (PADDED and TMA), "TMA boxes are sized by BLOCK_D and HEAD_TAIL")
+    TILES: tl.constexpr = config_head_tiles(BLOCK_D, HEAD_TAIL, BLOCK_N, SPLIT_MIN_ROWS, TMA)
+    TILE_D: tl.constexpr = TILES[0]
+    TILE_TAIL: tl.constexpr = TILES[1]
     num_n = tl.cdiv(seqlen_k, BLOCK_N)
     pid = tl.program_id(0)
     bh = pid // num_n
@@ -1012,11 +1020,9 @@ def bwd_dq_kernel(
     HEAD_TAIL: tl.constexpr, SPLIT_MIN_ROWS: tl.constexpr, TMA: tl.constexpr, SPLIT_MASKED: tl.constexpr,
 ):
     # Grid, order, loops and head-dim tiles as in the forward.
-    # Where the config's tile has fewer than SPLIT_MIN_ROWS rows (split_min_rows), the padded tile.
-    PADDED: tl.constexpr = HEAD_TAIL > 0 and BLOCK_M < SPLIT_MIN_ROWS
-    TILE_D: tl.constexpr = 2 * BLOCK_D if PADDED else BLOCK_D
-    TILE_TAIL: tl.constexpr = 0 if PADDED else HEAD_TAIL
-    tl.static_assert(not (PADDED and TMA), "TMA boxes are sized by BLOCK_D and HEAD_TAIL")
+    TILES: tl.constexpr = config_head_tiles(BLOCK_D, HEAD_TAIL, BLOCK_M, SPLIT_MIN_ROWS, TMA)
+    TILE_D: tl.constexpr = TILES[0]
+    TILE_TAIL: tl.constexpr = TILES[1]
     bh, start_m, b32, h32 = _query_block_program(seqlen_q, heads, BLOCK_M=BLOCK_M)
     b = b32.to(tl.int64)
     h = h32.to(tl.int64)

@@ -457,6 +457,11 @@ def test_head_tiles_and_where_they_split():
     assert attn.split_min_rows(torch.bfloat16, 80) == attn.split_min_rows(torch.float16, 86) == 128
     assert all(attn.split_min_rows(dtype, arch) == 0 for dtype, arch in ((torch.bfloat16, 90), (torch.float16, 90),
                                                                          (torch.float32, 80), (torch.float16, None)))
+    assert [attn.config_head_tiles(64, 16, rows, 128, False) for rows in (64, 128)] == [(128, 0), (64, 16)]
+    assert attn.config_head_tiles(64, 16, 64, 0, True) == (64, 16) == attn.config_head_tiles(64, 16, 256, 128, True)
+    assert attn.config_head_tiles(128, 0, 32, 128, False) == (128, 0)
+    with pytest.raises(ValueError, match="cannot take TMA"):
+        attn.config_head_tiles(64, 16, 64, 128, True)
 
 
 @pytest.mark.parametrize("rows", [64, 128])
