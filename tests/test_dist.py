@@ -360,7 +360,15 @@ def _check_parity_2(rank, world):
     _check_linears(rank, world)
     _check_vocab_parallel(rank, world, prime=59)
     _check_bad_layouts(rank, world)
+    _check_layouts_init_grads_and_training(rank, world)
+    _check_bf16_compute(rank, world)
+    _check_tp2_on_the_kernels(rank, world)
+    _check_post_ln_and_generate(rank, world)
+    _check_dropout(rank, world)
 
+
+def _check_layouts_init_grads_and_training(rank, world):
+    """dp2 and tp2 (with and without sequence parallelism): sharded init, loss and gradients, 10 steps."""
     from opt_core import dist
     mesh = dist.init_mesh(tp=2)  # the default dp (world / tp), through init_mesh on an existing group
     assert mesh.shape == (1, 2) and mesh.mesh_dim_names == ("dp", "tp")
@@ -388,6 +396,9 @@ def _check_parity_2(rank, world):
         par.zero_grad(set_to_none=True)
         _train_together(dense, par, 10, gen, lay.dp, what)
 
+
+def _check_bf16_compute(rank, world):
+    """bf16 compute over fp32 master shards at tp2 and dp2."""
     # bf16 compute (FSDP's param_dtype over fp32 master shards, fp32 gradient reduction, the tp collectives'
     # fp32 sums): against the fp32 model, the loss and every gradient are within the gradient factor (3x) of
     # the error the same model makes run wholly in bf16 in one process, plus a floor of 1e-3 of the norm.
@@ -410,6 +421,9 @@ def _check_parity_2(rank, world):
             assert err <= GRADIENT_FACTOR * err_plain + 1e-3 * p.grad.norm(), \
                 f"{what}: grad of {name} off by {err:.3e} (bf16 in one process: {err_plain:.3e})"
 
+
+def _check_tp2_on_the_kernels(rank, world):
+    """tp2 through the Triton kernels (the interpreter only) against the dense reference model."""
     # The same tp2 model through the Triton kernels (the interpreter here, compiled on a GPU), on their
     # local shards: the strided q/k/v views of a head slice, the fc1/fc2 slices, the LayerNorms in the SP
     # region.  The dense model stays on the reference path, so this is kernel vs reference as well.
@@ -424,6 +438,9 @@ def _check_parity_2(rank, world):
         for (name, p), (_, q) in zip(dense.named_parameters(), par.named_parameters()):
             _close(q.grad.full_tensor(), p.grad, f"tp2 on the kernels: grad of {name}", rtol=1e-4, atol=1e-6)
 
+
+def _check_post_ln_and_generate(rank, world):
+    """350M's post-LN shape with project_in/out, and greedy generate at tp2."""
     # 350M's shape: post-LN, no final LayerNorm, project_in/out around a narrower embedding.
     config = _config(do_layer_norm_before=False, word_embed_proj_dim=20)
     dense, par = _models(_mesh(1, 2), config)
@@ -438,6 +455,9 @@ def _check_parity_2(rank, world):
     expected = dense.generate(ids, mask, max_new_tokens=4)
     assert torch.equal(par.generate(ids, mask, max_new_tokens=4), expected), "tp2 generate"
 
+
+def _check_dropout(rank, world):
+    """Dropout at tp2: seeds, eval, recomputation under checkpointing, masks across ranks."""
     # Dropout > 0 (attention and residual): runs, repeats for the same seed, differs for another.
     dense, par = _models(_mesh(1, 2), _config(dropout=0.1, attention_dropout=0.1))
     ids, _ = _batch(torch.Generator().manual_seed(7), 1)
