@@ -311,7 +311,8 @@ def attention_gluon_bwd_cases() -> list[aot.Case]:
         cases.append(aot.case(
             f"attention_gluon_bwd[D={head_dim},bfloat16{',causal' if causal else ''}"
             f"{'' if deterministic else ',nondeterministic'},stages={g.NUM_STAGES[head_dim]}]", g.bwd_kernel, args,
-            dict(CAUSAL=causal, DETERMINISTIC=deterministic, NUM_STAGES=g.NUM_STAGES[head_dim]),
+            dict(CAUSAL=causal, DETERMINISTIC=deterministic, NUM_STAGES=g.NUM_STAGES[head_dim],
+                 DP_FROM_DELTA=g.DP_FROM_DELTA[head_dim]),
             num_warps=4, tensor_cores=True, archs=(90,),
             expects={"wgmma_max_pending": 2, "warp_specialized": True, "tma_store": True},
         ))

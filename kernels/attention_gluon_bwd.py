@@ -153,12 +153,6 @@ def _unhoisted(index, i):
     return index + (i >> 30)
 
 
-@gluon.constexpr_function
-def _dp_from_delta(kh_tiles):
-    """``DP_FROM_DELTA`` at the head_dim of the kernel (its two consumers' dQ columns)."""
-    return DP_FROM_DELTA[kh_tiles[0].shape[4] + kh_tiles[1].shape[4]]
-
-
 @gluon.jit
 def _chained(a, b, acc, USE_ACC: gl.constexpr = True):
     """acc (0 where not USE_ACC) + the sum over the head-dim chunks of a_c b_c: chained async wgmmas (one
@@ -170,7 +164,7 @@ def _chained(a, b, acc, USE_ACC: gl.constexpr = True):
 
 
 @gluon.jit
-def _scores(C: gl.constexpr, i, slot, smem):
+def _scores(C: gl.constexpr, i, slot, smem, DP_FROM_DELTA: gl.constexpr):
     """Issues consumer C's S^T = K Q^T - lse / scale and dP^T = V dO^T (- delta where ``DP_FROM_DELTA``),
     each a chain over the head-dim chunks (the accumulators start at the shifts, so no row vector stays live
     across the products: registers); their tokens and operands (per chunk)."""
@@ -186,7 +180,7 @@ def _scores(C: gl.constexpr, i, slot, smem):
     zero = gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout)
     s_init = zero - lse_smem.index(slot).load(gl.SliceLayout(0, s_layout))[None, :]
     s_tok = _chained(k, _transposed(q), s_init)
-    if _dp_from_delta(kh_tiles):
+    if DP_FROM_DELTA:
         dp_tok = _chained(v, _transposed(do), zero - delta_smem.index(slot).load(gl.SliceLayout(0, s_layout))[None, :])
     else:
         dp_tok = _chained(v, _transposed(do), zero, False)
@@ -242,8 +236,7 @@ def _add_dq(dq, DQ_ACC, i, start_m, first_col: gl.constexpr, HEAD_DIM: gl.conste
 
 
 @gluon.jit
-def _step(C: gl.constexpr, i, grads, smem, bars, key_args, DQ_ACC, scales, NUM_STAGES: gl.constexpr,
-          CAUSAL: gl.constexpr, DETERMINISTIC: gl.constexpr):
+def _step(C: gl.constexpr, i, grads, smem, bars, key_args, DQ_ACC, scales, flags):
     """Consumer ``C``'s work on the i-th query block it visits: its dK, dV (one accumulator per head-dim
     chunk) updated, its columns of dQ added."""
     dk, dv = grads
@@ -253,12 +246,16 @@ def _step(C: gl.constexpr, i, grads, smem, bars, key_args, DQ_ACC, scales, NUM_S
     qk_scale, sm_scale = scales
     BLOCK_M: gl.constexpr = q_tiles[0].shape[2]
     dtype: gl.constexpr = q_tiles[0].dtype
+    NUM_STAGES: gl.constexpr = flags[0]
+    CAUSAL: gl.constexpr = flags[1]
+    DETERMINISTIC: gl.constexpr = flags[2]
+    DP_FROM_DELTA: gl.constexpr = flags[3]
     CHUNKS: gl.constexpr = len(dk)
     slot = i % NUM_STAGES
     start_m = lo + i * BLOCK_M
 
     wait_ready(ready, i, NUM_STAGES)
-    s_tok, dp_tok, operands = _scores(C, i, slot, smem)
+    s_tok, dp_tok, operands = _scores(C, i, slot, smem, DP_FROM_DELTA)
     k, v, q, do = operands
     # dP^T (a product per chunk) still in flight across the exponentials
     s_t = warpgroup_mma_wait(CHUNKS, deps=(s_tok, ) + k + q)[0]
@@ -266,7 +263,7 @@ def _step(C: gl.constexpr, i, grads, smem, bars, key_args, DQ_ACC, scales, NUM_S
     p_op = _operands(p_t.to(dtype), dv)
     dv_tok = _issue_pv(p_op, do, dv)  # dV_c += P^T dO_c
     dp_t = warpgroup_mma_wait(CHUNKS, deps=(dp_tok, ) + v + do)[0]  # dV in flight across dS^T
-    if not _dp_from_delta(kh_tiles):
+    if not DP_FROM_DELTA:
         dp_t = dp_t - delta_smem.index(slot).load(gl.SliceLayout(0, dp_t.type.layout))[None, :]
     ds_t = (p_t * dp_t).to(dtype)
     ds_op = _operands(ds_t, dk)
@@ -285,7 +282,8 @@ def _step(C: gl.constexpr, i, grads, smem, bars, key_args, DQ_ACC, scales, NUM_S
 
 @gluon.jit
 def _consumer(C: gl.constexpr, smem, bars, out_descs, DQ_ACC, sizes, dq_acc_rows, qk_scale, sm_scale,
-              NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, DETERMINISTIC: gl.constexpr):
+              NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, DETERMINISTIC: gl.constexpr,
+              DP_FROM_DELTA: gl.constexpr):
     """Consumer ``C``: dK and dV of its 64 keys over the query blocks, its columns of their dQ; then dK, dV
     out."""
     q_tiles, do_tiles, k_tiles, v_tiles = smem[:4]
@@ -303,7 +301,7 @@ def _consumer(C: gl.constexpr, smem, bars, out_descs, DQ_ACC, sizes, dq_acc_rows
     mbarrier.wait(bars[0], 0)  # K and V
     for i in range(num_blocks):
         dk, dv = _step(C, i, (dk, dv), smem, bars, (lo, seqlen_k, seqlen_k - seqlen_q, first_key), dq_acc,
-                       (qk_scale, sm_scale), NUM_STAGES, CAUSAL, DETERMINISTIC)
+                       (qk_scale, sm_scale), (NUM_STAGES, CAUSAL, DETERMINISTIC, DP_FROM_DELTA))
     # Out through this consumer's own K and V tiles (only it reads them, and its last product is done):
     # keys past seqlen_k are not written.
     k_out = _views(k_tiles, C)
@@ -321,16 +319,16 @@ def _consumer(C: gl.constexpr, smem, bars, out_descs, DQ_ACC, sizes, dq_acc_rows
 
 @gluon.jit
 def _consumer0(smem, bars, out_descs, DQ_ACC, sizes, dq_acc_rows, qk_scale, sm_scale, NUM_STAGES: gl.constexpr,
-               CAUSAL: gl.constexpr, DETERMINISTIC: gl.constexpr):
+               CAUSAL: gl.constexpr, DETERMINISTIC: gl.constexpr, DP_FROM_DELTA: gl.constexpr):
     _consumer(0, smem, bars, out_descs, DQ_ACC, sizes, dq_acc_rows, qk_scale, sm_scale, NUM_STAGES, CAUSAL,
-              DETERMINISTIC)
+              DETERMINISTIC, DP_FROM_DELTA)
 
 
 @gluon.jit
 def _consumer1(smem, bars, out_descs, DQ_ACC, sizes, dq_acc_rows, qk_scale, sm_scale, NUM_STAGES: gl.constexpr,
-               CAUSAL: gl.constexpr, DETERMINISTIC: gl.constexpr):
+               CAUSAL: gl.constexpr, DETERMINISTIC: gl.constexpr, DP_FROM_DELTA: gl.constexpr):
     _consumer(1, smem, bars, out_descs, DQ_ACC, sizes, dq_acc_rows, qk_scale, sm_scale, NUM_STAGES, CAUSAL,
-              DETERMINISTIC)
+              DETERMINISTIC, DP_FROM_DELTA)
 
 
 @gluon.jit
@@ -424,7 +422,7 @@ def bwd_kernel(
     q_desc, do_desc, k_desc, v_desc, kh_desc, dk_desc, dv_desc,
     q_tail_desc, do_tail_desc, k_tail_desc, v_tail_desc, dk_tail_desc, dv_tail_desc,
     LSE, DELTA, DQ_ACC, LOCKS, heads, seqlen_q, seqlen_k, dq_acc_rows, qk_scale, sm_scale,
-    CAUSAL: gl.constexpr, DETERMINISTIC: gl.constexpr, NUM_STAGES: gl.constexpr,
+    CAUSAL: gl.constexpr, DETERMINISTIC: gl.constexpr, NUM_STAGES: gl.constexpr, DP_FROM_DELTA: gl.constexpr,
 ):
     """dK and dV of one block of 2 * 64 keys of one (batch, head), and its part of dQ added into DQ_ACC
     (fp32 (batch * heads, dq_acc_rows, head_dim), zeroed); DETERMINISTIC in key-block order through
@@ -432,7 +430,8 @@ def bwd_kernel(
     of each tensor; ``*_tail_desc``: the tail chunk's, or None where head_dim is a power of two
     (``attention_gluon.head_chunks``).  ``kh_desc``: K in [64 keys, head_dim / 2] boxes where head_dim is a
     power of two (consumer C computes dQ's half C), None where it is chunked (consumer C computes dQ's
-    chunk C, from K's chunk tiles loaded again)."""
+    chunk C, from K's chunk tiles loaded again).  ``DP_FROM_DELTA``: dP^T's accumulator starts at -delta
+    (``DP_FROM_DELTA[head_dim]``; a kernel argument, so the compile cache keys on it)."""
     q_descs, do_descs, k_descs, v_descs, dk_descs, dv_descs = ((q_desc, ), (do_desc, ), (k_desc, ), (v_desc, ),
                                                                 (dk_desc, ), (dv_desc, ))
     kh_descs = (kh_desc, kh_desc)
@@ -451,9 +450,9 @@ def bwd_kernel(
     sizes = (heads, seqlen_q, seqlen_k)
     gl.warp_specialize([
         (_consumer0, (smem, bars, (dk_descs, dv_descs), DQ_ACC, sizes, dq_acc_rows, qk_scale, sm_scale, NUM_STAGES,
-                      CAUSAL, DETERMINISTIC)),
+                      CAUSAL, DETERMINISTIC, DP_FROM_DELTA)),
         (_consumer1, (smem, bars, (dk_descs, dv_descs), DQ_ACC, sizes, dq_acc_rows, qk_scale, sm_scale, NUM_STAGES,
-                      CAUSAL, DETERMINISTIC)),
+                      CAUSAL, DETERMINISTIC, DP_FROM_DELTA)),
         (_producer, (descs, LSE, DELTA, smem, bars, sizes, sm_scale, NUM_STAGES, CAUSAL, DETERMINISTIC)),
         (_turn_keeper, (bars, LOCKS, sizes, CAUSAL, DETERMINISTIC)),
     ], [4, 1, 1], [CONSUMER_REGS, WORKER_REGS, WORKER_REGS])
@@ -574,7 +573,8 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, de
         **descriptors(dict(q=q, do=dout, k=k, v=v, dk=dk, dv=dv)), LSE=lse, DELTA=delta, DQ_ACC=dq_acc,
         LOCKS=locks, heads=H, seqlen_q=Sq, seqlen_k=Sk, dq_acc_rows=rows, qk_scale=float(softmax_scale) * LOG2E,
         sm_scale=float(softmax_scale),
-        CAUSAL=causal, DETERMINISTIC=deterministic, NUM_STAGES=NUM_STAGES[D], num_warps=4,
+        CAUSAL=causal, DETERMINISTIC=deterministic, NUM_STAGES=NUM_STAGES[D], DP_FROM_DELTA=DP_FROM_DELTA[D],
+        num_warps=4,
     )
     dq.copy_(dq_acc.view(B, H, rows, D)[:, :, :Sq].transpose(1, 2))  # one pass: fp32 read, dq's dtype written
     return dq, dk, dv

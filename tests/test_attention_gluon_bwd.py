@@ -84,7 +84,7 @@ def test_aot_descriptors_are_what_a_launch_specialises_to(D):
     assert sum(widths) == D
 
 
-@pytest.mark.parametrize("D", [64, 80])
+@pytest.mark.parametrize("D", [64, 80, 128])
 def test_launch_binds_every_kernel_parameter(D, monkeypatch):
     """The host's launch on the CPU with the device check and the kernel stubbed: its arguments bind to the
     kernel's parameters by name (a misspelt one would first fail on a GPU), with the grid, the head-dim
@@ -104,8 +104,10 @@ def test_launch_binds_every_kernel_parameter(D, monkeypatch):
     (grid, args, warps), = launches
     assert grid == (2 * 2 * 3,) and warps == 4
     assert set(args) == set(parameters.parameters)
-    assert (args["q_tail_desc"] is None) == (D == 64) and (args["kh_desc"] is None) == (D == 80)
+    assert (args["q_tail_desc"] is None) == (D != 80) and (args["kh_desc"] is None) == (D == 80)
     assert args["NUM_STAGES"] == gbwd.NUM_STAGES[D] and args["CAUSAL"] and args["DETERMINISTIC"]
+    # A kernel argument, not a global the kernel reads: the compile cache keys on it.
+    assert args["DP_FROM_DELTA"] == gbwd.DP_FROM_DELTA[D]
     assert args["DQ_ACC"].shape == (2 * 3, 64, D) and args["LOCKS"].numel() == 2 * 3 * 1 * 2
     assert (args["seqlen_q"], args["seqlen_k"], args["dq_acc_rows"]) == (33, 200, 64)
 
