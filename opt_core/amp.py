@@ -5,7 +5,9 @@ constructor (device, init 2**16, growth 2, backoff 0.5, interval 2000,
 enabled), ``scale``, ``unscale_``, ``step``, ``update``, ``get_scale``,
 ``is_enabled``, the same per-optimizer state machine and error messages, the
 same ``state_dict`` keys; with the default options the scale trajectory is
-GradScaler's exactly (it calls the same update).
+GradScaler's exactly (it calls the same update).  Where GradScaler takes a
+value that can only break training (an init_scale <= 0, NaN or past float32, a
+NaN or infinite growth factor, a backoff factor <= 0 or NaN), this raises.
 
 On top, the options OPT's training code (metaseq) used, all off by default:
 
@@ -37,6 +39,7 @@ rank must call ``unscale_``/``step`` together.
 from __future__ import annotations
 
 import enum
+import numbers
 import warnings
 from collections import abc, defaultdict
 from typing import Any, Optional
@@ -44,6 +47,8 @@ from typing import Any, Optional
 import torch
 
 from opt_core.process_group import distributed, local_tensor
+
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 class _Stage(enum.Enum):
@@ -102,11 +107,21 @@ class DynamicLossScaler:
         self._on_min_scale = on_min_scale
         self._max_scale = max_scale
         self._interval_follows_scale = bool(growth_interval_follows_scale)
+        if not (isinstance(init_scale, numbers.Real) and not isinstance(init_scale, bool)
+                and 0.0 < init_scale <= _FP32_MAX):
+            # 0 or NaN would skip every step (0 * inf gradients), inf the same from the first one.
+            raise ValueError(f"init_scale must be a number > 0 that fits in float32, got {init_scale!r}")
         if self._enabled:
-            if growth_factor <= 1.0:
+            # GradScaler's checks and messages, written so that NaN fails them too; then what GradScaler
+            # lets through: an infinite growth factor, a backoff factor <= 0 (a zero or negative scale).
+            if not growth_factor > 1.0:
                 raise AssertionError("The growth factor must be > 1.0.")
-            if backoff_factor >= 1.0:
+            if not backoff_factor < 1.0:
                 raise AssertionError("The backoff factor must be < 1.0.")
+            if not growth_factor <= _FP32_MAX:
+                raise ValueError(f"growth_factor must be finite, got {growth_factor!r}")
+            if not backoff_factor > 0.0:
+                raise ValueError(f"backoff_factor must be > 0, got {backoff_factor!r}")
         self._init_scale = float(init_scale)
         self._growth_factor = float(growth_factor)
         self._backoff_factor = float(backoff_factor)

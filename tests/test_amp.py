@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -266,6 +267,21 @@ def test_bad_options_raise_named_errors():
         DynamicLossScaler("cpu", min_scale=2.0, max_scale=1.0)
     with pytest.raises(ValueError, match="growth_interval"):
         DynamicLossScaler("cpu", growth_interval=0)
+    for init_scale in (0.0, -1.0, float("nan"), float("inf"), 1e39, True, "65536"):
+        with pytest.raises(ValueError, match="init_scale"):
+            DynamicLossScaler("cpu", init_scale=init_scale)
+    with pytest.raises(AssertionError, match="growth factor must be > 1.0"):
+        DynamicLossScaler("cpu", growth_factor=float("nan"))
+    with pytest.raises(AssertionError, match="backoff factor must be < 1.0"):
+        DynamicLossScaler("cpu", backoff_factor=float("nan"))
+    with pytest.raises(ValueError, match="growth_factor must be finite"):
+        DynamicLossScaler("cpu", growth_factor=float("inf"))
+    for backoff in (0.0, -0.5):
+        with pytest.raises(ValueError, match="backoff_factor must be > 0"):
+            DynamicLossScaler("cpu", backoff_factor=backoff)
+    for init_scale in (1, 2.0**24, np.float32(4.0)):  # any real number in range
+        assert DynamicLossScaler("cpu", init_scale=init_scale, growth_factor=1.5, backoff_factor=0.25).get_scale() \
+            == float(init_scale)
 
 
 @pytest.mark.gpu
