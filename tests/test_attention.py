@@ -834,6 +834,9 @@ def test_fused_self_attention_state_dict_round_trip(device):
         other.load_hf_state_dict(dict(sd, **{"q_proj.weight": torch.zeros(64, 63)}))
     with pytest.raises(ValueError, match="divisible by num_heads"):
         FusedSelfAttention(64, 5)
+    for sizes, name in (((0, 4), "embed_dim"), ((64, 0), "num_heads"), ((64, 4.0), "num_heads")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            FusedSelfAttention(*sizes)
     with pytest.raises(ValueError, match="hidden_states must have shape"):
         other(torch.randn(2, 3, 63, device=device))
 

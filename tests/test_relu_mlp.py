@@ -528,6 +528,10 @@ def test_bad_inputs_raise_named_errors():
             call(**kw)
     with pytest.raises(ValueError, match="dropout must be a float in"):
         ReLUMLP(8, 32, dropout=1.0)
+    for sizes, name in (((0, 32), "embed_dim"), ((8, 0), "ffn_dim"), ((8, -1), "ffn_dim"), ((8, 32.0), "ffn_dim"),
+                        ((True, 32), "embed_dim")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            ReLUMLP(*sizes)
 
 
 # --------------------------------------------------------------------------- module
