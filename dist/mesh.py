@@ -25,13 +25,9 @@ import torch
 import torch.distributed as c10d
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from opt_core.kernels.validation import check_positive_int
+
 MESH_DIM_NAMES = ("dp", "tp")
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def default_device_type() -> str:
@@ -49,11 +45,11 @@ def init_mesh(dp: Optional[int] = None, tp: int = 1, *, device_type: Optional[st
     default: 30 minutes), so a stalled rank fails the others with an error; a
     process group that already exists keeps its own.
     """
-    tp = _positive_int("tp", tp)
+    tp = check_positive_int("tp", tp)
     if timeout is not None and (not isinstance(timeout, datetime.timedelta) or timeout.total_seconds() <= 0):
         raise ValueError(f"timeout must be a positive datetime.timedelta or None, got {timeout!r}")
     if dp is not None:
-        dp = _positive_int("dp", dp)
+        dp = check_positive_int("dp", dp)
     device_type = device_type or default_device_type()
     if device_type not in ("cpu", "cuda"):
         raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}")

@@ -57,6 +57,13 @@ def check_float(name: str, value: object, *, min_value: float | None = None) -> 
     return value
 
 
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` is an int (a bool is not) >= 1: a size, a head count, a mesh dimension."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 # Dropout seeds are 64-bit Philox keys that travel as int64: every op takes them in [0, 2**63).
 _SEED_BITS = 63
 SEED_LIMIT = 2**_SEED_BITS

@@ -14,15 +14,9 @@ import torch
 from torch import nn
 
 from opt_core.functional import attention, layer_norm, relu_mlp
+from opt_core.kernels.validation import check_positive_int
 from opt_core.kv_cache import LayerKVCache
 from opt_core.parallelism import ONE_PROCESS, Parallelism
-
-def _check_sizes(**sizes: int) -> None:
-    """A layer's sizes, by name: each a positive int (a bool or 0 would build empty weights)."""
-    for name, n in sizes.items():
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be a positive int, got {n!r}")
-
 
 class FusedLayerNorm(nn.LayerNorm):
     """``torch.nn.LayerNorm`` computed by the Triton kernels.
@@ -100,7 +94,8 @@ class ReLUMLP(nn.Module):
     def __init__(self, embed_dim: int, ffn_dim: int, *, dropout: float = 0.1, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
-        _check_sizes(embed_dim=embed_dim, ffn_dim=ffn_dim)
+        check_positive_int("embed_dim", embed_dim)
+        check_positive_int("ffn_dim", ffn_dim)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         self.embed_dim = embed_dim
@@ -165,7 +160,8 @@ class FusedSelfAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
-        _check_sizes(embed_dim=embed_dim, num_heads=num_heads)
+        check_positive_int("embed_dim", embed_dim)
+        check_positive_int("num_heads", num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
