@@ -48,8 +48,8 @@ setup(
     extras_require={
         "train": ["tokenizers", "matplotlib"],
         "hf": ["transformers", "tokenizers", "safetensors", "accelerate"],
-        "test": ["pytest>=8", "pytest-benchmark", "transformers", "tokenizers", "safetensors", "accelerate",
-                 "matplotlib", "build"],
+        "test": ["pytest>=8", "pytest-xdist", "filelock", "pytest-benchmark", "transformers", "tokenizers",
+                 "safetensors", "accelerate", "matplotlib", "build"],
         "bench": ["pytest-benchmark", "matplotlib", "nvidia-ml-py"],
     },
     entry_points={

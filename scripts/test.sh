@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite: set up .venv if needed, then pytest (CPU: the kernels run
 # under Triton's interpreter; GPU: compiled, plus the tests marked gpu).
+# Without a GPU the interpreted kernels keep a core busy each: pytest-xdist runs one
+# worker per core, a file's tests on one worker (its module fixtures are built once).
+# Arguments come after, so `-n 0` runs everything in this process.
 source "$(dirname "$0")/setup_env.sh"
 cd "$ROOT"
-exec "$PY" -m pytest "$@"
+workers=()
+if "$PY" -c "import xdist, torch, sys; sys.exit(torch.cuda.is_available())" 2>/dev/null; then
+  workers=(-n auto --dist loadfile)
+fi
+exec "$PY" -m pytest "${workers[@]}" "$@"

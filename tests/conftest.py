@@ -23,6 +23,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import filelock  # noqa: E402
 import pytest  # noqa: E402
 import triton  # noqa: E402
 
@@ -90,28 +91,45 @@ def corpus(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="session")
-def aot_compile(tmp_path_factory):
-    """``compile(filter="")``: {(case, arch): result} of ``python -m opt_core.kernels.compile_check`` for the
-    AOT cases whose name contains ``filter``, compiled in a subprocess with the interpreter off (in this
-    process every kernel is an interpreted function).  Once every case has compiled (tests/test_aot.py),
-    later calls read from that run."""
+def _compile_check(filter: str, out: Path) -> dict:
+    """{(case, arch): result} of ``python -m opt_core.kernels.compile_check`` for the AOT cases whose name
+    contains ``filter`` (written to ``out``), in a subprocess with the interpreter off: in this process every
+    kernel is an interpreted function."""
     root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "opt_core.kernels.compile_check", "--filter", filter,
+                           "--json", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    if not out.exists():
+        pytest.fail(f"the AOT compile produced no results:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return _compiled(out)
+
+
+def _compiled(results: Path) -> dict:
+    return {(r["case"], r["arch"]): r for r in json.loads(results.read_text())}
+
+
+@pytest.fixture(scope="session")
+def aot_compile(tmp_path_factory, request):
+    """``compile(filter="")``: {(case, arch): result} of the AOT cases whose name contains ``filter``.  Once
+    every case has compiled (tests/test_aot.py), later calls read from that run.  Under pytest-xdist with
+    tests/test_aot.py in the session, the first worker to ask compiles every case for all of them (the
+    compile uses every core anyway) into the session's shared temporary folder, under a lock; the others
+    read its file."""
     runs: dict[str, dict] = {}
+    full_run_ahead = any(item.path.name == "test_aot.py" for item in request.session.items)
+    on_a_worker = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    shared = tmp_path_factory.getbasetemp().parent if on_a_worker and full_run_ahead else None
 
     def compile(filter: str = "") -> dict:
+        if shared is not None and "" not in runs:
+            with filelock.FileLock(shared / "aot.lock"):
+                done = shared / "aot.json"
+                runs[""] = _compiled(done) if done.exists() else _compile_check("", done)
         if "" in runs:
             return {key: r for key, r in runs[""].items() if filter in key[0]}
         if filter not in runs:
-            out = tmp_path_factory.mktemp("aot") / "results.json"
-            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-            env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-            proc = subprocess.run([sys.executable, "-m", "opt_core.kernels.compile_check", "--filter", filter,
-                                   "--json", str(out)], cwd=root, env=env, capture_output=True, text=True,
-                                  timeout=1800)
-            if not out.exists():
-                pytest.fail(f"the AOT compile produced no results:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-            runs[filter] = {(r["case"], r["arch"]): r for r in json.loads(out.read_text())}
+            runs[filter] = _compile_check(filter, tmp_path_factory.mktemp("aot") / "results.json")
         return runs[filter]
 
     return compile

@@ -16,20 +16,6 @@ from opt_core import train as cli
 from opt_core import trainer as train_mod
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ("the model trains on packed sequences of tokens with a learned position table and a tied head "
-         "while the optimizer keeps fp32 moments and the scaler watches for overflow in every step").split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    import random
-
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for i in range(40):
-        text = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(80, 160)))
-        (folder / f"doc{i:02d}.txt").write_text(text + "\n")
-    return folder
 
 
 def _argv(corpus, out, *extra):
