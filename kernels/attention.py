@@ -53,7 +53,8 @@ from opt_core.kernels import reference
 from opt_core.kernels import tuning
 from opt_core.kernels.head_dim_tiles import MIN_TILE, block_d, head_tiles  # noqa: F401 (part of this module's API)
 from opt_core.kernels.op_registry import Direction, register_op
-from opt_core.kernels.validation import SEED_LIMIT, check_float, check_same_device, check_seed, check_tensor
+from opt_core.kernels.validation import (SEED_LIMIT, check_dropout, check_float, check_same_device, check_seed,
+                                         check_tensor)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -1610,9 +1611,7 @@ def _checked_arguments(q, k, v, causal, softmax_scale, key_padding_mask, dropout
                 f"key_padding_mask must have shape (batch, seqlen_k) = ({B}, {Sk}), "
                 f"got {tuple(key_padding_mask.shape)}"
             )
-    dropout_p = check_float("dropout_p", dropout_p, min_value=0.0)
-    if dropout_p >= 1.0:
-        raise ValueError(f"dropout_p must be < 1, got {dropout_p}")
+    dropout_p = check_dropout("dropout_p", dropout_p)
     if seed is not None:
         check_seed("seed", seed)
     if not isinstance(deterministic, bool):
@@ -1635,9 +1634,7 @@ def dropout_mask(
     ``device``: the kernels' Philox draw where the kernels run, the reference
     path's generator elsewhere.  For tests; attention itself never builds it."""
     check_seed("seed", seed)
-    dropout_p = check_float("dropout_p", dropout_p, min_value=0.0)
-    if dropout_p >= 1.0:
-        raise ValueError(f"dropout_p must be < 1, got {dropout_p}")
+    dropout_p = check_dropout("dropout_p", dropout_p)
     for name, n in (("batch", batch), ("heads", heads), ("seqlen_q", seqlen_q), ("seqlen_k", seqlen_k)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"{name} must be a non-negative int, got {n!r}")

@@ -48,7 +48,7 @@ from opt_core.kernels import native
 from opt_core.kernels import reference
 from opt_core.kernels import tuning
 from opt_core.kernels.op_registry import Direction, register_op
-from opt_core.kernels.validation import check_float, check_same_device, check_seed, check_shape, check_tensor
+from opt_core.kernels.validation import check_dropout, check_same_device, check_seed, check_shape, check_tensor
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Shared memory a config may use: below sm_80's 163 KiB per block, with room for
@@ -944,9 +944,7 @@ def relu_mlp(
             raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
     check_same_device("x", x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
                       fc2_bias=fc2_bias, residual=residual)
-    dropout_p = check_float("dropout_p", dropout_p, min_value=0.0)
-    if dropout_p >= 1.0:
-        raise ValueError(f"dropout_p must be < 1, got {dropout_p}")
+    dropout_p = check_dropout("dropout_p", dropout_p)
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
     if seed is not None:

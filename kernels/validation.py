@@ -64,6 +64,14 @@ def check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def check_dropout(name: str, value: object) -> float:
+    """``value`` is a dropout probability: a float (an int is fine, a bool is not) in [0, 1)."""
+    value = check_float(name, value, min_value=0.0)
+    if value >= 1.0:
+        raise ValueError(f"{name} must be < 1, got {value}")
+    return value
+
+
 # Dropout seeds are 64-bit Philox keys that travel as int64: every op takes them in [0, 2**63).
 _SEED_BITS = 63
 SEED_LIMIT = 2**_SEED_BITS

@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from opt_core.kernels.validation import check_dropout, check_float, check_positive_int
+
 
 @dataclasses.dataclass
 class OPTConfig:
@@ -39,18 +41,21 @@ class OPTConfig:
             self.word_embed_proj_dim = self.hidden_size
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_dim", "max_position_embeddings",
                      "word_embed_proj_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"OPTConfig.{name} must be a positive int, got {value!r}")
+            check_positive_int(f"OPTConfig.{name}", getattr(self, name))
         if self.hidden_size % self.num_heads:
             raise ValueError(f"OPTConfig.hidden_size ({self.hidden_size}) must be divisible by "
                              f"num_heads ({self.num_heads})")
+        if not isinstance(self.do_layer_norm_before, bool):
+            raise TypeError(f"OPTConfig.do_layer_norm_before must be a bool, got {self.do_layer_norm_before!r}")
         for name in ("dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"OPTConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+            check_dropout(f"OPTConfig.{name}", getattr(self, name))
+        check_float("OPTConfig.init_std", self.init_std, min_value=0.0)
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            if not 0 <= getattr(self, name) < self.vocab_size:
-                raise ValueError(f"OPTConfig.{name} ({getattr(self, name)}) must be a token id below vocab_size "
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"OPTConfig.{name} must be an int token id, got {value!r}")
+            if not 0 <= value < self.vocab_size:
+                raise ValueError(f"OPTConfig.{name} ({value}) must be a token id below vocab_size "
                                  f"({self.vocab_size})")
 
     @property

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from opt_core.functional import attention, layer_norm, relu_mlp
-from opt_core.kernels.validation import check_positive_int
+from opt_core.kernels.validation import check_dropout, check_positive_int
 from opt_core.kv_cache import LayerKVCache
 from opt_core.parallelism import ONE_PROCESS, Parallelism
 
@@ -33,6 +33,12 @@ class FusedLayerNorm(nn.LayerNorm):
     """
 
     parallelism: Parallelism = ONE_PROCESS
+
+    def __init__(self, normalized_shape, *args, **kwargs):
+        super().__init__(normalized_shape, *args, **kwargs)
+        # nn.LayerNorm(0) builds, and fails only at the first forward: refuse it here, where it was written.
+        if not self.normalized_shape or min(self.normalized_shape) < 1:
+            raise ValueError(f"normalized_shape must be one or more sizes >= 1, got {list(self.normalized_shape)}")
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None):
         shape = tuple(self.normalized_shape)
@@ -96,11 +102,9 @@ class ReLUMLP(nn.Module):
         super().__init__()
         check_positive_int("embed_dim", embed_dim)
         check_positive_int("ffn_dim", ffn_dim)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         self.embed_dim = embed_dim
         self.ffn_dim = ffn_dim
-        self.dropout = float(dropout)
+        self.dropout = check_dropout("dropout", dropout)
         self.fc1 = nn.Linear(embed_dim, ffn_dim, bias=bias, device=device, dtype=dtype)
         self.fc2 = nn.Linear(ffn_dim, embed_dim, bias=bias, device=device, dtype=dtype)
 
@@ -164,12 +168,10 @@ class FusedSelfAttention(nn.Module):
         check_positive_int("num_heads", num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
-        self.dropout = float(dropout)
+        self.dropout = check_dropout("dropout", dropout)
         self.qkv_proj = nn.Linear(embed_dim, 3 * embed_dim, bias=bias, device=device, dtype=dtype)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, device=device, dtype=dtype)
 

@@ -837,6 +837,10 @@ def test_fused_self_attention_state_dict_round_trip(device):
     for sizes, name in (((0, 4), "embed_dim"), ((64, 0), "num_heads"), ((64, 4.0), "num_heads")):
         with pytest.raises(ValueError, match=f"{name} must be a positive int"):
             FusedSelfAttention(*sizes)
+    for dropout, error, message in ((1.0, ValueError, "dropout must be < 1"), (float("nan"), ValueError, "finite"),
+                                    (None, TypeError, "dropout must be a float")):
+        with pytest.raises(error, match=message):
+            FusedSelfAttention(64, 4, dropout=dropout)
     with pytest.raises(ValueError, match="hidden_states must have shape"):
         other(torch.randn(2, 3, 63, device=device))
 

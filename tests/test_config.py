@@ -55,6 +55,18 @@ def test_invalid_configs_raise_named_errors():
         OPTConfig(num_layers=0)
     with pytest.raises(ValueError, match="pad_token_id"):
         OPTConfig(vocab_size=1)
+    typed = [
+        (dict(dropout="0.1"), TypeError, "OPTConfig.dropout must be a float"),
+        (dict(attention_dropout=-0.5), ValueError, "OPTConfig.attention_dropout must be >= 0"),
+        (dict(init_std=float("inf")), ValueError, "OPTConfig.init_std must be finite"),
+        (dict(pad_token_id=1.0), TypeError, "OPTConfig.pad_token_id must be an int"),
+        (dict(eos_token_id=True), TypeError, "OPTConfig.eos_token_id must be an int"),
+        (dict(do_layer_norm_before="no"), TypeError, "OPTConfig.do_layer_norm_before must be a bool"),
+        (dict(ffn_dim=3072.0), ValueError, "OPTConfig.ffn_dim must be a positive int"),
+    ]
+    for kwargs, error, message in typed:
+        with pytest.raises(error, match=message):
+            OPTConfig(**kwargs)
     with pytest.raises(ValueError, match="unknown preset"):
         OPTConfig.from_preset("opt-7b")
     with pytest.raises(ValueError, match="ReLU"):

@@ -313,6 +313,13 @@ def test_fused_layer_norm_is_a_drop_in_for_nn_layer_norm(kwargs, device):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
+def test_fused_layer_norm_refuses_an_empty_shape():
+    # nn.LayerNorm builds these and fails at the first forward; ours refuses where the size was written.
+    for shape in (0, (4, 0), ()):
+        with pytest.raises(ValueError, match="normalized_shape must be one or more sizes >= 1"):
+            FusedLayerNorm(shape)
+
+
 def test_fused_layer_norm_residual_form(device):
     ln = FusedLayerNorm(64, device=device)
     x, r = torch.randn(2, 3, 64, device=device), torch.randn(2, 3, 64, device=device)

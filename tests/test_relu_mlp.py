@@ -526,8 +526,11 @@ def test_bad_inputs_raise_named_errors():
     for kw, error, message in cases:
         with pytest.raises(error, match=message):
             call(**kw)
-    with pytest.raises(ValueError, match="dropout must be a float in"):
-        ReLUMLP(8, 32, dropout=1.0)
+    for dropout, error, message in ((1.0, ValueError, "dropout must be < 1"), (-0.1, ValueError, "dropout must be >= 0"),
+                                    ("0.1", TypeError, "dropout must be a float"),
+                                    (True, TypeError, "dropout must be a float")):
+        with pytest.raises(error, match=message):
+            ReLUMLP(8, 32, dropout=dropout)
     for sizes, name in (((0, 32), "embed_dim"), ((8, 0), "ffn_dim"), ((8, -1), "ffn_dim"), ((8, 32.0), "ffn_dim"),
                         ((True, 32), "embed_dim")):
         with pytest.raises(ValueError, match=f"{name} must be a positive int"):
