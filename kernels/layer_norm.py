@@ -21,6 +21,7 @@ The reasoning and measurements behind each point: ``docs/kernels.md``, section L
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -415,16 +416,19 @@ def _contiguous(t):
 
 def _launch_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                 eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, h, mean, rstd) for 2-D x; h is empty without a residual."""
-    M, N = x.shape
+    """(y, h, mean, rstd) over the rows of x (its last dimension): y and h in x's shape (h empty without a
+    residual), mean and rstd one per row."""
+    shape, N = x.shape, x.shape[-1]
+    x = x.reshape(-1, N)
+    M = x.shape[0]
     weight, bias = _contiguous(weight), _contiguous(bias)
-    y = dispatch.empty((M, N), dtype=x.dtype, device=x.device)
-    h = dispatch.empty((M, N) if residual is not None else (0,), dtype=x.dtype, device=x.device)
+    y = dispatch.empty(shape, dtype=x.dtype, device=x.device)
+    h = dispatch.empty(shape if residual is not None else (0,), dtype=x.dtype, device=x.device)
     mean = dispatch.empty((M,), dtype=torch.float32, device=x.device)
     rstd = dispatch.empty((M,), dtype=torch.float32, device=x.device)
     if M == 0:
         return y, h, mean, rstd
-    res = residual if residual is not None else x
+    res = residual.reshape(-1, N) if residual is not None else x
     _fwd[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
         x, res, weight, bias, y, h, mean, rstd,
         x.stride(0), x.stride(1), res.stride(0), res.stride(1),
@@ -520,7 +524,7 @@ def _launch_bwd(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional[Te
 def _reference_fwd(x, weight, bias, residual, eps):
     out = reference.layer_norm(x, weight, bias, eps, residual)
     y, h = out if residual is not None else (out, x.new_empty(0))
-    hf = (h if residual is not None else x).float()
+    hf = (h if residual is not None else x).float().reshape(-1, x.shape[-1])
     mean = hf.mean(-1)
     rstd = torch.rsqrt(hf.var(-1, unbiased=False) + eps)
     return y, h, mean, rstd
@@ -536,12 +540,12 @@ def _reference_bwd(dy, dh, x, weight, bias, mean, rstd, eps):
 
 # --------------------------------------------------------------------------- torch.library ops
 def _fwd_fake(x, weight, bias, residual, eps):
-    M, N = x.shape
+    rows = math.prod(x.shape[:-1])
     return (
-        x.new_empty((M, N)),
-        x.new_empty((M, N) if residual is not None else (0,)),
-        x.new_empty((M,), dtype=torch.float32),
-        x.new_empty((M,), dtype=torch.float32),
+        x.new_empty(x.shape),
+        x.new_empty(x.shape if residual is not None else (0,)),
+        x.new_empty((rows,), dtype=torch.float32),
+        x.new_empty((rows,), dtype=torch.float32),
     )
 
 
@@ -564,9 +568,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dh, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
+    N = x.shape[-1]
     dx, dw, db = torch.ops.opt_core.layer_norm_bwd(
-        dy, dh if ctx.has_residual else None, x, weight, bias, mean, rstd, ctx.eps
+        dy.reshape(-1, N), dh.reshape(-1, N) if ctx.has_residual else None, x.reshape(-1, N), weight, bias, mean,
+        rstd, ctx.eps
     )
+    dx = dx.view(x.shape)
     return (
         dx,
         dw if weight is not None else None,
@@ -618,8 +625,7 @@ def layer_norm(
     if dispatch.use_native(x, KERNEL_DTYPES):
         return native.layer_norm(x, weight, bias, eps, residual)
 
-    x2 = x.reshape(-1, N)
-    r2 = residual.reshape(-1, N) if residual is not None else None
-    y, h, _, _ = torch.ops.opt_core.layer_norm_fwd(x2, weight, bias, r2, eps)
-    y = y.view(x.shape)
-    return y if residual is None else (y, h.view(x.shape))
+    # The op takes x in its own shape and returns y and h in it, fresh tensors and not views of 2-D ones. FSDP2
+    # warns about a module that returns a view: an in-place op on it would drop FSDP2's hook.
+    y, h, _, _ = torch.ops.opt_core.layer_norm_fwd(x, weight, bias, residual, eps)
+    return y if residual is None else (y, h)

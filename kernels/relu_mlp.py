@@ -746,18 +746,21 @@ def _launch_dh(g, w2, h, dh, has_db1):
 
 def _launch_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
                 residual: Optional[Tensor], seed: Tensor, dropout_p: float) -> tuple[Tensor, Tensor]:
-    """(out, h) for 2-D x; h = relu(fc1(x)) is what the backward needs.  ``seed`` is a 0-dim int64 CPU
-    tensor; dropout is off when ``dropout_p`` is 0."""
-    M, d = x.shape
-    ffn = w1.shape[0]
+    """(out, h) over the rows of x (its last dimension): out in x's shape, h = relu(fc1(x)) one row per
+    token, what the backward needs.  ``seed`` is a 0-dim int64 CPU tensor; dropout is off when
+    ``dropout_p`` is 0."""
+    shape, d = x.shape, x.shape[-1]
+    x = x.reshape(-1, d)
+    residual = residual.reshape(-1, d) if residual is not None else None
+    M, ffn = x.shape[0], w1.shape[0]
     h = dispatch.empty((M, ffn), dtype=x.dtype, device=x.device)
-    out = dispatch.empty((M, d), dtype=x.dtype, device=x.device)
+    out = dispatch.empty(shape, dtype=x.dtype, device=x.device)
     if M == 0:
         return out, h
     # Biases are read as plain vectors; a strided one (a view) is copied.
     b1, b2 = (b.contiguous() if b is not None else None for b in (b1, b2))
     _launch_fc1(x, w1, b1, h)
-    _launch_fc2(h, w2, b2, residual, seed, dropout_p, out)
+    _launch_fc2(h, w2, b2, residual, seed, dropout_p, out.view(M, d))
     return out, h
 
 
@@ -825,8 +828,11 @@ def _reference_mask(seed, p, M, d, device):
 
 
 def _reference_fwd(x, w1, b1, w2, b2, residual, seed, p):
-    mask = _reference_mask(seed, p, x.shape[0], w2.shape[0], x.device)
-    return reference.relu_mlp(x, w1, b1, w2, b2, residual, mask, p, return_hidden=True)
+    rows = x.reshape(-1, x.shape[-1])
+    mask = _reference_mask(seed, p, rows.shape[0], w2.shape[0], x.device)
+    out, h = reference.relu_mlp(rows, w1, b1, w2, b2, residual.reshape(rows.shape) if residual is not None else None,
+                                mask, p, return_hidden=True)
+    return out.reshape(x.shape), h
 
 
 def _reference_bwd(dy, x, w1, b1, w2, b2, h, seed, p):
@@ -841,8 +847,7 @@ def _reference_bwd(dy, x, w1, b1, w2, b2, h, seed, p):
 
 # --------------------------------------------------------------------------- torch.library ops
 def _fwd_fake(x, w1, b1, w2, b2, residual, seed, dropout_p):
-    M = x.shape[0]
-    return x.new_empty((M, w2.shape[0])), x.new_empty((M, w1.shape[0]))
+    return x.new_empty(x.shape), x.new_empty((math.prod(x.shape[:-1]), w1.shape[0]))
 
 
 def _bwd_fake(dy, x, w1, b1, w2, b2, h, seed, dropout_p):
@@ -868,9 +873,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dh):
     x, w1, b1, w2, b2, h, seed = ctx.saved_tensors
-    dx, dw1, db1, dw2, db2 = torch.ops.opt_core.relu_mlp_bwd(dout, x, w1, b1, w2, b2, h, seed, ctx.dropout_p)
+    d = x.shape[-1]
+    dx, dw1, db1, dw2, db2 = torch.ops.opt_core.relu_mlp_bwd(dout.reshape(-1, d), x.reshape(-1, d), w1, b1, w2, b2,
+                                                             h, seed, ctx.dropout_p)
     return (
-        dx,
+        dx.view(x.shape),
         dw1,
         db1 if b1 is not None else None,
         dw2,
@@ -959,7 +966,7 @@ def relu_mlp(
         seed_t = torch.randint(0, 2**62, (), dtype=torch.int64)
     else:
         seed_t = torch.tensor(seed, dtype=torch.int64)
-    x2 = x.reshape(-1, d)
-    r2 = residual.reshape(-1, d) if residual is not None else None
-    out, _ = torch.ops.opt_core.relu_mlp_fwd(x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, r2, seed_t, p)
-    return out.view(x.shape)
+    # The op takes x in its own shape and returns out in it, a fresh tensor and not a view of a 2-D one. FSDP2
+    # warns about a module that returns a view: an in-place op on it would drop FSDP2's hook.
+    out, _ = torch.ops.opt_core.relu_mlp_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, seed_t, p)
+    return out

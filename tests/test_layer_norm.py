@@ -313,6 +313,21 @@ def test_fused_layer_norm_is_a_drop_in_for_nn_layer_norm(kwargs, device):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
+def test_outputs_are_fresh_tensors_not_views(device):
+    """A module whose output is a view makes FSDP2 warn (an in-place op on it would drop FSDP2's hook).  The
+    outputs own their storage, and autograd still catches an in-place change to the saved h."""
+    x = torch.randn(2, 3, 40, device=device, requires_grad=True)
+    r = torch.randn(2, 3, 40, device=device, requires_grad=True)
+    w, b = torch.randn(40, device=device), torch.randn(40, device=device)
+    y = functional.layer_norm(x, w, b)
+    y_res, h = functional.layer_norm(x, w, b, residual=r)
+    for t in (y, y_res, h):
+        assert t._base is None and t.shape == x.shape
+    h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (y_res.sum() + h.sum()).backward()
+
+
 def test_fused_layer_norm_refuses_an_empty_shape():
     # nn.LayerNorm builds these and fails at the first forward; ours refuses where the size was written.
     for shape in (0, (4, 0), ()):
@@ -338,6 +353,8 @@ def test_opcheck():
     r = torch.randn(5, 48, requires_grad=True)
     torch.library.opcheck(torch.ops.opt_core.layer_norm_fwd.default, (x, w, b, r, 1e-5))
     torch.library.opcheck(torch.ops.opt_core.layer_norm_fwd.default, (x, None, None, None, 1e-5))
+    x3, r3 = (t.detach().reshape(1, 5, 48).requires_grad_() for t in (x, r))  # the op takes any leading dims
+    torch.library.opcheck(torch.ops.opt_core.layer_norm_fwd.default, (x3, w, b, r3, 1e-5))
     _, h, mean, rstd = torch.ops.opt_core.layer_norm_fwd(x, w, b, r, 1e-5)
     assert not mean.requires_grad and not rstd.requires_grad
     dy = torch.randn(5, 48)

@@ -559,6 +559,14 @@ def test_relu_mlp_module_loads_hugging_face_opt_weights(device):
     assert ((y - r).abs() < 1e-6).float().mean().item() > 0.02  # some outputs dropped to the residual
 
 
+def test_output_is_a_fresh_tensor_not_a_view(device):
+    """A module whose output is a view makes FSDP2 warn (an in-place op on it would drop FSDP2's hook)."""
+    x, w1, b1, w2, b2, r = _inputs(6, 16, torch.float32, device, lead=(2,))
+    for residual in (r, None):
+        out = functional.relu_mlp(x, w1, b1, w2, b2, residual=residual)
+        assert out._base is None and out.shape == x.shape
+
+
 def test_relu_mlp_module_matches_transformers_opt_decoder_layer(device):
     transformers = pytest.importorskip("transformers")
     config = transformers.OPTConfig(hidden_size=32, ffn_dim=128, num_attention_heads=4, dropout=0.0,
@@ -590,6 +598,8 @@ def test_opcheck():
     seed = torch.tensor(77, dtype=torch.int64)
     for args in ((x, w1, b1, w2, b2, r, seed, 0.1), (x, w1, None, w2, None, None, seed, 0.0)):
         torch.library.opcheck(torch.ops.opt_core.relu_mlp_fwd.default, args)
+    x3, r3 = (t.detach().reshape(1, 5, 24).requires_grad_() for t in (x, r))  # the op takes any leading dims
+    torch.library.opcheck(torch.ops.opt_core.relu_mlp_fwd.default, (x3, w1, b1, w2, b2, r3, seed, 0.1))
     _, h = torch.ops.opt_core.relu_mlp_fwd(x, w1, b1, w2, b2, r, seed, 0.1)
     assert not h.requires_grad
     dy = torch.randn(5, 24)
