@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from opt_core import hf
 from opt_core.config import OPTConfig
+from opt_core.kernels.validation import check_tensor
 from opt_core.kv_cache import KVCache, LayerKVCache
 from opt_core.layers import FusedLayerNorm, FusedSelfAttention, ReLUMLP
 from opt_core.parallelism import ONE_PROCESS, Parallelism
@@ -48,6 +49,7 @@ from opt_core.process_group import is_dtensor
 
 POSITION_OFFSET = 2  # OPT's learned positions start at row 2 (rows 0-1: fairseq's padding convention)
 IGNORE_INDEX = -100
+TOKEN_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding takes as indices
 
 
 @dataclass
@@ -143,7 +145,7 @@ def position_ids(attention_mask: Optional[torch.Tensor], past: int, batch: int, 
 def next_token_targets(labels: torch.Tensor, attention_mask: Optional[torch.Tensor], shift: bool) -> torch.Tensor:
     """Labels aligned with the logits: -100 where the mask is 0, moved one position left when ``shift``
     (the last position then has no target)."""
-    target = labels
+    target = labels.long()  # cross_entropy takes int64 class indices; int32 labels are accepted too
     if attention_mask is not None:
         target = target.masked_fill(attention_mask[:, -labels.shape[1]:] == 0, IGNORE_INDEX)
     if shift:
@@ -210,7 +212,13 @@ class OPTForCausalLM(nn.Module):
     # ----------------------------------------------------------------- forward
     def check_inputs(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                      labels: Optional[torch.Tensor], kv_cache: Optional[KVCache]) -> None:
-        """ValueError naming the argument for shapes that do not fit (from shapes only, never from values)."""
+        """TypeError or ValueError naming the argument for dtypes and shapes that do not fit (from metadata only,
+        never from values: a check of the token ids' range would wait on the GPU every step)."""
+        check_tensor("input_ids", input_ids, dtypes=TOKEN_DTYPES)
+        if labels is not None:
+            check_tensor("labels", labels, dtypes=TOKEN_DTYPES)
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
         batch, seqlen = input_ids.shape
@@ -296,6 +304,7 @@ class OPTForCausalLM(nn.Module):
         return out
 
     def _check_generate_args(self, input_ids, attention_mask, max_new_tokens, top_k, temperature) -> None:
+        check_tensor("input_ids", input_ids, dtypes=TOKEN_DTYPES)
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids must be (batch, prompt length >= 1), got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):

@@ -90,6 +90,8 @@ def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
     lr, betas, eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
         raise ValueError(f"Tensor lr must be 1-element ({where}), got shape {tuple(lr.shape)}")
+    if not isinstance(lr, torch.Tensor) and (isinstance(lr, bool) or not isinstance(lr, numbers.Real)):
+        raise TypeError(f"lr must be a float or a 1-element tensor ({where}), got {type(lr).__name__}")
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     for name, value in (("eps", eps), ("weight_decay", weight_decay)):
@@ -97,6 +99,8 @@ def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
             raise TypeError(f"{name} must be a float ({where}), got {type(value).__name__}")
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}")
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(f"betas must be a pair ({where}), got {type(betas).__name__}")
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair ({where}), got {len(betas)} values")
     tensors = [isinstance(b, torch.Tensor) for b in betas]
@@ -206,7 +210,8 @@ class FusedAdamW(torch.optim.Optimizer):
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm} (must be > 0 or None)")
         # betas as AdamW keeps them: a 1-element tensor as its 0-d view.
-        betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) else b for b in betas)
+        if isinstance(betas, (tuple, list)):  # anything else is refused, naming betas, with the other checks
+            betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) else b for b in betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=True, master_weights=bool(master_weights))

@@ -173,8 +173,30 @@ def test_bad_inputs_raise_named_errors(tmp_path):
         model(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="input_ids must be"):
         model(torch.zeros(5, dtype=torch.long))
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    typed = [
+        (lambda: model(ids.float()), "input_ids must have dtype in \\(int64, int32\\)"),
+        (lambda: model(ids.tolist()), "input_ids must be a torch.Tensor, got list"),
+        (lambda: model(ids, labels=ids.float()), "labels must have dtype"),
+        (lambda: model(ids, attention_mask=[[1] * 5] * 2), "attention_mask must be a tensor or None"),
+        (lambda: model.generate(ids.float(), max_new_tokens=1), "input_ids must have dtype"),
+    ]
+    for call, message in typed:
+        with pytest.raises(TypeError, match=message):
+            call()
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         OPTForCausalLM.from_pretrained(tmp_path)
+
+
+def test_int32_token_ids_and_labels_give_the_int64_loss():
+    model = OPTForCausalLM(OPTConfig.from_preset("test", dropout=0.0)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        wide = model(ids, attention_mask=mask, labels=ids).loss
+        narrow = model(ids.int(), attention_mask=mask, labels=ids.int()).loss
+    assert torch.equal(wide, narrow)
 
 
 def test_fused_qkv_rows_are_grouped_per_head_so_a_row_shard_is_whole_heads():
