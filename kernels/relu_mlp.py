@@ -828,11 +828,12 @@ def _reference_mask(seed, p, M, d, device):
 
 
 def _reference_fwd(x, w1, b1, w2, b2, residual, seed, p):
-    rows = x.reshape(-1, x.shape[-1])
-    mask = _reference_mask(seed, p, rows.shape[0], w2.shape[0], x.device)
-    out, h = reference.relu_mlp(rows, w1, b1, w2, b2, residual.reshape(rows.shape) if residual is not None else None,
-                                mask, p, return_hidden=True)
-    return out.reshape(x.shape), h
+    # In x's own shape, so that out is not a view of a 2-D result (see relu_mlp); the mask is drawn per row.
+    rows = math.prod(x.shape[:-1])
+    mask = _reference_mask(seed, p, rows, w2.shape[0], x.device)
+    out, h = reference.relu_mlp(x, w1, b1, w2, b2, residual, mask.view(x.shape) if mask is not None else None, p,
+                                return_hidden=True)
+    return out, h.reshape(rows, w1.shape[0])
 
 
 def _reference_bwd(dy, x, w1, b1, w2, b2, h, seed, p):

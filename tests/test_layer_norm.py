@@ -313,12 +313,13 @@ def test_fused_layer_norm_is_a_drop_in_for_nn_layer_norm(kwargs, device):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_outputs_are_fresh_tensors_not_views(device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the kernels' path and the reference's
+def test_outputs_are_fresh_tensors_not_views(dtype, device):
     """A module whose output is a view makes FSDP2 warn (an in-place op on it would drop FSDP2's hook).  The
     outputs own their storage, and autograd still catches an in-place change to the saved h."""
-    x = torch.randn(2, 3, 40, device=device, requires_grad=True)
-    r = torch.randn(2, 3, 40, device=device, requires_grad=True)
-    w, b = torch.randn(40, device=device), torch.randn(40, device=device)
+    x = torch.randn(2, 3, 40, device=device, dtype=dtype, requires_grad=True)
+    r = torch.randn(2, 3, 40, device=device, dtype=dtype, requires_grad=True)
+    w, b = torch.randn(40, device=device, dtype=dtype), torch.randn(40, device=device, dtype=dtype)
     y = functional.layer_norm(x, w, b)
     y_res, h = functional.layer_norm(x, w, b, residual=r)
     for t in (y, y_res, h):

@@ -559,11 +559,12 @@ def test_relu_mlp_module_loads_hugging_face_opt_weights(device):
     assert ((y - r).abs() < 1e-6).float().mean().item() > 0.02  # some outputs dropped to the residual
 
 
-def test_output_is_a_fresh_tensor_not_a_view(device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the kernels' path and the reference's
+def test_output_is_a_fresh_tensor_not_a_view(dtype, device):
     """A module whose output is a view makes FSDP2 warn (an in-place op on it would drop FSDP2's hook)."""
-    x, w1, b1, w2, b2, r = _inputs(6, 16, torch.float32, device, lead=(2,))
-    for residual in (r, None):
-        out = functional.relu_mlp(x, w1, b1, w2, b2, residual=residual)
+    x, w1, b1, w2, b2, r = _inputs(6, 16, dtype, device, lead=(2,))
+    for residual, p in ((r, 0.0), (None, 0.25)):
+        out = functional.relu_mlp(x, w1, b1, w2, b2, residual=residual, dropout_p=p, training=True, seed=5)
         assert out._base is None and out.shape == x.shape
 
 
