@@ -142,6 +142,13 @@ def position_ids(attention_mask: Optional[torch.Tensor], past: int, batch: int, 
     return (torch.cumsum(mask, dim=1) * mask - 1)[:, past:] + POSITION_OFFSET
 
 
+def _check_input_types(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> None:
+    """What forward and generate both take: token ids of an integer dtype, a mask that is a tensor or None."""
+    check_tensor("input_ids", input_ids, dtypes=TOKEN_DTYPES)
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
+
+
 def next_token_targets(labels: torch.Tensor, attention_mask: Optional[torch.Tensor], shift: bool) -> torch.Tensor:
     """Labels aligned with the logits: -100 where the mask is 0, moved one position left when ``shift``
     (the last position then has no target)."""
@@ -214,11 +221,9 @@ class OPTForCausalLM(nn.Module):
                      labels: Optional[torch.Tensor], kv_cache: Optional[KVCache]) -> None:
         """TypeError or ValueError naming the argument for dtypes and shapes that do not fit (from metadata only,
         never from values: a check of the token ids' range would wait on the GPU every step)."""
-        check_tensor("input_ids", input_ids, dtypes=TOKEN_DTYPES)
+        _check_input_types(input_ids, attention_mask)
         if labels is not None:
             check_tensor("labels", labels, dtypes=TOKEN_DTYPES)
-        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
         batch, seqlen = input_ids.shape
@@ -304,11 +309,9 @@ class OPTForCausalLM(nn.Module):
         return out
 
     def _check_generate_args(self, input_ids, attention_mask, max_new_tokens, top_k, temperature) -> None:
-        check_tensor("input_ids", input_ids, dtypes=TOKEN_DTYPES)
+        _check_input_types(input_ids, attention_mask)
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids must be (batch, prompt length >= 1), got shape {tuple(input_ids.shape)}")
-        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a tensor or None, got {type(attention_mask).__name__}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if input_ids.shape[1] + max_new_tokens > self.config.max_position_embeddings:
