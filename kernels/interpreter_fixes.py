@@ -20,7 +20,19 @@ and not the interpreter's quirks.  Seen with Triton 3.6; re-check on upgrades.
    hiding an fp16 overflow from the loss scaler) passed its CPU NaN tests.
    Now np.fmax/np.fmin, the GPU's semantics.  (``tl.max`` reductions already
    used np.nanmax.)
-4. NumPy >= 2.4 with Triton < 3.8: the interpreter turns loop bounds into ints
+4. ``tl.dot``'s summation order (any Triton): the interpreter hands every dot
+   to ``np.matmul`` in the accumulator's dtype, so an fp32 result depends on
+   which OpenBLAS kernel the host CPU selects.  The same seeded test gave
+   dV errors of 7.1e-6 with the Haswell/Zen kernels and 2.3e-6 with the
+   SkylakeX one (``test_custom_softmax_scale``: the backward recomputes
+   S = K Q^T, the forward Q K^T, and a peaky softmax turns any difference
+   between the two into an error of P that the log-sum-exp does not absorb),
+   so a failure did not replay from one machine to the next.  Now each dot is
+   summed in float64 and rounded once into the accumulator's dtype: the same
+   bits on every CPU, and the rounding left to measure is the kernel's own
+   (its casts, its fp32 accumulator carried from block to block), as on a
+   GPU, where the tensor cores keep products exact and accumulate in fp32.
+5. NumPy >= 2.4 with Triton < 3.8: the interpreter turns loop bounds into ints
    with ``int()`` of a 1-element array, which NumPy 2.4 refuses; every kernel
    with a runtime loop would die with a message about scalars.  Not patched:
    refused up front with the fix in the message.
@@ -71,8 +83,13 @@ def apply() -> None:
 
     create_dot = builder.create_dot
 
-    def dot_with_bf16_widened(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return create_dot(self, widen_bf16(a), widen_bf16(b), d, input_precision, max_num_imprecise_acc)
+    def dot_rounded_once(self, a, b, d, input_precision, max_num_imprecise_acc):
+        a, b = widen_bf16(a), widen_bf16(b)
+        if not (d.dtype.scalar.is_floating() and d.dtype.scalar.primitive_bitwidth in (16, 32)
+                and a.dtype.scalar.primitive_bitwidth > 8 and b.dtype.scalar.primitive_bitwidth > 8):
+            return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        exact = np.matmul(a.data.astype(np.float64), b.data.astype(np.float64)) + d.data.astype(np.float64)
+        return handle(exact.astype(d.data.dtype), d.dtype.scalar)
 
     cast_impl = builder.cast_impl
 
@@ -81,7 +98,7 @@ def apply() -> None:
             return handle(fp32_to_bf16_bits(src.data), tl.bfloat16)
         return cast_impl(self, src, dst_type)
 
-    builder.create_dot = dot_with_bf16_widened
+    builder.create_dot = dot_rounded_once
     builder.cast_impl = cast_rounding_to_nearest
     builder.create_maxnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmax)
     builder.create_minnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmin)

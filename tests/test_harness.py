@@ -127,6 +127,32 @@ def test_tl_dot_is_right_in_every_dtype(dtype, device):
     torch.testing.assert_close(c.double(), expected, rtol=2e-2 if dtype == torch.float32 else 1e-3, atol=2e-2)
 
 
+@triton.jit
+def _dot_both_ways_kernel(A, B, ACC, C, CT, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    m, n, k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(A + m[:, None] * K + k[None, :])
+    b = tl.load(B + n[:, None] * K + k[None, :])
+    acc = tl.load(ACC + m[:, None] * N + n[None, :])
+    tl.store(C + m[:, None] * N + n[None, :], tl.dot(a, tl.trans(b), acc, input_precision="ieee"))
+    tl.store(CT + n[:, None] * M + m[None, :], tl.dot(b, tl.trans(a), tl.trans(acc), input_precision="ieee"))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_interpreted_dot_is_rounded_once_whatever_the_host_blas(dtype, device):
+    # interpreter_fixes: a dot is summed in float64 and rounded once, so its bits do not depend on
+    # the CPU's BLAS kernel, and A·Bᵀ is exactly the transpose of B·Aᵀ (as attention's forward and
+    # backward recompute the same scores).  Plain np.matmul in fp32 is neither, at K = 128.
+    a = torch.randn(32, 128, device=device).to(dtype)
+    b = torch.randn(16, 128, device=device).to(dtype)
+    acc = torch.randn(32, 16, device=device)
+    c, ct = torch.full_like(acc, float("nan")), torch.full((16, 32), float("nan"), device=device)
+    _dot_both_ways_kernel[(1,)](a, b, acc, c, ct, M=32, N=16, K=128)
+    rounded_once = (a.double() @ b.double().T + acc.double()).float()
+    assert torch.equal(c, rounded_once)
+    assert torch.equal(ct, rounded_once.T)
+
+
 # --------------------------------------------------------------------------- op registration
 # A probe op, y = x * scale, whose two paths record which one ran.
 _PATHS_TAKEN: list[str] = []
