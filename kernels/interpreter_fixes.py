@@ -30,8 +30,9 @@ and not the interpreter's quirks.  Seen with Triton 3.6; re-check on upgrades.
    so a failure did not replay from one machine to the next.  Now each dot is
    summed in float64 and rounded once into the accumulator's dtype: the same
    bits on every CPU, and the rounding left to measure is the kernel's own
-   (its casts, its fp32 accumulator carried from block to block), as on a
-   GPU, where the tensor cores keep products exact and accumulate in fp32.
+   (its casts, its fp32 accumulator carried from block to block).  A GPU's
+   tensor cores round more often inside one product; the ``gpu`` tests hold
+   the compiled kernels to the rule there.
 5. NumPy >= 2.4 with Triton < 3.8: the interpreter turns loop bounds into ints
    with ``int()`` of a 1-element array, which NumPy 2.4 refuses; every kernel
    with a runtime loop would die with a message about scalars.  Not patched:
