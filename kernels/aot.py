@@ -5,17 +5,21 @@ argument values it runs with at production shapes, and one autotune config);
 this module compiles them with ``triton.compile`` for an explicit ``GPUTarget``
 and reads off what matters:
 
-- spills: ``cuobjdump --dump-resource-usage`` (bundled with Triton) prints REG
-  and STACK per kernel; a non-zero STACK means local memory, i.e. spills;
+- spills: ptxas's ``-v`` log of the compile gives registers and the stack frame
+  (``cuobjdump --dump-resource-usage`` on the cubin where no log is at hand); a
+  non-zero stack means local memory, i.e. spills;
 - shared memory: ``metadata.shared`` against the target's per-block limit;
 - tensor cores: ``wgmma`` (sm_90) or ``mma`` (sm_80) in the PTX of kernels that
   do matrix products;
 - TMA: ``cp.async.bulk.tensor`` in the PTX of kernels that take tensor
   descriptors (sm_90 only);
-- wgmma serialisation: ptxas's own notes (run again with ``-v`` on sm_90 PTX
-  with wgmma), e.g. C7515 (wgmmas serialised: a non-wgmma instruction defines
-  an accumulator inside the pipeline) and C7517 (a ``warpgroup.wait`` injected
-  before a wgmma whose registers it cannot prove free).
+- wgmma serialisation: ptxas's own notes in the same log, e.g. C7515 (wgmmas
+  serialised: a non-wgmma instruction defines an accumulator inside the
+  pipeline) and C7517 (a ``warpgroup.wait`` injected before a wgmma whose
+  registers it cannot prove free).
+
+What the log gives is kept beside the kernel in Triton's cache, since a cache
+hit runs no ptxas.
 
 Arguments are specialised the way Triton's launcher specialises them at run
 time (integers equal to 1 become constants, pointers and integers divisible by
@@ -27,8 +31,11 @@ The compile must run with the interpreter off: ``python -m opt_core.kernels.comp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import io
+import json
 import os
 import re
 import subprocess
@@ -166,6 +173,60 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+# ptxas -v's resource lines: "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", then
+# "ptxas info    : Used 168 registers, used 3 barriers".
+_PTXAS_USAGE = re.compile(r"(\d+) bytes stack frame.*?Used (\d+) registers", re.S)
+
+
+def facts_from_ptxas_log(log: str) -> dict | None:
+    """Registers, stack bytes and wgmma notes from the ``ptxas -v`` log of one kernel; None where the log
+    does not describe exactly one kernel."""
+    usage = _PTXAS_USAGE.findall(log)
+    if len(usage) != 1:
+        return None
+    stack, registers = map(int, usage[0])
+    return {"registers": registers, "stack": stack, "wgmma_notes": sorted(set(_PTXAS_NOTE.findall(log)))}
+
+
+def _compile_logged(src: Any, arch: int, options: dict) -> tuple[Any, str]:
+    """``triton.compile`` for sm_``arch`` and the ``ptxas -v`` log of that compile: Triton always runs ptxas
+    with ``-v`` and prints the log when asked (a knob outside the cache key).  The log is empty where the
+    kernel came from Triton's cache, since then ptxas did not run."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    log = io.StringIO()
+    with knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        knobs.nvidia.dump_ptxas_log = True
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    text = log.getvalue()
+    return compiled, text if "ptxas info" in text else ""
+
+
+_PTXAS_FACTS_FILE = "ptxas_facts.json"
+
+
+def ptxas_facts(compiled: Any, arch: int, ptxas_log: str) -> dict:
+    """Registers, stack bytes and wgmma notes of a compiled kernel, read off its compile's ptxas log and kept
+    in Triton's cache beside its cubin: a cache hit (no ptxas run, no log) reads them back.  A hit with
+    nothing kept (a cache from before) asks cuobjdump and ptxas again: 0.2-0.8 CPU-seconds a kernel, and
+    the check has about a thousand kernels."""
+    from triton.runtime.cache import get_cache_manager
+
+    cache = get_cache_manager(compiled.hash)
+    kept = None if ptxas_log else cache.get_file(_PTXAS_FACTS_FILE)
+    if kept is not None:
+        with open(kept) as f:
+            return json.load(f)
+    facts = facts_from_ptxas_log(ptxas_log)
+    if facts is None:
+        registers, stack = _resource_usage(compiled.asm["cubin"])
+        facts = {"registers": registers, "stack": stack, "wgmma_notes": wgmma_notes(compiled.asm["ptx"], arch)}
+    cache.put(json.dumps(facts), _PTXAS_FACTS_FILE, binary=False)
+    return facts
+
+
 _GLOBAL_LOAD = re.compile(r"\bld\.global[\w.:]*")
 # Triton's PTX writes the copy size in hex ("..., 0x10, %r3;"), hand-written PTX often in decimal.
 _CP_ASYNC = re.compile(r"\bcp\.async\.c[ag]\.shared\.global[\w.:]*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
@@ -210,8 +271,6 @@ def code_facts(ptx: str, ttgir: str) -> dict:
 
 def compile_case(c: Case, arch: int) -> dict:
     """Compile ``c`` for sm_``arch``; the facts the checks need, or the error."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -224,13 +283,11 @@ def compile_case(c: Case, arch: int) -> dict:
         attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in c.divisible_by_16}
         source = GluonASTSource if fn.is_gluon() else ASTSource
         src = source(fn, dict(c.signature), constexprs, attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": c.num_warps, "num_stages": c.num_stages})
-        registers, stack = _resource_usage(compiled.asm["cubin"])
-        notes = wgmma_notes(compiled.asm["ptx"], arch)
-        result.update(registers=registers, stack=stack, shared=compiled.metadata.shared, max_shared=MAX_SHARED[arch],
-                      **code_facts(compiled.asm["ptx"], compiled.asm["ttgir"]), wgmma_notes=notes,
-                      wgmma_serialized=bool(notes), error=None)
+        compiled, ptxas_log = _compile_logged(src, arch, {"num_warps": c.num_warps, "num_stages": c.num_stages})
+        facts = ptxas_facts(compiled, arch, ptxas_log)
+        result.update(**facts, shared=compiled.metadata.shared, max_shared=MAX_SHARED[arch],
+                      **code_facts(compiled.asm["ptx"], compiled.asm["ttgir"]),
+                      wgmma_serialized=bool(facts["wgmma_notes"]), error=None)
     except Exception as e:  # reported per case; one failure must not hide the others
         result["error"] = f"{type(e).__name__}: {e}"
     result["seconds"] = round(time.perf_counter() - start, 2)

@@ -8,6 +8,9 @@ own test.
 
 from __future__ import annotations
 
+import subprocess
+import types
+
 import pytest
 
 from opt_core.kernels import aot, aot_cases
@@ -49,6 +52,39 @@ def test_wgmma_notes_are_ptxas_notes_on_the_wgmma_pipeline():
     assert sorted(set(aot._PTXAS_NOTE.findall(log))) == ["C7515", "C7517"]
     assert aot.wgmma_notes("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...};", 90) == []
     assert aot.wgmma_notes("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};", 80) == []
+
+
+# wgmma PTX that would not assemble: ptxas raises where it runs
+_NOT_PTX = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};"
+_LOG = ("ptxas info    : (C7517) warpgroup.wait is injected in around line 9 by compiler to allow use of registers "
+        "defined by GMMA in function 'k'\n"
+        "ptxas info    : 11 bytes gmem\n"
+        "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+        "ptxas info    : Function properties for k\n"
+        "    24 bytes stack frame, 20 bytes spill stores, 20 bytes spill loads\n"
+        "ptxas info    : Used 168 registers, used 3 barriers\n"
+        "ptxas info    : Compile time = 412.592 ms\n")
+
+
+def test_ptxas_log_gives_registers_stack_and_wgmma_notes():
+    assert aot.facts_from_ptxas_log(_LOG) == {"registers": 168, "stack": 24, "wgmma_notes": ["C7517"]}
+    assert aot.facts_from_ptxas_log("") is None
+    assert aot.facts_from_ptxas_log(_LOG + _LOG.replace("'k'", "'k2'")) is None   # two kernels: not ours to pick
+
+
+def test_ptxas_facts_are_kept_beside_the_kernel_in_tritons_cache(tmp_path, monkeypatch):
+    """A fresh compile's facts (from its ptxas log) are stored under the kernel's cache key; a cache hit,
+    which has no log, reads them back without running a tool; a hit with nothing stored asks the tools."""
+    from triton import knobs
+
+    monkeypatch.setattr(knobs.cache, "dir", str(tmp_path))
+    compiled = types.SimpleNamespace(hash="0" * 64, asm={"ptx": _NOT_PTX, "cubin": b"not a cubin"})
+    facts = {"registers": 168, "stack": 24, "wgmma_notes": ["C7517"]}
+    assert aot.ptxas_facts(compiled, 90, _LOG) == facts
+    assert aot.ptxas_facts(compiled, 90, "") == facts          # the tools would fail on this kernel
+    other = types.SimpleNamespace(hash="1" * 64, asm=compiled.asm)
+    with pytest.raises(subprocess.CalledProcessError):
+        aot.ptxas_facts(other, 90, "")
 
 
 def test_code_facts_read_off_the_ptx():
