@@ -147,6 +147,11 @@ def _ptxas() -> str:
 _PTXAS_NOTE = re.compile(r"\((C\d+)\)[^\n]*(?:wgmma|warpgroup)")
 
 
+def _note_codes(ptxas_log: str) -> list[str]:
+    """The codes of the wgmma notes in a ``ptxas -v`` log, sorted, each once."""
+    return sorted(set(_PTXAS_NOTE.findall(ptxas_log)))
+
+
 def wgmma_notes(ptx: str, arch: int) -> list[str]:
     """The codes of ptxas's notes on the wgmma pipeline of ``ptx`` (sorted, each once): empty where it
     kept every product asynchronous as written; ptxas runs again with ``-v`` (sm_90a: wgmma's target)."""
@@ -158,7 +163,7 @@ def wgmma_notes(ptx: str, arch: int) -> list[str]:
             f.write(ptx)
         out = subprocess.run([_ptxas(), f"-arch=sm_{arch}a", "-v", path, "-o", os.path.join(tmp, "kernel.cubin")],
                              capture_output=True, text=True, check=True)
-    return sorted(set(_PTXAS_NOTE.findall(out.stdout + out.stderr)))
+    return _note_codes(out.stdout + out.stderr)
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -185,7 +190,7 @@ def facts_from_ptxas_log(log: str) -> dict | None:
     if len(usage) != 1:
         return None
     stack, registers = map(int, usage[0])
-    return {"registers": registers, "stack": stack, "wgmma_notes": sorted(set(_PTXAS_NOTE.findall(log)))}
+    return {"registers": registers, "stack": stack, "wgmma_notes": _note_codes(log)}
 
 
 def _compile_logged(src: Any, arch: int, options: dict) -> tuple[Any, str]:
