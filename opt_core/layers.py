@@ -75,7 +75,9 @@ def linear_relu_mlp(fc1: nn.Linear, fc2: nn.Linear, x: torch.Tensor, residual: O
         params = tuple(p.to(dtype) if p is not None else None for p in params)
         if residual is not None and residual.dtype != dtype:
             add_outside, residual = residual, None
-    out = (run or relu_mlp)(x, *params, residual=residual, dropout_p=dropout_p, training=training)
+    # `run is None`, not `run or ...`: torch 2.11's Dynamo (the GPU machine's) cannot take a bound method's truth
+    # value (a graph break under fullgraph=True).
+    out = (relu_mlp if run is None else run)(x, *params, residual=residual, dropout_p=dropout_p, training=training)
     return out if add_outside is None else add_outside + out
 
 
