@@ -39,6 +39,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1; then
     pip_install "numpy<2.4"
   fi
+  # The editable install builds without isolation, from the venv's own setuptools: a Python 3.12+ venv
+  # starts without one.
+  if ! "$PY" -c "import setuptools" >/dev/null 2>&1; then
+    pip_install "setuptools>=70.1"  # 70.1: bdist_wheel built in, no wheel package
+  fi
   echo "setup: installing opt-core (editable) with its train, hf and test extras"
   pip_install --no-build-isolation -e "$ROOT[train,hf,test]"
   echo "$want" > "$stamp"

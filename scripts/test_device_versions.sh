@@ -16,7 +16,7 @@ if [ -z "$BASE_PY" ]; then  # a pyenv shim of python3.12 may exist and not run: 
 fi
 [ -x "$OPT_CORE_VENV/bin/python" ] || "$BASE_PY" -m venv "$OPT_CORE_VENV"
 if ! "$OPT_CORE_VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__[:6] != '2.11.0')" 2>/dev/null; then
-  "$OPT_CORE_VENV/bin/python" -m pip install --disable-pip-version-check -q setuptools wheel \
+  "$OPT_CORE_VENV/bin/python" -m pip install --disable-pip-version-check -q \
     "torch==2.11.0" "triton==3.6.0" "numpy<2.4" "transformers==5.17.0" "accelerate==1.15.0" \
     "safetensors==0.8.0" "tokenizers==0.23.2"
 fi
