@@ -166,16 +166,31 @@ def wgmma_notes(ptx: str, arch: int) -> list[str]:
     return _note_codes(out.stdout + out.stderr)
 
 
+def resource_usage(binary: str, cuobjdump: str | None = None) -> dict[tuple[str | None, str], dict[str, int]]:
+    """{(arch, function): {"REG": .., "STACK": .., "SHARED": .., "LOCAL": .., ...}} of a cubin, fatbin or
+    shared library, from ``cuobjdump --dump-resource-usage`` (Triton's bundled one unless named); arch is
+    None for a bare cubin, which prints no arch line."""
+    out = subprocess.run([cuobjdump or _cuobjdump(), "--dump-resource-usage", binary],
+                         capture_output=True, text=True, check=True).stdout
+    usage, arch = {}, None
+    lines = iter(out.splitlines())
+    for line in lines:
+        if m := re.match(r"\s*arch = (sm_\d+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function (\w+):", line):
+            usage[(arch, m.group(1))] = {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", next(lines, ""))}
+    return usage
+
+
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """Registers and stack bytes of the one kernel in ``cubin``."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
-    match = re.search(r"REG:(\d+)\s+STACK:(\d+)", out)
-    if match is None:
-        raise RuntimeError(f"cuobjdump printed no REG/STACK line:\n{out}")
-    return int(match.group(1)), int(match.group(2))
+        usage = list(resource_usage(f.name).values())
+    if len(usage) != 1 or not {"REG", "STACK"} <= usage[0].keys():
+        raise RuntimeError(f"cuobjdump described {len(usage)} kernels, not one with REG and STACK: {usage}")
+    return usage[0]["REG"], usage[0]["STACK"]
 
 
 # ptxas -v's resource lines: "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", then

@@ -19,6 +19,7 @@ import torch
 import triton
 
 from opt_core.kernels import adamw as triton_adamw
+from opt_core.kernels import aot
 from opt_core.kernels import cuda_backend as cb
 from opt_core.kernels import reference
 from opt_core.kernels.testing import FORWARD_FACTOR, assert_close_to_reference
@@ -52,22 +53,10 @@ def built_library(tmp_path_factory) -> Path:
 
 
 # --------------------------------------------------------------------------- the build
-def _resource_usage(library: Path) -> dict[tuple[str, str], dict[str, int]]:
-    """{(arch, kernel): {REG, STACK, SHARED, LOCAL, ...}} from cuobjdump --dump-resource-usage."""
-    usage, arch = {}, None
-    lines = iter(_run([_cuobjdump(), "--dump-resource-usage", library]).splitlines())
-    for line in lines:
-        if m := re.match(r"\s*arch = (sm_\d+)", line):
-            arch = m.group(1)
-        elif m := re.match(r"\s*Function (\w+):", line):
-            usage[(arch, m.group(1))] = {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", next(lines))}
-    return usage
-
-
 def test_library_builds_for_sm80_and_sm90_without_spills(built_library):
     if _cuobjdump() is None:
         pytest.skip("no cuobjdump on PATH or in Triton's bundle")
-    usage = _resource_usage(built_library)
+    usage = aot.resource_usage(str(built_library), _cuobjdump())
     for arch in ARCHS:
         for kernel in cb.KERNELS:
             assert (arch, kernel) in usage, f"{kernel} has no {arch} code: {sorted(usage)}"
