@@ -33,9 +33,9 @@ modules consult), ``parallelize`` (TP + FSDP2), ``init`` (sharded initialisation
 
 from opt_core.dist.checkpoint import load_checkpoint, save_checkpoint
 from opt_core.dist.init import init_weights
-from opt_core.dist.mesh import RankCoordinates, init_mesh
+from opt_core.dist.mesh import RankCoordinates, destroy_process_groups, init_mesh
 from opt_core.dist.parallelize import parallelize
 from opt_core.dist.tensor_parallel import TensorParallelism, check_tp_layout
 
-__all__ = ["RankCoordinates", "TensorParallelism", "check_tp_layout", "init_mesh", "init_weights", "load_checkpoint",
-           "parallelize", "save_checkpoint"]
+__all__ = ["RankCoordinates", "TensorParallelism", "check_tp_layout", "destroy_process_groups", "init_mesh",
+           "init_weights", "load_checkpoint", "parallelize", "save_checkpoint"]

@@ -17,12 +17,19 @@ while FSDP's larger, overlappable ones cross the network.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as c10d
+# Its signatures default to ``group=dist.group.WORLD``, which Python evaluates once, at import: imported after
+# the default group exists (torch._dynamo imports it, and so does the first functional collective, DTensor's
+# redistribute among them), it would keep that group alive past ``destroy_process_group`` (see
+# destroy_process_groups).  Imported here, before init_mesh starts a group, its defaults are None.
+import torch.distributed.nn.functional  # noqa: F401
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from opt_core.kernels.validation import check_positive_int
@@ -32,6 +39,11 @@ MESH_DIM_NAMES = ("dp", "tp")
 
 def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# The root meshes init_mesh built, whose process groups destroy_process_groups lets go of; keyed by id, since
+# meshes over the same ranks compare (and hash) equal, so a WeakSet would keep only the first of them.
+_MESHES: "weakref.WeakValueDictionary[int, DeviceMesh]" = weakref.WeakValueDictionary()
 
 
 def init_mesh(dp: Optional[int] = None, tp: int = 1, *, device_type: Optional[str] = None,
@@ -76,7 +88,27 @@ def init_mesh(dp: Optional[int] = None, tp: int = 1, *, device_type: Optional[st
             c10d.init_process_group(backend, **options)  # env:// from torchrun
         else:
             c10d.init_process_group(backend, store=c10d.HashStore(), rank=0, world_size=1, **options)
-    return init_device_mesh(device_type, (dp, tp), mesh_dim_names=MESH_DIM_NAMES)
+    mesh = init_device_mesh(device_type, (dp, tp), mesh_dim_names=MESH_DIM_NAMES)
+    _MESHES[id(mesh)] = mesh
+    return mesh
+
+
+def destroy_process_groups() -> None:
+    """``torch.distributed.destroy_process_group()``, made to free the groups.  A DeviceMesh keeps its
+    process groups (the root mesh's ``_pg_registry``), and torch keeps meshes past any use of them: DTensor's
+    sharding and redistribution caches and every DTensor parameter still alive hold one.  So the backends
+    would outlive a plain destroy and their gloo threads run into interpreter shutdown, where a rank can
+    abort ("terminate called without an active exception") after a finished run.  Emptying the registry of
+    every mesh ``init_mesh`` built drops those references whoever holds the mesh.  A no-op without a
+    process group."""
+    if not c10d.is_initialized():
+        return
+    c10d.destroy_process_group()
+    for mesh in list(_MESHES.values()):
+        mesh._pg_registry.clear()  # private, present in torch 2.11 to 2.13; the mesh is unusable now anyway
+    # What else held the groups (a model's FSDP and TP states) sits in reference cycles once dropped: collect
+    # now, so the backends' threads are joined here and not somewhere in interpreter shutdown.
+    gc.collect()
 
 
 def object_device() -> torch.device:

@@ -76,6 +76,16 @@ def native_path():
         yield
 
 
+@pytest.fixture
+def gloo_threads():
+    """A counter of gloo's threads in this process (each backend's workers and socket loop): they live as
+    long as a process group's backend, so a count back where it started means the groups were freed."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        pytest.skip("counting threads needs Linux's /proc")
+    return lambda: sum("gloo" in (task / "comm").read_text() for task in tasks.iterdir())
+
+
 _WORDS = ("the model trains on packed sequences of tokens with a learned position table and a tied head "
           "while the optimizer keeps fp32 moments and the scaler watches for overflow in every step").split()
 

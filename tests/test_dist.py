@@ -685,13 +685,15 @@ def test_dp2_x_tp2_parity_found_inf_and_a_checkpoint_that_reshards(tmp_path):
         _after_load_matches(model, opt, ref, "saved at dp2 x tp2, loaded in one process")
 
 
-def test_a_world_of_one_and_layouts_that_cannot_start(tmp_path):
+def test_a_world_of_one_and_layouts_that_cannot_start(tmp_path, gloo_threads):
     """init_mesh without torchrun gives a 1 x 1 mesh whose model equals the plain one; a layout that does not
-    match the world fails before any process group exists."""
+    match the world fails before any process group exists; destroy_process_groups frees the groups once the
+    model is dropped, although DTensor's caches still hold its mesh."""
     from opt_core import dist
     with pytest.raises(ValueError, match=r"world size 1 != dp x tp = 2 x 2"):
         dist.init_mesh(dp=2, tp=2)
     assert not c10d.is_initialized()
+    threads = gloo_threads()
     try:
         mesh = dist.init_mesh()
         assert mesh.shape == (1, 1) and mesh.mesh_dim_names == ("dp", "tp")
@@ -699,8 +701,14 @@ def test_a_world_of_one_and_layouts_that_cannot_start(tmp_path):
             dense, par = _models(mesh)
             ids, mask = _batch(torch.Generator().manual_seed(12), 1, masked=True)
             _check_loss_and_grads(dense, par, ids, mask, "dp1 x tp1")
+        assert gloo_threads() > threads
+        del dense, par, mesh
+        dist.destroy_process_groups()
+        assert not c10d.is_initialized()
+        assert gloo_threads() == threads, "a backend outlived destroy_process_groups: its threads still run"
     finally:
-        c10d.destroy_process_group()
+        if c10d.is_initialized():
+            c10d.destroy_process_group()
 
 
 @pytest.mark.gpu

@@ -85,15 +85,17 @@ def test_sharded_checkpoint_resumes_at_another_layout(corpus, tmp_path, single_p
     assert [p.name for p in train_mod.sharded_checkpoint_paths(out)] == ["step-00000006"]  # --keep 1
 
 
-def test_distributed_path_in_one_process_and_bad_layouts(corpus, tmp_path, single_process_run):
+def test_distributed_path_in_one_process_and_bad_layouts(corpus, tmp_path, single_process_run, gloo_threads):
     """--dp 1 --tp 1 without torchrun: the dist path in a world of one (FSDP2, DCP checkpoints), equal to the
     plain run; a layout larger than the world fails before anything runs."""
     import torch.distributed as c10d
 
+    threads = gloo_threads()
     with dispatch.native_backend():
         out = tmp_path / "one"
         train_mod.train(cli.parse_args(_argv(corpus, out, "--dp", "1", "--tp", "1", "--sample-tokens", "0")))
-        assert not c10d.is_initialized()  # the run's process group is gone with it
+        # The run's process group is gone with it, threads and all: none left to meet interpreter shutdown.
+        assert not c10d.is_initialized() and gloo_threads() == threads
         _same_run(_losses(out), _losses(single_process_run))
         assert train_mod.sharded_checkpoint_paths(out) and not train_mod.checkpoint_paths(out)
         with pytest.raises(ValueError, match=r"world size 1 != dp x tp = 2 x 2"):

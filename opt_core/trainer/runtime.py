@@ -178,9 +178,9 @@ class Runtime:
             # Every rank done with its last collective before any rank tears its sockets down: a gloo
             # peer closing under another's pending receive aborts that process at exit.
             torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+            dist.destroy_process_groups()
 
     def abandon(self) -> None:
         """Tear the process group down without waiting for the other ranks (one of them stalled)."""
         if self.distributed and self.owns_process_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            dist.destroy_process_groups()

@@ -351,16 +351,22 @@ def _timed_out(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "timed out" in str(err).lower()
 
 
+def _claim_build_fit(args, rt: Runtime, dtype: torch.dtype, data) -> dict:
+    """The run in its own frame, so the trainer (the model, its optimizer and the process groups their
+    sharded states hold) is gone when ``train`` closes the runtime."""
+    out = claim_run_folder(args, rt)
+    trainer = Trainer(args, rt, dtype, out, data)
+    resumed = trainer.resume() if args.resume else False
+    return trainer.fit(resumed)
+
+
 def train(args) -> dict:
     """Prepare the data, start the runtime, claim the run folder, build, resume, fit; the run's summary."""
     device, dtype = resolve_device_dtype(args)
     data = prepare_data(args)
     rt = Runtime.start(args, device)
     try:
-        out = claim_run_folder(args, rt)
-        trainer = Trainer(args, rt, dtype, out, data)
-        resumed = trainer.resume() if args.resume else False
-        summary = trainer.fit(resumed)
+        summary = _claim_build_fit(args, rt, dtype, data)
     except Exception as err:
         if rt.distributed and _timed_out(err):
             rank = rt.rank
