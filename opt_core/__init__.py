@@ -10,6 +10,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from opt_core._checkout import put_checkout_root_last
+
+# Before anything imports transformers, which imports the PyPI package `kernels` (see _checkout).
+put_checkout_root_last()
+
 # public name -> the module that defines it
 _EXPORTS = {
     "DynamicLossScaler": "opt_core.amp",

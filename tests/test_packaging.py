@@ -114,6 +114,30 @@ def test_importing_everything_leaves_no_bare_module_behind(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
 
 
+def test_from_the_checkout_root_installed_packages_come_before_its_folders():
+    """``python -c`` at the root puts "" first on sys.path, so ``kernels/`` would shadow Hugging Face's
+    ``kernels`` (which transformers >= 5.25 imports): importing opt_core moves the root behind
+    site-packages, and ``bench`` still resolves to the checkout."""
+    code = (
+        "import importlib.metadata, importlib.util, sys\n"
+        "assert sys.path[0] == '', sys.path\n"
+        "import opt_core, bench\n"
+        "assert sys.path[-1] == '' and sys.path.count('') == 1, sys.path\n"
+        "assert bench.__file__.startswith(sys.argv[1] + '/bench/'), bench.__file__\n"
+        "try:\n"
+        "    importlib.metadata.distribution('kernels')\n"
+        "except importlib.metadata.PackageNotFoundError:\n"
+        "    print('no installed kernels')\n"
+        "else:\n"
+        "    origin = importlib.util.find_spec('kernels').origin\n"
+        "    assert not origin.startswith(sys.argv[1] + '/kernels/'), origin\n"
+        "    print('installed kernels')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("kernels"), proc.stdout + proc.stderr
+
+
 def test_functions_never_shadow_their_modules():
     from opt_core import kernels
 
