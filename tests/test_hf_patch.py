@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 import subprocess
 import sys
@@ -261,8 +262,10 @@ def test_masks_the_kernel_cannot_represent_are_refused():
     patch_opt(model)
     ids = torch.randint(3, VOCAB, (1, SEQ))
     cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+    # transformers 5.25 renamed forward's past_key_values to cache (5.17, the GPU machine's, has the old name)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with pytest.raises(ValueError, match="static and sliding-window caches"), torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, use_cache=True, **{name: cache})
 
 
 # --------------------------------------------------------------------------- replace_layer_norms
