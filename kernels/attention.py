@@ -410,6 +410,58 @@ def _online_softmax(s, m_i, l_i):
 
 
 @triton.jit
+def _key_tiles(X, X_T, block_offset, offs, t_offs, start_n, col_ok, b32, h32, MASKED: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_TAIL: tl.constexpr,
+               TMA: tl.constexpr):
+    """(x, x_t): the key block from ``start_n`` on of K or V, zeros past seqlen_k (``col_ok``) and
+    head_dim.  With TMA, X and X_T are its descriptor and its tail's; else X is the (batch, head) base,
+    ``block_offset`` the block's first element and offs, t_offs ``_tile_offsets``'.  With HEAD_TAIL x_t
+    holds the columns BLOCK_D on, else x stands in.  Unmasked blocks (not MASKED) of a head_dim that
+    fills BLOCK_D load without a mask."""
+    if TMA:  # rows past seqlen_k and columns past head_dim arrive as zeros
+        x = X.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
+        x_t = x
+        if HEAD_TAIL:
+            x_t = X_T.load([b32, start_n, h32, 0]).reshape(BLOCK_N, HEAD_TAIL)
+    elif MASKED or HEAD_DIM < BLOCK_D:
+        mask = col_ok[:, None] & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
+        x = tl.load(X + block_offset + offs, mask=mask, other=0.0)
+        x_t = x
+        if HEAD_TAIL:
+            x_t = tl.load(X + block_offset + t_offs, mask=col_ok[:, None], other=0.0)
+    else:
+        x = tl.load(X + block_offset + offs)
+        x_t = x
+        if HEAD_TAIL:
+            x_t = tl.load(X + block_offset + t_offs)
+    return x, x_t
+
+
+@triton.jit
+def _scores(q, q_t, k, k_t, qk_scale, rows, cols, col_ok, diag, kpm, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+            HAS_KPM: tl.constexpr, HEAD_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The scaled scores q·kᵀ (with HEAD_TAIL plus q_t·k_tᵀ) of the query rows ``rows`` against the keys
+    ``cols``, -inf where a key is hidden: with MASKED past seqlen_k (not ``col_ok``) and, CAUSAL, past
+    the row's diagonal (``diag`` = seqlen_k - seqlen_q); with HAS_KPM where the padding mask holds 0
+    (``kpm``: this batch's mask, its stride, the block's first key n64 and offs_n)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if HEAD_TAIL:
+        s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
+    s = s * qk_scale
+    if MASKED:
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None] + diag)
+        # replace, not add: a NaN score of a hidden key must not leak
+        s = tl.where(visible, s, float("-inf"))
+    if HAS_KPM:
+        KPM, stride_mn, n64, offs_n = kpm
+        real = tl.load(KPM + n64 * stride_mn + offs_n * stride_mn, mask=col_ok, other=0) != 0
+        s = tl.where(real[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _fwd_blocks(
     state, q, q_t, rows, keys, tails, dropout, lo, hi, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -424,57 +476,24 @@ def _fwd_blocks(
     K_T, V_T = tails
     drop_rows, dropout_p, seed = dropout
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     k_offs, kt_offs = _tile_offsets(stride_ks, ROWS=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
     v_offs, vt_offs = _tile_offsets(stride_vs, ROWS=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
         n64 = tl.cast(start_n, tl.int64)
-        if TMA:  # rows past seqlen_k and columns past head_dim arrive as zeros
-            k = K.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
-            if HEAD_TAIL:
-                k_t = K_T.load([b32, start_n, h32, 0]).reshape(BLOCK_N, HEAD_TAIL)
-        elif MASKED or HEAD_DIM < BLOCK_D:
-            kv_mask = col_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-            k = tl.load(K + n64 * stride_ks + k_offs, mask=kv_mask, other=0.0)
-            if HEAD_TAIL:
-                k_t = tl.load(K + n64 * stride_ks + kt_offs, mask=col_ok[:, None], other=0.0)
-        else:
-            k = tl.load(K + n64 * stride_ks + k_offs)
-            if HEAD_TAIL:
-                k_t = tl.load(K + n64 * stride_ks + kt_offs)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if HEAD_TAIL:
-            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
-        s = s * qk_scale
-        if MASKED:
-            visible = col_ok[None, :]
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None] + diag)
-            # replace, not add: a NaN score of a hidden key must not leak
-            s = tl.where(visible, s, float("-inf"))
-        if HAS_KPM:
-            real = tl.load(KPM + n64 * stride_mn + offs_n * stride_mn, mask=col_ok, other=0) != 0
-            s = tl.where(real[None, :], s, float("-inf"))
+        k, k_t = _key_tiles(K, K_T, n64 * stride_ks, k_offs, kt_offs, start_n, col_ok, b32, h32, MASKED=MASKED,
+                            HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL, TMA=TMA)
+        s = _scores(q, q_t, k, k_t, qk_scale, rows, cols, col_ok, diag, (KPM, stride_mn, n64, offs_n),
+                    MASKED=MASKED, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, HEAD_TAIL=HEAD_TAIL, DOT_PRECISION=DOT_PRECISION)
         p, m_new, l_i, alpha = _online_softmax(s, m_i, l_i)
         acc = acc * alpha[:, None]
         if HEAD_TAIL:
             acc_t = acc_t * alpha[:, None]
         if HAS_DROPOUT:
             p = tl.where(_survives_dropout(seed, drop_rows[:, None] + cols[None, :], dropout_p), p, 0.0)
-        if TMA:
-            v = V.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
-            if HEAD_TAIL:
-                v_t = V_T.load([b32, start_n, h32, 0]).reshape(BLOCK_N, HEAD_TAIL)
-        elif MASKED or HEAD_DIM < BLOCK_D:
-            v = tl.load(V + n64 * stride_vs + v_offs, mask=kv_mask, other=0.0)
-            if HEAD_TAIL:
-                v_t = tl.load(V + n64 * stride_vs + vt_offs, mask=col_ok[:, None], other=0.0)
-        else:
-            v = tl.load(V + n64 * stride_vs + v_offs)
-            if HEAD_TAIL:
-                v_t = tl.load(V + n64 * stride_vs + vt_offs)
+        v, v_t = _key_tiles(V, V_T, n64 * stride_vs, v_offs, vt_offs, start_n, col_ok, b32, h32, MASKED=MASKED,
+                            HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, HEAD_TAIL=HEAD_TAIL, TMA=TMA)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         if HEAD_TAIL:
             acc_t = tl.dot(p.to(v.dtype), v_t, acc_t, input_precision=DOT_PRECISION)
@@ -965,6 +984,9 @@ def _dq_blocks(
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
         n64 = tl.cast(start_n, tl.int64)
+        # Both main tiles before both tails, unlike _key_tiles: at head_dim 80 the order k, k_t, v, v_t
+        # changes sm_90's registers by -18 to +4 and wants a GPU A/B before it replaces this one.
+        k_t = None  # read only with HEAD_TAIL
         if TMA:
             k = K.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
             v = V.load([b32, start_n, h32, 0]).reshape(BLOCK_N, BLOCK_D)
@@ -984,18 +1006,8 @@ def _dq_blocks(
             if HEAD_TAIL:
                 k_t = tl.load(K + n64 * stride_ks + kt_offs)
                 v_t = tl.load(V + n64 * stride_vs + vt_offs)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if HEAD_TAIL:
-            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
-        s = s * qk_scale
-        if MASKED:
-            visible = col_ok[None, :]
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None] + diag)
-            s = tl.where(visible, s, float("-inf"))
-        if HAS_KPM:
-            real = tl.load(KPM + n64 * stride_mn + offs_n * stride_mn, mask=col_ok, other=0) != 0
-            s = tl.where(real[None, :], s, float("-inf"))
+        s = _scores(q, q_t, k, k_t, qk_scale, rows, cols, col_ok, diag, (KPM, stride_mn, n64, offs_n),
+                    MASKED=MASKED, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, HEAD_TAIL=HEAD_TAIL, DOT_PRECISION=DOT_PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HEAD_TAIL:
